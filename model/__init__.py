@@ -1,0 +1,1 @@
+"""Eventful vision transformers: dense ViT weights, per-stream state, sparse token updates."""

@@ -1,0 +1,120 @@
+"""Architecture and preprocessing configs for plain vision transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a decoded RGB frame becomes a normalised input tensor.
+
+    resize_shortest: resize so the short side has this length (keeps aspect), or
+    resize_to: resize to exactly (height, width); then an optional centre crop.
+    """
+
+    resize_shortest: int | None = 256
+    resize_to: tuple[int, int] | None = None
+    crop_size: tuple[int, int] | None = (224, 224)
+    interpolation: str = "bicubic"  # "bicubic" | "bilinear" | "nearest"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def output_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """Size (height, width) of the tensor produced from a frame of this size."""
+        if self.crop_size is not None:
+            return self.crop_size
+        if self.resize_to is not None:
+            return self.resize_to
+        h, w = frame_hw
+        if self.resize_shortest is None:
+            return h, w
+        scale = self.resize_shortest / min(h, w)
+        return round(h * scale), round(w * scale)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """A plain ViT/DeiT classifier: patch embedding, prefix tokens, blocks, head."""
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    class_token: bool = True
+    distill_token: bool = False
+    num_classes: int = 1000
+    label_names: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.distill_token)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def with_image_size(self, image_size: tuple[int, int]) -> ViTConfig:
+        """Same weights, another input size (position embeddings get resampled)."""
+        h, w = image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of patch size {self.patch_size}")
+        return replace(self, image_size=(h, w))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ViTConfig:
+        """A named architecture (random weights unless loaded), e.g. 'vit-base-patch16-224'."""
+        key = name.lower().removeprefix("google/").removeprefix("facebook/")
+        if key not in NAMED_CONFIGS:
+            raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
+        return replace(NAMED_CONFIGS[key], **overrides)
+
+
+def _vit(dim: int, depth: int, heads: int, patch: int = 16, size: int = 224, **kw) -> ViTConfig:
+    return ViTConfig(
+        image_size=(size, size), patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=4 * dim, **kw
+    )
+
+
+# timm-style DeiT preprocessing: resize 256 bicubic, centre crop 224, ImageNet mean/std.
+_DEIT_PRE = PreprocessConfig()
+# google/vit-*-224: resize to 224x224 bilinear, mean/std 0.5.
+_GOOGLE_PRE = PreprocessConfig(
+    resize_shortest=None, resize_to=(224, 224), crop_size=None, interpolation="bilinear",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+)
+
+NAMED_CONFIGS: dict[str, ViTConfig] = {
+    "vit-tiny-patch16-224": _vit(192, 12, 3, preprocess=_GOOGLE_PRE),
+    "vit-small-patch16-224": _vit(384, 12, 6, preprocess=_GOOGLE_PRE),
+    "vit-base-patch16-224": _vit(768, 12, 12, preprocess=_GOOGLE_PRE),
+    "vit-large-patch16-224": _vit(1024, 24, 16, preprocess=_GOOGLE_PRE),
+    "deit-tiny-patch16-224": _vit(192, 12, 3, preprocess=_DEIT_PRE),
+    "deit-small-patch16-224": _vit(384, 12, 6, preprocess=_DEIT_PRE),
+    "deit-base-patch16-224": _vit(768, 12, 12, preprocess=_DEIT_PRE),
+    "deit-tiny-distilled-patch16-224": _vit(192, 12, 3, distill_token=True, preprocess=_DEIT_PRE),
+    "deit-small-distilled-patch16-224": _vit(384, 12, 6, distill_token=True, preprocess=_DEIT_PRE),
+    "deit-base-distilled-patch16-224": _vit(768, 12, 12, distill_token=True, preprocess=_DEIT_PRE),
+}

@@ -1,0 +1,361 @@
+"""The eventful step: one batched call over B streams, each with its own state and budget.
+
+Per block (Dutson et al., ICCV 2023), with the state held in `StreamState`s the caller owns:
+  gate -> LN/qkv on the selected tokens -> key/value (and query) buffers -> attention
+  -> [qk/full: gate on the attention output] -> proj on selected tokens -> + residual
+  -> gate -> MLP on selected tokens -> + residual.
+The residual stream stays dense and current; only branch outputs of unselected tokens are reused.
+Prefix tokens (class, distillation, detection) pass every gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.macs import dense_block_macs, dense_macs, embed_macs, eventful_block_macs, head_macs
+from model.policy import Selection, StreamBudget, select_tokens
+from model.state import LEVELS, Level, StreamState
+from model.vit import Block, VisionTransformer
+
+GATE_POSITIONS = ("normed", "residual")
+
+
+@dataclass(frozen=True)
+class EventfulConfig:
+    """How the eventful model gates (fixed per runner; budgets change per frame)."""
+
+    level: Level = "tokenwise"
+    # "normed": gate on the LayerNorm output (what qkv / MLP consume); "residual": on the residual stream.
+    gate_position: str = "normed"
+    # Force a dense frame every K frames per stream to bound accumulated error (None: never).
+    refresh_interval: int | None = None
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        if self.gate_position not in GATE_POSITIONS:
+            raise ValueError(f"gate_position must be one of {GATE_POSITIONS}, got {self.gate_position!r}")
+        if self.refresh_interval is not None and self.refresh_interval < 1:
+            raise ValueError("refresh_interval must be >= 1 or None")
+
+
+@dataclass
+class StepOutput:
+    """What one batched step returns, per stream."""
+
+    logits: torch.Tensor  # [B, num_classes]
+    tokens: torch.Tensor  # [B, N, C] final residual stream (before the final norm)
+    updated_tokens: torch.Tensor  # [B, depth, 3] tokens through the qkv / proj / MLP gates (incl. prefix)
+    macs: list[int]  # MACs done per stream this frame (incl. gate overhead)
+    dense_macs: int  # MACs of one dense frame
+    dense_frame: list[bool]  # which streams were computed densely (new, flushed or refreshed)
+
+    @property
+    def updated_fraction(self) -> torch.Tensor:
+        """[B] mean fraction of tokens updated over all gates."""
+        n = self.tokens.shape[1]
+        return self.updated_tokens.float().mean(dim=(1, 2)) / n
+
+
+class _LayerBatch:
+    """Batched views of one layer's buffers across the streams of a step.
+
+    One stream: zero-copy views, so in-place writes land in the state directly.
+    Several streams: stacked copies; `write_rows` / `write_all` copy the changes back.
+    """
+
+    def __init__(self, states: list[StreamState], layer_index: int):
+        self.layers = [state.layers[layer_index] for state in states]
+        self.single = len(self.layers) == 1
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            tensors = [getattr(layer, name) for layer in self.layers]
+            self._cache[name] = tensors[0].unsqueeze(0) if self.single else torch.stack(tensors)
+        return self._cache[name]
+
+    def write_rows(self, name: str, selection: Selection, token_dim: int) -> None:
+        """Copy the selected tokens of a [B, ...] buffer back into each stream's state."""
+        if self.single:
+            return
+        batched = self._cache[name]
+        for b, layer in enumerate(self.layers):
+            index = selection.padded[b]
+            target = getattr(layer, name)
+            if token_dim == 0:
+                target[index] = batched[b, index]
+            else:
+                target[:, index] = batched[b, :, index]
+
+    def write_all(self, *names: str) -> None:
+        if self.single:
+            return
+        for name in names:
+            batched = self._cache[name]
+            for b, layer in enumerate(self.layers):
+                getattr(layer, name).copy_(batched[b])
+
+
+class EventfulViT:
+    """Runs a VisionTransformer's weights over many streams' explicit states.
+
+    `step(images, states, budgets)` takes one frame per stream. Holds no per-stream data.
+    """
+
+    def __init__(self, model: VisionTransformer, config: EventfulConfig | None = None):
+        self.model = model
+        self.config = config or EventfulConfig()
+        self.vit = model.config
+        self.scale = self.vit.head_dim**-0.5
+        self._dense_block_macs = dense_block_macs(self.vit)
+        self._fixed_macs = embed_macs(self.vit) + head_macs(self.vit)
+
+    def new_state(self) -> StreamState:
+        p = next(self.model.parameters())
+        return StreamState.create(self.vit, self.config.level, device=p.device, dtype=p.dtype)
+
+    @torch.inference_mode()
+    def step(
+        self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget] | None = None
+    ) -> StepOutput:
+        """One frame for each of B streams. images: [B, 3, H, W]."""
+        b = images.shape[0]
+        budgets = budgets if budgets is not None else [StreamBudget.dense()] * b
+        if not (len(states) == len(budgets) == b):
+            raise ValueError(f"got {b} images, {len(states)} states and {len(budgets)} budgets")
+        for state in states:
+            if state.level != self.config.level or state.num_tokens != self.vit.num_tokens:
+                raise ValueError(
+                    f"state for level {state.level!r} with {state.num_tokens} tokens does not fit this runner "
+                    f"(level {self.config.level!r}, {self.vit.num_tokens} tokens): create it with new_state()"
+                )
+        refresh = self.config.refresh_interval
+        dense_frame = [s.needs_dense or (refresh is not None and s.frames_since_dense >= refresh) for s in states]
+        budgets = [StreamBudget.dense() if dense else bud for dense, bud in zip(dense_frame, budgets, strict=True)]
+
+        x = self.model.embed(images)  # [B, N, C]
+        counts = torch.zeros(b, self.vit.depth, 3, dtype=torch.long)
+        for i, block in enumerate(self.model.blocks):
+            x = self._block(block, x, _LayerBatch(states, i), budgets, counts[:, i])
+        logits = self.model.forward_head(x)
+
+        macs = []
+        for j, state in enumerate(states):
+            if dense_frame[j]:
+                state.needs_dense = False
+                state.frames_since_dense = 0
+                macs.append(dense_macs(self.vit))
+            else:
+                state.frames_since_dense += 1
+                macs.append(self._fixed_macs + sum(self._block_macs(c) for c in counts[j].tolist()))
+        return StepOutput(logits, x, counts, macs, dense_macs(self.vit), dense_frame)
+
+    def _block_macs(self, counts: list[int]) -> int:
+        n_qkv, n_proj, n_mlp = counts
+        if n_qkv == n_proj == n_mlp == self.vit.num_tokens:
+            return self._dense_block_macs
+        return eventful_block_macs(self.vit, self.config.level, n_qkv, n_proj, n_mlp)
+
+    # ---- gates ---------------------------------------------------------------------------------
+
+    def _gate(
+        self, gate_input: torch.Tensor, reference: torch.Tensor, budgets: list[StreamBudget]
+    ) -> Selection:
+        """Select tokens by RMS change against the reference, then move the reference at those tokens."""
+        # gate_input, reference: [B, N, C]
+        if all(bud.is_dense_for(self.vit.num_patches) for bud in budgets):
+            selection = select_tokens(gate_input[..., 0], budgets, self.vit.num_prefix_tokens)
+            reference.copy_(gate_input)
+            return selection
+        change = (gate_input - reference).norm(dim=-1) * gate_input.shape[-1] ** -0.5  # [B, N]
+        selection = select_tokens(change, budgets, self.vit.num_prefix_tokens)
+        bi, ti = selection.batch_idx, selection.token_idx
+        reference[bi, ti] = gate_input[bi, ti]
+        return selection
+
+    # ---- one block -----------------------------------------------------------------------------
+
+    def _block(
+        self, block: Block, x: torch.Tensor, lb: _LayerBatch, budgets: list[StreamBudget], counts: torch.Tensor
+    ) -> torch.Tensor:
+        # x: [B, N, C] current residual stream
+        normed = self.config.gate_position == "normed"
+        attn = block.attn
+        h = block.norm1(x)
+        qkv_ref = lb.get("qkv_reference")
+        sel = self._gate(h if normed else x, qkv_ref, budgets)
+        lb.write_rows("qkv_reference", sel, 0)
+        counts[:, 0] = torch.tensor(sel.counts)
+
+        if sel.everything:
+            attention_out = self._dense_attention(block, h, lb)  # [B, N, C]
+        else:
+            bi, ti = sel.batch_idx, sel.token_idx
+            q, k, v = attn.split_heads(attn.qkv(h[bi, ti]).unsqueeze(0))  # each [1, H, T, Dh]
+            q, k, v = (t.squeeze(0).transpose(0, 1) for t in (q, k, v))  # each [T, H, Dh]
+            if self.config.level == "tokenwise":
+                attention_out = self._attention_rows(attn, q, k, v, sel, lb)  # [T, C]
+            elif self.config.level == "qk":
+                attention_out = self._attention_qk(q, k, v, sel, lb)  # [B, N, C]
+            else:
+                attention_out = self._attention_full(q, k, v, sel, lb)  # [B, N, C]
+
+        # attention output -> proj on the tokens that need it
+        update = lb.get("attention_update")
+        if sel.everything:
+            update.copy_(attn.proj(attention_out))
+            if self.config.level != "tokenwise":
+                lb.get("proj_reference").copy_(attention_out)
+            counts[:, 1] = self.vit.num_tokens
+            lb.write_all("attention_update", *(["proj_reference"] if self.config.level != "tokenwise" else []))
+        elif self.config.level == "tokenwise":
+            update[sel.batch_idx, sel.token_idx] = attn.proj(attention_out)
+            counts[:, 1] = counts[:, 0]
+            lb.write_rows("attention_update", sel, 0)
+        else:
+            proj_sel = self._gate(attention_out, lb.get("proj_reference"), budgets)
+            bi, ti = proj_sel.batch_idx, proj_sel.token_idx
+            update[bi, ti] = attn.proj(attention_out[bi, ti])
+            counts[:, 1] = torch.tensor(proj_sel.counts)
+            lb.write_rows("proj_reference", proj_sel, 0)
+            lb.write_rows("attention_update", proj_sel, 0)
+        x = x + update
+
+        # MLP branch
+        h = block.norm2(x)
+        mlp_sel = self._gate(h if normed else x, lb.get("mlp_reference"), budgets)
+        lb.write_rows("mlp_reference", mlp_sel, 0)
+        counts[:, 2] = torch.tensor(mlp_sel.counts)
+        mlp_update = lb.get("mlp_update")
+        if mlp_sel.everything:
+            mlp_update.copy_(block.mlp(h))
+            lb.write_all("mlp_update")
+        else:
+            bi, ti = mlp_sel.batch_idx, mlp_sel.token_idx
+            mlp_update[bi, ti] = block.mlp(h[bi, ti])
+            lb.write_rows("mlp_update", mlp_sel, 0)
+        return x + mlp_update
+
+    # ---- attention variants --------------------------------------------------------------------
+
+    def _dense_attention(self, block: Block, h: torch.Tensor, lb: _LayerBatch) -> torch.Tensor:
+        """Every token of every stream: the dense computation, seeding all buffers. h: [B, N, C] -> [B, N, C]."""
+        attn = block.attn
+        q, k, v = attn.split_heads(attn.qkv(h))  # [B, H, N, Dh]
+        lb.get("keys").copy_(k)
+        lb.get("values").copy_(v)
+        names = ["keys", "values"]
+        level = self.config.level
+        if level == "tokenwise":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            lb.get("queries").copy_(q)
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+            if level == "qk":
+                lb.get("attention_logits").copy_(logits)
+                out = logits.softmax(dim=-1) @ v
+                names += ["queries", "attention_logits"]
+            else:
+                offset = logits.amax(dim=-1)  # [B, H, N]
+                weights = torch.exp(logits - offset[..., None])
+                row_sum = weights.sum(dim=-1)
+                weighted = weights @ v
+                lb.get("exp_weights").copy_(weights)
+                lb.get("row_offset").copy_(offset)
+                lb.get("row_sum").copy_(row_sum)
+                lb.get("weighted_values").copy_(weighted)
+                out = weighted / row_sum[..., None]
+                names += ["queries", "exp_weights", "row_offset", "row_sum", "weighted_values"]
+        lb.write_all(*names)
+        return attn.merge_heads(out)
+
+    def _write_kv(self, lb: _LayerBatch, sel: Selection, **new: torch.Tensor) -> None:
+        """Scatter new per-token heads ([T, H, Dh]) into the [B, H, N, Dh] buffers."""
+        for name, tensor in new.items():
+            lb.get(name)[sel.batch_idx, :, sel.token_idx] = tensor
+            lb.write_rows(name, sel, 1)
+
+    def _attention_rows(self, attn, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:
+        """Token-wise level: attention recomputed only for the selected queries, over all current keys."""
+        self._write_kv(lb, sel, keys=k, values=v)
+        q_pad = sel.to_padded(q).transpose(1, 2)  # [B, H, R, Dh]
+        out = F.scaled_dot_product_attention(q_pad, lb.get("keys"), lb.get("values"))  # [B, H, R, Dh]
+        return sel.from_padded(out.transpose(1, 2)).flatten(1)  # [T, C]
+
+    def _attention_qk(self, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:
+        """Query-key level: Q.K^T updated by rows (changed queries) and columns (changed keys); A.V dense."""
+        self._write_kv(lb, sel, queries=q, keys=k, values=v)
+        queries, keys, values = lb.get("queries"), lb.get("keys"), lb.get("values")
+        logits = lb.get("attention_logits")  # [B, H, N, N]
+        idx = sel.padded[:, None, :, None]  # [B, 1, R, 1]
+        h, dh = queries.shape[1], queries.shape[3]
+        k_pad = keys.gather(2, idx.expand(-1, h, -1, dh))  # [B, H, R, Dh]
+        q_pad = queries.gather(2, idx.expand(-1, h, -1, dh))
+        columns = (queries * self.scale) @ k_pad.transpose(-2, -1)  # [B, H, N, R]
+        logits.scatter_(3, sel.padded[:, None, None, :].expand(-1, h, logits.shape[2], -1), columns)
+        rows = (q_pad * self.scale) @ keys.transpose(-2, -1)  # [B, H, R, N]
+        logits.scatter_(2, idx.expand(-1, h, -1, logits.shape[3]), rows)
+        lb.write_all("attention_logits")
+        out = logits.softmax(dim=-1) @ values  # [B, H, N, Dh]
+        return out.transpose(1, 2).flatten(2)  # [B, N, C]
+
+    def _attention_full(self, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:
+        """Attention-value level: exact incremental softmax(Q.K^T).V.
+
+        The softmax is kept unnormalised (exp weights with a per-row offset, row sums, weights @ values),
+        so a changed key/value column updates every row's numerator and denominator alike: no drift
+        from missing renormalisation. Changed queries recompute their rows.
+        """
+        b = sel.padded.shape[0]
+        values = lb.get("values")
+        h, dh = values.shape[1], values.shape[3]
+        idx = sel.padded[:, None, :, None].expand(-1, h, -1, dh)  # [B, H, R, Dh]
+        old_values = values.gather(2, idx)  # [B, H, R, Dh] before the update
+        self._write_kv(lb, sel, queries=q, keys=k, values=v)
+        queries, keys = lb.get("queries"), lb.get("keys")
+        weights, offset = lb.get("exp_weights"), lb.get("row_offset")  # [B, H, N, N], [B, H, N]
+        row_sum, weighted = lb.get("row_sum"), lb.get("weighted_values")  # [B, H, N], [B, H, N, Dh]
+        n = weights.shape[2]
+        valid = sel.valid[:, None, None, :].to(weights.dtype)  # [B, 1, 1, R]; padding counts once only
+        col_index = sel.padded[:, None, None, :].expand(b, h, n, -1)  # [B, H, N, R]
+
+        new_k, new_v = keys.gather(2, idx), values.gather(2, idx)  # [B, H, R, Dh]
+        col_logits = (queries * self.scale) @ new_k.transpose(-2, -1)  # [B, H, N, R]
+        new_offset = torch.maximum(offset, col_logits.amax(dim=-1))
+        rescale = torch.exp(offset - new_offset)  # [B, H, N] <= 1
+        weights.mul_(rescale[..., None])
+        weighted.mul_(rescale[..., None])
+        row_sum.mul_(rescale)
+        offset.copy_(new_offset)
+        old_cols = weights.gather(3, col_index) * valid  # [B, H, N, R]
+        new_cols_all = torch.exp(col_logits - offset[..., None])
+        new_cols = new_cols_all * valid
+        weighted.add_(new_cols @ new_v - old_cols @ old_values)
+        row_sum.add_(new_cols.sum(dim=-1) - old_cols.sum(dim=-1))
+        weights.scatter_(3, col_index, new_cols_all)
+
+        # rows of the changed queries, recomputed exactly
+        row_index = sel.padded[:, None, :]  # [B, 1, R]
+        q_rows = queries.gather(2, idx)  # [B, H, R, Dh]
+        row_logits = (q_rows * self.scale) @ keys.transpose(-2, -1)  # [B, H, R, N]
+        row_offset = row_logits.amax(dim=-1)  # [B, H, R]
+        row_weights = torch.exp(row_logits - row_offset[..., None])
+        weights.scatter_(2, row_index[..., None].expand(-1, h, -1, n), row_weights)
+        offset.scatter_(2, row_index.expand(-1, h, -1), row_offset)
+        row_sum.scatter_(2, row_index.expand(-1, h, -1), row_weights.sum(dim=-1))
+        weighted.scatter_(2, idx, row_weights @ lb.get("values"))
+        lb.write_all("exp_weights", "row_offset", "row_sum", "weighted_values")
+        out = weighted / row_sum[..., None]  # [B, H, N, Dh]
+        return out.transpose(1, 2).flatten(2)  # [B, N, C]
+
+
+def full_budget(num_patches: int) -> StreamBudget:
+    """A top-r budget that updates every token (the eventful path, not the dense shortcut)."""
+    return StreamBudget(tokens=num_patches)
+
+
+__all__ = ["EventfulConfig", "EventfulViT", "StepOutput", "full_budget"]

@@ -1,0 +1,117 @@
+"""Token selection policies: which tokens a gate updates, per stream, for a batch of streams."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StreamBudget:
+    """One stream's budget for one frame.
+
+    tokens: top-r policy, at most r patch tokens per gate (prefix tokens are always updated on top).
+    threshold: threshold policy, update patch tokens whose RMS change is >= threshold (0 updates all).
+    Both set: threshold, capped at `tokens`. Neither set: every token (dense).
+    """
+
+    tokens: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 0):
+            raise ValueError(f"budget tokens must be a non-negative integer, got {self.tokens!r}")
+        if self.threshold is not None and not (self.threshold >= 0 and math.isfinite(self.threshold)):
+            raise ValueError(f"budget threshold must be a finite number >= 0, got {self.threshold!r}")
+
+    @classmethod
+    def dense(cls) -> StreamBudget:
+        return cls()
+
+    def is_dense_for(self, num_patches: int) -> bool:
+        """True when this budget selects every token whatever the change (so the step may run densely)."""
+        tokens_all = self.tokens is None or self.tokens >= num_patches
+        threshold_all = self.threshold is None or self.threshold == 0
+        return tokens_all and threshold_all
+
+
+@dataclass
+class Selection:
+    """Tokens chosen by one gate for a batch of B streams (prefix tokens always included).
+
+    Flat form (for token-wise ops): batch_idx, token_idx, slot_idx: [T], grouped by stream.
+    Padded form (for per-stream attention): padded [B, R] token indices, valid [B, R]; padding repeats
+    the stream's first selected token, so gathers and plain writes through it are harmless.
+    """
+
+    batch_idx: torch.Tensor
+    token_idx: torch.Tensor
+    slot_idx: torch.Tensor
+    padded: torch.Tensor
+    valid: torch.Tensor
+    counts: list[int]  # selected tokens per stream (incl. prefix tokens)
+    everything: bool  # every token of every stream selected
+
+    @property
+    def total(self) -> int:
+        return int(self.batch_idx.numel())
+
+    def to_padded(self, flat: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, R, ...] (padding rows are zero)."""
+        b, r = self.padded.shape
+        out = flat.new_zeros((b, r, *flat.shape[1:]))
+        out[self.batch_idx, self.slot_idx] = flat
+        return out
+
+    def from_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, R, ...] -> [T, ...]."""
+        return padded[self.batch_idx, self.slot_idx]
+
+
+def select_tokens(change: torch.Tensor, budgets: list[StreamBudget], num_prefix: int) -> Selection:
+    """Choose tokens from per-token change scores.
+
+    change: [B, N] change score per token (prefix tokens first, never dropped).
+    """
+    b, n = change.shape
+    device = change.device
+    num_patches = n - num_prefix
+    if all(budget.is_dense_for(num_patches) for budget in budgets):
+        keep = torch.ones(b, n, dtype=torch.bool, device=device)
+        return _selection_from_mask(keep, everything=True)
+
+    patch_change = change[:, num_prefix:].float()  # [B, Np]
+    ranked, order = patch_change.sort(dim=1, descending=True, stable=True)
+    caps = torch.tensor(
+        [num_patches if bud.tokens is None else min(bud.tokens, num_patches) for bud in budgets], device=device
+    )
+    thresholds = torch.tensor(
+        [-math.inf if bud.threshold is None else bud.threshold for bud in budgets], device=device
+    )
+    rank = torch.arange(num_patches, device=device)
+    keep_ranked = (rank[None, :] < caps[:, None]) & (ranked >= thresholds[:, None])  # [B, Np]
+    keep_patches = torch.zeros_like(keep_ranked).scatter_(1, order, keep_ranked)
+    keep = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=device), keep_patches], dim=1)
+    return _selection_from_mask(keep, everything=bool(keep.all()))
+
+
+def _selection_from_mask(keep: torch.Tensor, everything: bool) -> Selection:
+    # keep: [B, N] bool
+    b, n = keep.shape
+    device = keep.device
+    batch_idx, token_idx = keep.nonzero(as_tuple=True)  # row-major: grouped by stream, tokens ascending
+    counts_t = keep.sum(dim=1)
+    counts = counts_t.tolist()
+    if min(counts) == 0:
+        raise ValueError("a stream selected no token; models need at least one always-updated prefix token")
+    r = max(counts)
+    offsets = torch.cumsum(counts_t, 0) - counts_t
+    slot_idx = torch.arange(batch_idx.numel(), device=device) - offsets[batch_idx]
+    first = token_idx[offsets]  # [B] first selected token of each stream
+    padded = first[:, None].expand(b, r).clone()
+    padded[batch_idx, slot_idx] = token_idx
+    valid = torch.zeros(b, r, dtype=torch.bool, device=device)
+    valid[batch_idx, slot_idx] = True
+    return Selection(batch_idx, token_idx, slot_idx, padded, valid, counts, everything)

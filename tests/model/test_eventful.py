@@ -1,0 +1,238 @@
+"""The eventful step against the dense model, and a stream alone against the same stream in a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import ViTConfig
+from model.eventful import EventfulConfig, EventfulViT, full_budget
+from model.macs import dense_macs
+from model.policy import StreamBudget
+from model.state import StreamState
+from model.vit import VisionTransformer
+
+LEVELS = ["tokenwise", "qk", "full"]
+CONFIG = ViTConfig(
+    image_size=(48, 64), patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_dim=128, num_classes=10
+)  # 6x8 = 48 patches + class token
+
+
+@pytest.fixture(scope="module")
+def vit() -> VisionTransformer:
+    torch.manual_seed(0)
+    model = VisionTransformer(CONFIG).eval()
+    with torch.no_grad():  # larger-than-init weights so changes propagate visibly
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model
+
+
+def video(frames: int = 8, seed: int = 1) -> torch.Tensor:
+    """A drifting random 'video': each frame changes a few regions of the previous one."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 48, 64, generator=gen)
+    out = []
+    for _ in range(frames):
+        x = x.clone()
+        for _ in range(3):
+            i, j = torch.randint(0, 40, (1,), generator=gen).item(), torch.randint(0, 56, (1,), generator=gen).item()
+            x[:, i : i + 8, j : j + 8] += torch.randn(3, 8, 8, generator=gen)
+        x += 0.02 * torch.randn(x.shape, generator=gen)
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("gate_position", ["normed", "residual"])
+@pytest.mark.parametrize("budget", [full_budget(CONFIG.num_patches), StreamBudget(threshold=0.0)])
+def test_full_budget_equals_dense(vit, level, gate_position, budget):
+    runner = EventfulViT(vit, EventfulConfig(level=level, gate_position=gate_position))
+    state = runner.new_state()
+    frames = video()
+    dense = vit(frames)
+    for t in range(len(frames)):
+        out = runner.step(frames[t : t + 1], [state], [budget])
+        assert (out.logits - dense[t : t + 1]).abs().max() <= 1e-5
+        assert out.updated_tokens.min() == CONFIG.num_tokens
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_batch_equals_separate_with_mixed_budgets(vit, level):
+    runner = EventfulViT(vit, EventfulConfig(level=level))
+    budgets = [StreamBudget(tokens=5), StreamBudget(tokens=20), StreamBudget(threshold=0.3), StreamBudget()]
+    batched_states = [runner.new_state() for _ in budgets]
+    alone_states = [runner.new_state() for _ in budgets]
+    streams = [video(seed=s) for s in range(len(budgets))]
+    for t in range(8):
+        images = torch.stack([s[t] for s in streams])
+        batched = runner.step(images, batched_states, budgets)
+        for j, budget in enumerate(budgets):
+            alone = runner.step(images[j : j + 1], [alone_states[j]], [budget])
+            assert (batched.logits[j] - alone.logits[0]).abs().max() <= 1e-5
+            assert torch.equal(batched.updated_tokens[j], alone.updated_tokens[0])
+            assert batched.macs[j] == alone.macs[0]
+    # the states themselves agree too
+    for a, b in zip(batched_states, alone_states, strict=True):
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            for name, tensor in la.tensors().items():
+                assert torch.allclose(tensor, lb.tensors()[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_sparse_budget_counts_and_prefix_always_updated(vit, level):
+    runner = EventfulViT(vit, EventfulConfig(level=level))
+    state = runner.new_state()
+    frames = video()
+    first = runner.step(frames[:1], [state], [StreamBudget(tokens=7)])
+    assert first.dense_frame == [True]  # a new stream starts dense whatever its budget
+    for budget_tokens in (7, 0, 13):
+        out = runner.step(frames[1:2], [state], [StreamBudget(tokens=budget_tokens)])
+        assert out.dense_frame == [False]
+        assert out.updated_tokens[0, :, 0].tolist() == [budget_tokens + 1] * CONFIG.depth
+        assert out.updated_tokens[0, :, 2].tolist() == [budget_tokens + 1] * CONFIG.depth
+        assert out.macs[0] < out.dense_macs
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_budget_back_to_full_recovers_dense_exactly(vit, level):
+    """Sparse frames leave stale tokens; one full-budget frame recomputes them all (budget changes per frame)."""
+    runner = EventfulViT(vit, EventfulConfig(level=level))
+    state = runner.new_state()
+    frames = video()
+    dense = vit(frames)
+    budgets = [None, 4, 10, 2, 30, None, 3, None]
+    for t, tokens in enumerate(budgets):
+        budget = full_budget(CONFIG.num_patches) if tokens is None else StreamBudget(tokens=tokens)
+        out = runner.step(frames[t : t + 1], [state], [budget])
+        err = (out.logits - dense[t : t + 1]).abs().max()
+        if tokens is None:
+            assert err <= 1e-5
+        elif t in (1, 3, 6):
+            assert err > 1e-4  # sparse frames really are approximate (the test could fail)
+
+
+def test_flush_and_refresh(vit):
+    runner = EventfulViT(vit, EventfulConfig(refresh_interval=3))
+    state = runner.new_state()
+    frames = video(frames=8)
+    dense = vit(frames)
+    flags = []
+    for t in range(6):
+        out = runner.step(frames[t : t + 1], [state], [StreamBudget(tokens=2)])
+        flags.append(out.dense_frame[0])
+        if out.dense_frame[0]:
+            assert (out.logits - dense[t : t + 1]).abs().max() <= 1e-5
+            assert out.macs[0] == dense_macs(CONFIG)
+    assert flags == [True, False, False, False, True, False]
+    state.flush()
+    out = runner.step(frames[6:7], [state], [StreamBudget(tokens=2)])
+    assert out.dense_frame == [True]
+    assert (out.logits - dense[6:7]).abs().max() <= 1e-5
+
+
+def test_threshold_policy_counts_match_independent_gate(vit):
+    """Layer-0 qkv gate after a dense frame: count = patches whose RMS change of LN1(tokens) >= h, per stream."""
+    runner = EventfulViT(vit, EventfulConfig())
+    thresholds = [0.05, 0.3, 1.0]
+    states = [runner.new_state() for _ in thresholds]
+    frames = video(frames=2)
+    images0 = frames[0].expand(3, -1, -1, -1)
+    images1 = torch.stack([frames[1], frames[1] * 1.1, frames[1]])
+    runner.step(images0, states, [StreamBudget(threshold=h) for h in thresholds])
+    out = runner.step(images1, states, [StreamBudget(threshold=h) for h in thresholds])
+    with torch.no_grad():
+        norm = vit.blocks[0].norm1
+        change = (norm(vit.embed(images1)) - norm(vit.embed(images0))).pow(2).mean(-1).sqrt()[:, 1:]
+    expected = [int((change[j] >= h).sum()) + 1 for j, h in enumerate(thresholds)]
+    assert out.updated_tokens[:, 0, 0].tolist() == expected
+    assert len(set(expected)) > 1
+
+
+def test_threshold_with_cap_and_qk_full_agree(vit):
+    """The query-key and attention-value levels compute the same exact attention by different updates."""
+    qk = EventfulViT(vit, EventfulConfig(level="qk"))
+    full = EventfulViT(vit, EventfulConfig(level="full"))
+    s_qk, s_full = qk.new_state(), full.new_state()
+    frames = video(frames=8, seed=5)
+    budget = StreamBudget(tokens=12, threshold=0.05)
+    for t in range(8):
+        a = qk.step(frames[t : t + 1], [s_qk], [budget])
+        b = full.step(frames[t : t + 1], [s_full], [budget])
+        assert (a.logits - b.logits).abs().max() <= 1e-4
+        if t > 0:
+            assert a.updated_tokens.max() <= 13
+
+
+def test_full_level_has_no_drift_over_a_long_stream(vit):
+    """Incremental softmax over 60 sparse frames stays equal to recomputing Q.K^T-softmax from the buffers."""
+    full = EventfulViT(vit, EventfulConfig(level="full"))
+    state = full.new_state()
+    frames = video(frames=60, seed=7)
+    for t in range(60):
+        full.step(frames[t : t + 1], [state], [StreamBudget(tokens=6)])
+    for layer in state.layers:
+        logits = (layer.queries * CONFIG.head_dim**-0.5) @ layer.keys.transpose(-2, -1)
+        exact = logits.softmax(-1) @ layer.values
+        incremental = layer.weighted_values / layer.row_sum[..., None]
+        assert (exact - incremental).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_state_bytes_and_device(vit, level):
+    runner = EventfulViT(vit, EventfulConfig(level=level))
+    state = runner.new_state()
+    n, c, h, d = CONFIG.num_tokens, CONFIG.embed_dim, CONFIG.num_heads, CONFIG.depth
+    per_layer = 6 * n * c
+    if level != "tokenwise":
+        per_layer += 2 * n * c
+    if level == "qk":
+        per_layer += h * n * n
+    if level == "full":
+        per_layer += h * n * n + 2 * h * n + n * c
+    assert state.nbytes == d * per_layer * 4
+    assert sum(state.breakdown().values()) == state.nbytes
+    moved = state.to("cpu")
+    assert moved is state and state.device == torch.device("cpu")
+
+
+def test_state_must_fit_runner(vit):
+    runner = EventfulViT(vit, EventfulConfig(level="full"))
+    wrong = StreamState.create(CONFIG, level="tokenwise")
+    with pytest.raises(ValueError, match="does not fit"):
+        runner.step(video(frames=1), [wrong])
+    with pytest.raises(ValueError, match="images"):
+        runner.step(video(frames=2), [runner.new_state()])
+
+
+def test_budget_validation():
+    with pytest.raises(ValueError, match="tokens"):
+        StreamBudget(tokens=-1)
+    with pytest.raises(ValueError, match="threshold"):
+        StreamBudget(threshold=float("nan"))
+    with pytest.raises(ValueError, match="level"):
+        EventfulConfig(level="sparse")
+
+
+def test_dense_macs_match_module_count(vit):
+    """Analytic dense MACs equal a count of every Linear/Conv call plus the two attention products."""
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, torch.nn.Linear):
+            macs += output.numel() * module.in_features
+        else:  # patch embedding conv
+            macs += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in vit.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            vit(video(frames=1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n, c = CONFIG.num_tokens, CONFIG.embed_dim
+    # the head runs on the class token only; the hooks see exactly that
+    assert dense_macs(CONFIG) == macs + CONFIG.depth * 2 * n * n * c
