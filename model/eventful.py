@@ -113,6 +113,7 @@ class EventfulViT:
         self.scale = self.vit.head_dim**-0.5
         self._dense_block_macs = dense_block_macs(self.vit)
         self._fixed_macs = embed_macs(self.vit) + head_macs(self.vit)
+        self._all_selections: dict[tuple[int, torch.device], Selection] = {}
 
     def new_state(self) -> StreamState:
         p = next(self.model.parameters())
@@ -160,6 +161,13 @@ class EventfulViT:
             return self._dense_block_macs
         return eventful_block_macs(self.vit, self.config.level, n_qkv, n_proj, n_mlp)
 
+    def _select_all(self, batch: int, device: torch.device) -> Selection:
+        key = (batch, device)
+        if key not in self._all_selections:
+            keep = torch.ones(batch, self.vit.num_tokens, dtype=torch.bool, device=device)
+            self._all_selections[key] = select_tokens(keep.float(), [StreamBudget.dense()] * batch, 0)
+        return self._all_selections[key]
+
     # ---- gates ---------------------------------------------------------------------------------
 
     def _gate(
@@ -168,9 +176,8 @@ class EventfulViT:
         """Select tokens by RMS change against the reference, then move the reference at those tokens."""
         # gate_input, reference: [B, N, C]
         if all(bud.is_dense_for(self.vit.num_patches) for bud in budgets):
-            selection = select_tokens(gate_input[..., 0], budgets, self.vit.num_prefix_tokens)
             reference.copy_(gate_input)
-            return selection
+            return self._select_all(gate_input.shape[0], gate_input.device)
         change = (gate_input - reference).norm(dim=-1) * gate_input.shape[-1] ** -0.5  # [B, N]
         selection = select_tokens(change, budgets, self.vit.num_prefix_tokens)
         bi, ti = selection.batch_idx, selection.token_idx

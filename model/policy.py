@@ -83,6 +83,8 @@ def select_tokens(change: torch.Tensor, budgets: list[StreamBudget], num_prefix:
         return _selection_from_mask(keep, everything=True)
 
     patch_change = change[:, num_prefix:].float()  # [B, Np]
+    if all(bud.threshold is None for bud in budgets) and len({bud.tokens for bud in budgets}) == 1:
+        return _uniform_top_r(patch_change, budgets[0].tokens, num_prefix)
     ranked, order = patch_change.sort(dim=1, descending=True, stable=True)
     caps = torch.tensor(
         [num_patches if bud.tokens is None else min(bud.tokens, num_patches) for bud in budgets], device=device
@@ -95,6 +97,20 @@ def select_tokens(change: torch.Tensor, budgets: list[StreamBudget], num_prefix:
     keep_patches = torch.zeros_like(keep_ranked).scatter_(1, order, keep_ranked)
     keep = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=device), keep_patches], dim=1)
     return _selection_from_mask(keep, everything=bool(keep.all()))
+
+
+def _uniform_top_r(patch_change: torch.Tensor, r: int, num_prefix: int) -> Selection:
+    """Fast path: every stream keeps its top r patch tokens (no masks, no data-dependent shapes)."""
+    b, num_patches = patch_change.shape
+    device = patch_change.device
+    top = patch_change.topk(min(r, num_patches), dim=1, sorted=False).indices + num_prefix  # [B, r]
+    prefix = torch.arange(num_prefix, device=device).expand(b, -1)
+    padded = torch.cat([prefix, top], dim=1)  # [B, R]
+    width = padded.shape[1]
+    batch_idx = torch.arange(b, device=device).repeat_interleave(width)
+    slot_idx = torch.arange(width, device=device).repeat(b)
+    valid = torch.ones(b, width, dtype=torch.bool, device=device)
+    return Selection(batch_idx, padded.flatten(), slot_idx, padded, valid, [width] * b, everything=False)
 
 
 def _selection_from_mask(keep: torch.Tensor, everything: bool) -> Selection:

@@ -1,0 +1,104 @@
+"""`eventful-bench`: benchmarks run on real video, printing a table and writing JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must look like 224 or 432x768, got {text!r}") from None
+
+
+def _parse_budgets(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budgets must be comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must be non-negative numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventful-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("model", help="dense vs eventful ViT at several budgets on a video")
+    m.add_argument("--model", required=True, help="checkpoint file (timm), HF directory, HF id or named architecture")
+    m.add_argument("--video", required=True, help="any video file PyAV can decode")
+    m.add_argument("--budgets", type=_parse_budgets, default=[196, 128, 64, 32],
+                   help="tokens per gate (topr) or thresholds (threshold policy), comma-separated")
+    m.add_argument("--frames", type=int, default=60, help="frames to process from the start of the video")
+    m.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
+    m.add_argument("--policy", choices=["topr", "threshold"], default="topr")
+    m.add_argument("--gate-position", choices=["normed", "residual"], default="normed")
+    m.add_argument("--refresh", type=int, default=None, help="force a dense frame every K frames")
+    m.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 432x768")
+    m.add_argument("--num-heads", type=int, default=None, help="attention heads (timm files do not record it)")
+    m.add_argument("--labels", default=None, help="class names file for timm checkpoints")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--warmup", type=int, default=2)
+    m.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    return parser
+
+
+def run_model(args: argparse.Namespace) -> int:
+    from bench.model_bench import print_table, run_model_bench, write_json
+    from model.eventful import EventfulConfig
+    from model.loaders import load_model
+    from model.preprocess import Preprocessor, read_video_frames
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormal GELU tails cost 3x on some CPUs; both paths get the same setting
+    if args.frames < 2:
+        print("error: --frames must be at least 2", file=sys.stderr)
+        return 2
+    model = load_model(args.model, image_size=args.image_size, num_heads=args.num_heads, labels_path=args.labels)
+    frames = read_video_frames(args.video, max_frames=args.frames)
+    if len(frames) < 2:
+        print(f"error: {args.video} has fewer than 2 decodable frames", file=sys.stderr)
+        return 2
+    images = Preprocessor(model.config.preprocess)(frames)
+    eventful = EventfulConfig(level=args.level, gate_position=args.gate_position, refresh_interval=args.refresh)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rframe {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    report = run_model_bench(
+        model, images, args.budgets, model_name=args.model, video_name=args.video, eventful=eventful,
+        policy=args.policy, warmup=args.warmup, progress=progress,
+    )
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(print_table(report))
+    if args.json_path:
+        write_json(report, args.json_path)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "model":
+            return run_model(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,580 @@
+"""Checkpoint loaders: timm and Hugging Face ViT/DeiT layouts -> VisionTransformer, and the load_model entry point.
+
+Each layout has one pure converter (state dict in, our state dict out, validated against VisionTransformer(config))
+and one config reader; the I/O functions only read files and call them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+
+from model.config import NAMED_CONFIGS, PreprocessConfig, ViTConfig
+from model.vit import VisionTransformer
+
+HF_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or its config) does not fit the VisionTransformer it is loaded into."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Bicubic resampling of the patch part of pos_embed [1, P + gh*gw, C] to new_grid; prefix positions kept.
+
+    Same convention as timm's resample_abs_pos_embed and HF's interpolate_pos_encoding (align_corners=False,
+    computed in float32; no antialias, as HF). Returns pos_embed itself when the grid is unchanged.
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, c = patches.shape[1], patches.shape[2]
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} patch positions are not a square grid; pass old_grid")
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"old_grid {old_grid} does not hold the {n} patch positions of pos_embed")
+    if old_grid == new_grid:
+        return pos_embed
+    grid = patches.reshape(1, *old_grid, c).permute(0, 3, 1, 2).float()  # [1, C, gh, gw]
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def _fit_pos_embed(pos_embed: torch.Tensor, config: ViTConfig, old_grid: tuple[int, int] | None) -> torch.Tensor:
+    """Bring a checkpoint's pos_embed [1, N, C] to config's grid (and prefix count when it has none)."""
+    n, p = pos_embed.shape[1], config.num_prefix_tokens
+    if old_grid is not None:
+        pos_prefix = n - old_grid[0] * old_grid[1]
+    elif math.isqrt(n - p) ** 2 == n - p:  # a square grid, as timm assumes
+        pos_prefix = p
+    elif n == config.num_tokens:
+        pos_prefix, old_grid = p, config.grid_size
+    elif p and math.isqrt(n) ** 2 == n:
+        pos_prefix = 0
+    else:
+        raise CheckpointError(
+            f"cannot infer the position-embedding grid of pos_embed {tuple(pos_embed.shape)} "
+            f"({p} prefix tokens); the checkpoint grid is not square: pass old_grid / image_size"
+        )
+    if pos_prefix not in (p, 0):
+        raise CheckpointError(f"pos_embed {tuple(pos_embed.shape)} does not fit grid {old_grid} + {p} prefix tokens")
+    if pos_prefix == 0 and p:
+        # timm's no_embed_class layout (e.g. DeiT III): prefix tokens carry no position, i.e. a zero one.
+        pos_embed = torch.cat([pos_embed.new_zeros(1, p, pos_embed.shape[2]), pos_embed], dim=1)
+    return resample_pos_embed(pos_embed, config.grid_size, p, old_grid)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(config: ViTConfig) -> VisionTransformer:
+    """Parameter-free template of VisionTransformer(config) (shapes only; deep-copied to build models)."""
+    with torch.device("meta"):
+        return VisionTransformer(config)
+
+
+def _expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{shown}, ... ({len(items) - limit} more)" if len(items) > limit else shown
+
+
+def _validate(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, layout: str, unmapped: Iterable[str] = ()):
+    """Raise CheckpointError naming every missing key, unexpected key and shape mismatch."""
+    expected = _expected_shapes(config)
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(set(unmapped) | (state_dict.keys() - expected.keys()))
+    mismatched = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {expected[k]})"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    problems = [
+        f"{what} ({len(keys)}): {_listing(keys)}"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{layout} checkpoint does not fit the model: " + "; ".join(problems))
+
+
+def _num_heads(embed_dim: int, num_heads: int | None) -> int:
+    heads = num_heads if num_heads is not None else embed_dim // 64
+    if heads <= 0 or embed_dim % heads:
+        raise CheckpointError(f"cannot split embed dim {embed_dim} into {heads} heads; pass num_heads")
+    return heads
+
+
+def adapt_image_size(config: ViTConfig, image_size: tuple[int, int] | None) -> ViTConfig:
+    """config at another input size; preprocessing then resizes the whole frame to image_size (no crop).
+
+    A checkpoint's own pipeline (e.g. resize 256 + crop 224) would produce the wrong size, and for
+    streaming the full frame is what we want: resize_to=image_size, crop removed, same filter/mean/std.
+    """
+    if image_size is None:
+        return config
+    image_size = (int(image_size[0]), int(image_size[1]))
+    pre = config.preprocess
+    fixed = pre.crop_size if pre.crop_size is not None else pre.resize_to
+    if fixed is None or tuple(fixed) != image_size:
+        pre = replace(pre, resize_shortest=None, resize_to=image_size, crop_size=None)
+    return replace(config.with_image_size(image_size), preprocess=pre)
+
+
+# --------------------------------------------------------------------------- timm layout
+
+
+def unwrap_state_dict(state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """Strip training wrappers: {"model": sd} / {"state_dict": sd} and DDP's "module." prefix."""
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state_dict.get(wrapper), Mapping):
+            state_dict = state_dict[wrapper]
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"checkpoint entries that are not tensors: {_listing(not_tensors)}")
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def config_from_timm_state_dict(
+    state_dict: Mapping, num_heads: int | None = None, image_size: tuple[int, int] | None = None
+) -> ViTConfig:
+    """Infer the ViTConfig of a timm ViT/DeiT state dict (heads default to embed_dim // 64, as in timm's models)."""
+    sd = unwrap_state_dict(state_dict)
+    for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
+        if key not in sd:
+            raise CheckpointError(f"not a timm ViT checkpoint: missing key {key} (keys: {_listing(sorted(sd))})")
+    embed_dim, in_chans, patch, patch_w = sd["patch_embed.proj.weight"].shape
+    if patch != patch_w:
+        raise CheckpointError(f"non-square patches {patch}x{patch_w} are not supported")
+    class_token, distill_token = "cls_token" in sd, "dist_token" in sd
+    num_prefix = int(class_token) + int(distill_token)
+    n = sd["pos_embed"].shape[1]
+    side = math.isqrt(n - num_prefix)
+    if side * side != n - num_prefix:
+        side = math.isqrt(n)  # timm no_embed_class: pos_embed covers the patches only
+        if side * side != n:
+            raise CheckpointError(f"pos_embed {tuple(sd['pos_embed'].shape)} is not a square grid; pass image_size")
+    config = ViTConfig(
+        image_size=(side * patch, side * patch),
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))),
+        num_heads=_num_heads(embed_dim, num_heads),
+        mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        layer_norm_eps=1e-6,
+        class_token=class_token,
+        distill_token=distill_token,
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        preprocess=PreprocessConfig(),
+    )
+    return adapt_image_size(config, image_size)
+
+
+def timm_to_model_state_dict(
+    state_dict: Mapping, config: ViTConfig, old_grid: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """timm ViT/DeiT state dict -> ours (same names), pos_embed resampled to config.grid_size, validated.
+
+    old_grid: the checkpoint's patch grid, only needed when it is not square and differs from config's.
+    """
+    sd = unwrap_state_dict(state_dict)
+    expected = _expected_shapes(config)
+    # Heads the config leaves out (features-only model, or no distillation head) are dropped, not errors.
+    sd = {k: v for k, v in sd.items() if not (k.split(".")[0] in ("head", "head_dist") and k not in expected)}
+    if "pos_embed" in sd:
+        sd["pos_embed"] = _fit_pos_embed(sd["pos_embed"], config, old_grid)
+    _validate(sd, config, "timm")
+    return sd
+
+
+# --------------------------------------------------------------------------- Hugging Face layout
+
+_HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_HF_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2}
+_HF_QKV.update({"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2})  # transformers 5 in memory
+_HF_BLOCK = {
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.distillation_token": "dist_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_HF_IGNORED = re.compile(r"^(pooler\.|embeddings\.mask_token$)")  # ViTModel's pooler, masked-image-modeling token
+# Image-processor defaults of transformers' ViTImageProcessor / DeiTImageProcessor (used for absent keys).
+_HF_PRE_DEFAULTS = {
+    "vit": dict(size={"height": 224, "width": 224}, resample=2, do_center_crop=False, crop_size=None),
+    "deit": dict(size={"height": 256, "width": 256}, resample=3, do_center_crop=True, crop_size=224),
+}
+
+
+def _hf_hw(value, what: str) -> tuple[int, int]:
+    """HF size value (int, [h, w] or {"height", "width"}) -> (h, w); ints are square as in ViT/DeiT processors."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    if isinstance(value, Mapping) and {"height", "width"} <= value.keys():
+        return int(value["height"]), int(value["width"])
+    raise CheckpointError(f"unsupported {what} {value!r} in the preprocessor config")
+
+
+def _preprocess_from_hf(pre: Mapping | None, model_type: str, image_size: tuple[int, int]) -> PreprocessConfig:
+    """What transformers' ViT/DeiT image processor does, as a PreprocessConfig.
+
+    Without a preprocessor config we use the processor class defaults scaled to the model's image size
+    (ViT: resize to it; DeiT: resize to 256/224 of it, then crop it), so a 224 model gets HF's exact defaults.
+    """
+    if pre is None:
+        h, w = image_size
+        if model_type == "deit":
+            return PreprocessConfig(
+                resize_shortest=None, resize_to=(h * 256 // 224, w * 256 // 224), crop_size=(h, w),
+                interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            )  # fmt: skip
+        return PreprocessConfig(
+            resize_shortest=None, resize_to=(h, w), crop_size=None,
+            interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        )  # fmt: skip
+    kind = str(pre.get("image_processor_type") or pre.get("feature_extractor_type") or model_type).lower()
+    defaults = _HF_PRE_DEFAULTS["deit" if "deit" in kind else "vit"]
+
+    def pick(key: str, default=None):
+        return pre[key] if pre.get(key) is not None else defaults.get(key, default)
+
+    if pick("do_rescale", True) and not math.isclose(float(pick("rescale_factor", 1 / 255)), 1 / 255):
+        raise CheckpointError(f"unsupported rescale_factor {pre['rescale_factor']} (only 1/255)")
+    if not pick("do_rescale", True):
+        raise CheckpointError("preprocessor config with do_rescale=false (0..255 inputs) is not supported")
+    resample = int(pick("resample"))
+    if resample not in _HF_PIL_RESAMPLE:
+        raise CheckpointError(f"unsupported PIL resample code {resample}; supported: {_HF_PIL_RESAMPLE}")
+    resize_shortest = resize_to = None
+    if pick("do_resize", True):
+        size = pick("size")
+        if isinstance(size, Mapping) and "shortest_edge" in size:
+            if size.get("longest_edge") is not None:
+                raise CheckpointError(f"unsupported size {size!r}: longest_edge caps are not supported")
+            resize_shortest = int(size["shortest_edge"])
+        else:
+            resize_to = _hf_hw(size, "size")
+    crop_size = _hf_hw(pick("crop_size"), "crop_size") if pick("do_center_crop", False) else None
+    normalize = pick("do_normalize", True)
+    mean = tuple(float(v) for v in pick("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
+    std = tuple(float(v) for v in pick("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
+    return PreprocessConfig(
+        resize_shortest=resize_shortest,
+        resize_to=resize_to,
+        crop_size=crop_size,
+        interpolation=_HF_PIL_RESAMPLE[resample],
+        mean=mean,
+        std=std,
+    )
+
+
+def config_from_hf(
+    config_json: Mapping,
+    preprocessor_json: Mapping | None = None,
+    state_dict_keys: Iterable[str] | None = None,
+) -> ViTConfig:
+    """ViTConfig of a Hugging Face ViT/DeiT model from its config.json (+ preprocessor_config.json).
+
+    state_dict_keys decide the distillation token and whether there is a classifier at all (ViTModel has
+    none); without them a "deit" model is assumed to have the token and every model a classifier.
+    """
+    model_type = config_json.get("model_type")
+    if model_type not in ("vit", "deit"):
+        raise CheckpointError(f"unsupported Hugging Face model_type {model_type!r}; supported: 'vit', 'deit'")
+    act = config_json.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"unsupported hidden_act {act!r}: the model uses exact (erf) GELU, 'gelu'")
+    image_size = _hf_hw(config_json.get("image_size", 224), "image_size")
+    patch = config_json.get("patch_size", 16)
+    if not isinstance(patch, int):
+        ph, pw = _hf_hw(patch, "patch_size")
+        if ph != pw:
+            raise CheckpointError(f"non-square patches {patch} are not supported")
+        patch = ph
+    id2label = config_json.get("id2label") or {}
+    num_labels = len(id2label) or int(config_json.get("num_labels", 2))
+    keys = None if state_dict_keys is None else set(state_dict_keys)
+    if keys is None:
+        distill, has_head = model_type == "deit", True
+    else:
+        distill = any(k.endswith("embeddings.distillation_token") for k in keys)
+        has_head = bool(keys & {"classifier.weight", "cls_classifier.weight"})
+    labels = None
+    if has_head and id2label:
+        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    hidden = int(config_json.get("hidden_size", 768))
+    heads = int(config_json.get("num_attention_heads", 12))
+    if hidden % heads:
+        raise CheckpointError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=patch,
+        in_chans=int(config_json.get("num_channels", 3)),
+        embed_dim=hidden,
+        depth=int(config_json.get("num_hidden_layers", 12)),
+        num_heads=heads,
+        mlp_dim=int(config_json.get("intermediate_size", 3072)),
+        qkv_bias=bool(config_json.get("qkv_bias", True)),
+        layer_norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
+        class_token=True,
+        distill_token=distill,
+        num_classes=num_labels if has_head else 0,
+        label_names=labels,
+        preprocess=_preprocess_from_hf(preprocessor_json, model_type, image_size),
+    )
+
+
+def hf_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ViTConfig, old_grid: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """HF ViT/DeiT state dict (ViTForImageClassification, DeiTForImageClassification[WithTeacher], ViTModel,
+    DeiTModel; on-disk or transformers-5 in-memory names) -> ours: q/k/v fused into qkv, pos_embed resampled.
+
+    DeiTForImageClassification has a distillation token but classifies from the class token only; our model
+    averages two heads, so its classifier is folded in exactly as head = 2 * classifier, head_dist = 0.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[int, tuple[str, torch.Tensor]]] = {}
+    unmapped: list[str] = []
+    for key, value in state_dict.items():
+        name = key.removeprefix("vit.").removeprefix("deit.")
+        if _HF_IGNORED.match(name):
+            continue
+        if name in _HF_TOP:
+            out[_HF_TOP[name]] = value
+            continue
+        head = re.fullmatch(r"(classifier|cls_classifier|distillation_classifier)\.(weight|bias)", name)
+        if head:
+            out[("head_dist." if head.group(1) == "distillation_classifier" else "head.") + head.group(2)] = value
+            continue
+        block = re.fullmatch(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)", name)
+        if block:
+            i, module, param = int(block.group(1)), block.group(2), block.group(3)
+            if module in _HF_QKV:
+                qkv.setdefault((i, param), {})[_HF_QKV[module]] = (key, value)
+                continue
+            if module in _HF_BLOCK:
+                out[f"blocks.{i}.{_HF_BLOCK[module]}.{param}"] = value
+                continue
+        unmapped.append(key)
+    for (i, param), parts in sorted(qkv.items()):
+        if len(parts) == 3:
+            out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([parts[j][1] for j in range(3)], dim=0)  # [3C(, C)]
+        else:
+            unmapped.extend(k for k, _ in parts.values())  # partial q/k/v: reported, and qkv shows as missing
+    has_cls_only_head = "head.weight" in out and not any(k.startswith("distillation_classifier.") for k in state_dict)
+    if config.distill_token and "head_dist.weight" in _expected_shapes(config) and has_cls_only_head:
+        # DeiTForImageClassification: logits = classifier(cls) == (2*classifier(cls) + 0*dist) / 2, exactly.
+        for param in ("weight", "bias"):
+            if f"head.{param}" in out:
+                out[f"head_dist.{param}"] = torch.zeros_like(out[f"head.{param}"])
+                out[f"head.{param}"] = out[f"head.{param}"] * 2
+    if "pos_embed" in out:
+        out["pos_embed"] = _fit_pos_embed(out["pos_embed"], config, old_grid)
+    _validate(out, config, "Hugging Face", unmapped)
+    return out
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch file (.pth/.pt/.bin/.ckpt, loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_safetensors(str(path))
+        if path.suffix in _TORCH_SUFFIXES:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    raise CheckpointError(f"unsupported checkpoint file type {path.suffix!r} ({path}); use .safetensors or .pth/.pt")
+
+
+def read_label_names(path: str | Path) -> tuple[str, ...]:
+    """One class name per line; a leading WordNet id ("n01440764 tench, Tinca tinca") is dropped."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return tuple(re.sub(r"^n\d{8}\s+", "", line) for line in lines if line)
+
+
+def _with_labels(config: ViTConfig, labels_path: str | Path | None) -> ViTConfig:
+    if labels_path is None:
+        return config
+    labels = read_label_names(labels_path)
+    if len(labels) != config.num_classes:
+        raise CheckpointError(f"{labels_path} has {len(labels)} labels but the model has {config.num_classes} classes")
+    return replace(config, label_names=labels)
+
+
+def _build(config: ViTConfig, state_dict: dict[str, torch.Tensor]) -> VisionTransformer:
+    """VisionTransformer(config) holding state_dict's tensors (no random init), float32, eval, no grads."""
+    model = copy.deepcopy(_meta_model(config))
+    model.config = config  # the cached template may differ in label_names (not part of config equality)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.float().eval().requires_grad_(False)
+
+
+def load_timm_checkpoint(
+    path: str | Path,
+    num_heads: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    labels_path: str | Path | None = None,
+) -> VisionTransformer:
+    """A timm-layout ViT/DeiT checkpoint file -> VisionTransformer (float32, CPU, eval)."""
+    state_dict = unwrap_state_dict(read_state_dict(path))
+    native = config_from_timm_state_dict(state_dict, num_heads)
+    config = _with_labels(adapt_image_size(native, image_size), labels_path)
+    return _build(config, timm_to_model_state_dict(state_dict, config, old_grid=native.grid_size))
+
+
+def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = None) -> VisionTransformer:
+    """A Hugging Face ViT/DeiT model directory (config.json + model.safetensors or pytorch_model.bin)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
+    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    config_json = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    pre_path = path / "preprocessor_config.json"
+    pre_json = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else None
+    state_dict = read_state_dict(weights)
+    native = config_from_hf(config_json, pre_json, state_dict.keys())
+    config = adapt_image_size(native, image_size)
+    return _build(config, hf_to_model_state_dict(state_dict, config, old_grid=native.grid_size))
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_hf_id(model_id: str, revision: str | None = None) -> Path:
+    """Local snapshot folder of a Hugging Face model id: the cache first, the Hub only when not cached and online.
+
+    HF_HUB_CACHE (or HF_HOME) and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are read at call time (huggingface_hub
+    reads its own constants at import). Only config, preprocessor config and one weights file are fetched.
+    """
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE
+    )
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+
+    def usable(folder: str) -> bool:
+        return (Path(folder) / "config.json").is_file() and any((Path(folder) / n).is_file() for n in HF_FILES[2:])
+
+    where = f"{model_id!r} (revision {revision or 'main'})"
+    try:
+        folder = snapshot_download(
+            model_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(HF_FILES), local_files_only=True
+        )
+        if usable(folder):
+            return Path(folder)
+        reason = f"the cached snapshot {folder} lacks config.json or weights"
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{model_id!r} is not a valid Hugging Face model id: {err}") from err
+    except LocalEntryNotFoundError:
+        reason = f"not in the Hugging Face cache {cache_dir}"
+    if offline:
+        raise FileNotFoundError(f"{where}: {reason}, and HF_HUB_OFFLINE is set so nothing is downloaded")
+    try:
+        folder = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(HF_FILES[:3]))
+        if not (Path(folder) / "model.safetensors").is_file():
+            hf_hub_download(model_id, "pytorch_model.bin", revision=revision, cache_dir=cache_dir)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        raise FileNotFoundError(f"{where}: {reason}, and downloading failed: {err}") from err
+    if not usable(folder):
+        raise FileNotFoundError(f"{where}: the Hub snapshot {folder} has no config.json or weights we can load")
+    return Path(folder)
+
+
+def load_model(
+    spec: str,
+    image_size: tuple[int, int] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_heads: int | None = None,
+    labels_path: str | Path | None = None,
+) -> VisionTransformer:
+    """The one entry point: spec is a checkpoint file (timm layout), an HF model directory, a named
+    architecture from NAMED_CONFIGS (deterministic random weights) or a Hugging Face id ("org/name").
+
+    image_size other than the checkpoint's resamples pos_embed and makes preprocessing resize whole frames
+    to image_size (see adapt_image_size). num_heads applies to timm files and named architectures;
+    labels_path (one name per line) overrides the label names.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        model = load_timm_checkpoint(path, num_heads=num_heads, image_size=image_size, labels_path=labels_path)
+    elif path.is_dir():
+        model = load_hf_directory(path, image_size=image_size)
+    elif spec.lower() in NAMED_CONFIGS:
+        config = NAMED_CONFIGS[spec.lower()]
+        if num_heads is not None:
+            config = replace(config, num_heads=num_heads)
+        model = VisionTransformer(adapt_image_size(config, image_size))
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith((".safetensors", *_TORCH_SUFFIXES)):
+        try:
+            folder = resolve_hf_id(spec)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"cannot load model {spec!r}: it is not an existing file or directory, not a named architecture, "
+                f"and as a Hugging Face id: {err}"
+            ) from err
+        model = load_hf_directory(folder, image_size=image_size)
+    else:
+        raise FileNotFoundError(
+            f"cannot load model {spec!r}; tried: a checkpoint file or model directory at {path.resolve()} (nothing "
+            f"there); a named architecture (known: {', '.join(sorted(NAMED_CONFIGS))}); a Hugging Face id "
+            "('org/name', not a file name)"
+        )
+    if labels_path is not None and not path.is_file():
+        model.config = _with_labels(model.config, labels_path)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
