@@ -25,7 +25,7 @@ def _parse_budgets(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"budgets must be comma-separated numbers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
+    if not values or any(not (0 <= v < float("inf")) for v in values):
         raise argparse.ArgumentTypeError(f"budgets must be non-negative numbers, got {text!r}")
     return values
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--frames", type=int, default=60, help="frames to process from the start of the video")
     m.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
     m.add_argument("--policy", choices=["topr", "threshold"], default="topr")
-    m.add_argument("--gate-position", choices=["normed", "residual"], default="normed")
+    m.add_argument("--gate-position", choices=["residual", "normed"], default="residual")
     m.add_argument("--refresh", type=int, default=None, help="force a dense frame every K frames")
     m.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 432x768")
     m.add_argument("--num-heads", type=int, default=None, help="attention heads (timm files do not record it)")

@@ -173,6 +173,10 @@ def config_from_timm_state_dict(
     if patch != patch_w:
         raise CheckpointError(f"non-square patches {patch}x{patch_w} are not supported")
     class_token, distill_token = "cls_token" in sd, "dist_token" in sd
+    if not class_token:
+        raise CheckpointError(
+            "missing key cls_token: only ViTs with a class token are supported (global-pool heads are not)"
+        )
     num_prefix = int(class_token) + int(distill_token)
     n = sd["pos_embed"].shape[1]
     side = math.isqrt(n - num_prefix)

@@ -77,6 +77,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
+        if not config.class_token:
+            raise ValueError("models without a class token are not supported (it is the always-updated token)")
         self.config = config
         c = config.embed_dim
         self.patch_embed = PatchEmbed(config)

@@ -125,16 +125,18 @@ def test_flush_and_refresh(vit):
         if out.dense_frame[0]:
             assert (out.logits - dense[t : t + 1]).abs().max() <= 1e-5
             assert out.macs[0] == dense_macs(CONFIG)
-    assert flags == [True, False, False, False, True, False]
+    assert flags == [True, False, False, True, False, False]
     state.flush()
     out = runner.step(frames[6:7], [state], [StreamBudget(tokens=2)])
     assert out.dense_frame == [True]
     assert (out.logits - dense[6:7]).abs().max() <= 1e-5
 
 
-def test_threshold_policy_counts_match_independent_gate(vit):
-    """Layer-0 qkv gate after a dense frame: count = patches whose RMS change of LN1(tokens) >= h, per stream."""
-    runner = EventfulViT(vit, EventfulConfig())
+@pytest.mark.parametrize("gate_position", ["normed", "residual"])
+def test_threshold_policy_counts_match_independent_gate(vit, gate_position):
+    """Layer-0 qkv gate after a dense frame: count = patches whose RMS change (of LN1(tokens) for normed gates,
+    of the tokens for residual gates) >= h, per stream."""
+    runner = EventfulViT(vit, EventfulConfig(gate_position=gate_position))
     thresholds = [0.05, 0.3, 1.0]
     states = [runner.new_state() for _ in thresholds]
     frames = video(frames=2)
@@ -143,7 +145,7 @@ def test_threshold_policy_counts_match_independent_gate(vit):
     runner.step(images0, states, [StreamBudget(threshold=h) for h in thresholds])
     out = runner.step(images1, states, [StreamBudget(threshold=h) for h in thresholds])
     with torch.no_grad():
-        norm = vit.blocks[0].norm1
+        norm = vit.blocks[0].norm1 if gate_position == "normed" else torch.nn.Identity()
         change = (norm(vit.embed(images1)) - norm(vit.embed(images0))).pow(2).mean(-1).sqrt()[:, 1:]
     expected = [int((change[j] >= h).sum()) + 1 for j, h in enumerate(thresholds)]
     assert out.updated_tokens[:, 0, 0].tolist() == expected
@@ -236,3 +238,29 @@ def test_dense_macs_match_module_count(vit):
     n, c = CONFIG.num_tokens, CONFIG.embed_dim
     # the head runs on the class token only; the hooks see exactly that
     assert dense_macs(CONFIG) == macs + CONFIG.depth * 2 * n * n * c
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_sparse_machinery_with_every_token_equals_dense(vit, level, monkeypatch):
+    """The gather/scatter path (not the dense shortcut) with every token selected reproduces dense."""
+    import model.eventful as eventful_module
+    from model.policy import _selection_from_mask
+
+    def select_all_but_call_it_sparse(change, budgets, num_prefix):
+        return _selection_from_mask(torch.ones_like(change, dtype=torch.bool), everything=False)
+
+    runner = EventfulViT(vit, EventfulConfig(level=level))
+    state = runner.new_state()
+    frames = video()
+    dense = vit(frames)
+    runner.step(frames[:1], [state])
+    monkeypatch.setattr(eventful_module, "select_tokens", select_all_but_call_it_sparse)
+    for t in range(1, 5):
+        out = runner.step(frames[t : t + 1], [state], [StreamBudget(tokens=3)])
+        assert out.updated_tokens.min() == CONFIG.num_tokens
+        assert (out.logits - dense[t : t + 1]).abs().max() <= 1e-4
+
+
+def test_model_without_class_token_is_refused():
+    with pytest.raises(ValueError, match="class token"):
+        VisionTransformer(ViTConfig(class_token=False, depth=1, embed_dim=64, num_heads=4, mlp_dim=64))
