@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.kernels import linear
 from model.macs import dense_block_macs, dense_macs, embed_macs, eventful_block_macs, head_macs
 from model.policy import Selection, StreamBudget, select_tokens
 from model.state import LEVELS, Level, StreamState
@@ -183,8 +184,7 @@ class EventfulViT:
             return self._select_all(gate_input.shape[0], gate_input.device)
         change = (gate_input - reference).norm(dim=-1) * gate_input.shape[-1] ** -0.5  # [B, N]
         selection = select_tokens(change, budgets, self.vit.num_prefix_tokens)
-        bi, ti = selection.batch_idx, selection.token_idx
-        reference[bi, ti] = gate_input[bi, ti]
+        selection.scatter(reference, selection.gather(gate_input))
         return selection
 
     # ---- one block -----------------------------------------------------------------------------
@@ -204,9 +204,8 @@ class EventfulViT:
         if sel.everything:
             attention_out = self._dense_attention(block, h if normed else block.norm1(x), lb)  # [B, N, C]
         else:
-            bi, ti = sel.batch_idx, sel.token_idx
-            h_sel = h[bi, ti] if normed else block.norm1(x[bi, ti])  # [T, C]
-            q, k, v = attn.split_heads(attn.qkv(h_sel).unsqueeze(0))  # each [1, H, T, Dh]
+            h_sel = sel.gather(h) if normed else block.norm1(sel.gather(x))  # [T, C]
+            q, k, v = attn.split_heads(linear(h_sel, attn.qkv).unsqueeze(0))  # each [1, H, T, Dh]
             q, k, v = (t.squeeze(0).transpose(0, 1) for t in (q, k, v))  # each [T, H, Dh]
             if self.config.level == "tokenwise":
                 attention_out = self._attention_rows(attn, q, k, v, sel, lb)  # [T, C]
@@ -218,19 +217,18 @@ class EventfulViT:
         # attention output -> proj on the tokens that need it
         update = lb.get("attention_update")
         if sel.everything:
-            update.copy_(attn.proj(attention_out))
+            update.copy_(linear(attention_out, attn.proj))
             if self.config.level != "tokenwise":
                 lb.get("proj_reference").copy_(attention_out)
             counts[:, 1] = self.vit.num_tokens
             lb.write_all("attention_update", *(["proj_reference"] if self.config.level != "tokenwise" else []))
         elif self.config.level == "tokenwise":
-            update[sel.batch_idx, sel.token_idx] = attn.proj(attention_out)
+            sel.scatter(update, linear(attention_out, attn.proj))
             counts[:, 1] = counts[:, 0]
             lb.write_rows("attention_update", sel, 0)
         else:
             proj_sel = self._gate(attention_out, lb.get("proj_reference"), budgets)
-            bi, ti = proj_sel.batch_idx, proj_sel.token_idx
-            update[bi, ti] = attn.proj(attention_out[bi, ti])
+            proj_sel.scatter(update, linear(proj_sel.gather(attention_out), attn.proj))
             counts[:, 1] = torch.tensor(proj_sel.counts)
             lb.write_rows("proj_reference", proj_sel, 0)
             lb.write_rows("attention_update", proj_sel, 0)
@@ -246,9 +244,8 @@ class EventfulViT:
             mlp_update.copy_(block.mlp(h if normed else block.norm2(x)))
             lb.write_all("mlp_update")
         else:
-            bi, ti = mlp_sel.batch_idx, mlp_sel.token_idx
-            h_sel = h[bi, ti] if normed else block.norm2(x[bi, ti])  # [T, C]
-            mlp_update[bi, ti] = block.mlp(h_sel)
+            h_sel = mlp_sel.gather(h) if normed else block.norm2(mlp_sel.gather(x))  # [T, C]
+            mlp_sel.scatter(mlp_update, block.mlp(h_sel))
             lb.write_rows("mlp_update", mlp_sel, 0)
         return x + mlp_update
 
@@ -257,7 +254,7 @@ class EventfulViT:
     def _dense_attention(self, block: Block, h: torch.Tensor, lb: _LayerBatch) -> torch.Tensor:
         """Every token of every stream: the dense computation, seeding all buffers. h: [B, N, C] -> [B, N, C]."""
         attn = block.attn
-        q, k, v = attn.split_heads(attn.qkv(h))  # [B, H, N, Dh]
+        q, k, v = attn.split_heads(linear(h, attn.qkv))  # [B, H, N, Dh]
         lb.get("keys").copy_(k)
         lb.get("values").copy_(v)
         names = ["keys", "values"]
@@ -288,7 +285,11 @@ class EventfulViT:
     def _write_kv(self, lb: _LayerBatch, sel: Selection, **new: torch.Tensor) -> None:
         """Scatter new per-token heads ([T, H, Dh]) into the [B, H, N, Dh] buffers."""
         for name, tensor in new.items():
-            lb.get(name)[sel.batch_idx, :, sel.token_idx] = tensor
+            buffer = lb.get(name)
+            if sel.single:
+                buffer[0].index_copy_(1, sel.token_idx, tensor.transpose(0, 1))
+            else:
+                buffer[sel.batch_idx, :, sel.token_idx] = tensor
             lb.write_rows(name, sel, 1)
 
     def _attention_rows(self, attn, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,8 +59,28 @@ class Selection:
     def total(self) -> int:
         return int(self.batch_idx.numel())
 
+    @property
+    def single(self) -> bool:
+        """One stream: flat and padded forms coincide (T == R), so conversions are views."""
+        return self.padded.shape[0] == 1
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Selected rows of a [B, N, ...] tensor -> [T, ...]."""
+        if self.single:
+            return tokens[0].index_select(0, self.token_idx)
+        return tokens[self.batch_idx, self.token_idx]
+
+    def scatter(self, tokens: torch.Tensor, values: torch.Tensor) -> None:
+        """Write [T, ...] values into the selected rows of a [B, N, ...] tensor, in place."""
+        if self.single:
+            tokens[0].index_copy_(0, self.token_idx, values)
+        else:
+            tokens[self.batch_idx, self.token_idx] = values
+
     def to_padded(self, flat: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [B, R, ...] (padding rows are zero)."""
+        if self.single:
+            return flat.unsqueeze(0)
         b, r = self.padded.shape
         out = flat.new_zeros((b, r, *flat.shape[1:]))
         out[self.batch_idx, self.slot_idx] = flat
@@ -67,6 +88,8 @@ class Selection:
 
     def from_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, R, ...] -> [T, ...]."""
+        if self.single:
+            return padded[0]
         return padded[self.batch_idx, self.slot_idx]
 
 
@@ -103,14 +126,22 @@ def _uniform_top_r(patch_change: torch.Tensor, r: int, num_prefix: int) -> Selec
     """Fast path: every stream keeps its top r patch tokens (no masks, no data-dependent shapes)."""
     b, num_patches = patch_change.shape
     device = patch_change.device
-    top = patch_change.topk(min(r, num_patches), dim=1, sorted=False).indices + num_prefix  # [B, r]
-    prefix = torch.arange(num_prefix, device=device).expand(b, -1)
-    padded = torch.cat([prefix, top], dim=1)  # [B, R]
-    width = padded.shape[1]
+    r = min(r, num_patches)
+    width = num_prefix + r
+    batch_idx, slot_idx, valid, prefix = _uniform_scaffold(b, width, num_prefix, device)
+    top = patch_change.topk(r, dim=1, sorted=False).indices  # [B, r]
+    padded = torch.cat([prefix, top + num_prefix], dim=1)  # [B, R]: prefix tokens, then the top r
+    return Selection(batch_idx, padded.flatten(), slot_idx, padded, valid, [width] * b, everything=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_scaffold(b: int, width: int, num_prefix: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Index tensors shared by every uniform top-r selection of this shape (never written to)."""
     batch_idx = torch.arange(b, device=device).repeat_interleave(width)
     slot_idx = torch.arange(width, device=device).repeat(b)
     valid = torch.ones(b, width, dtype=torch.bool, device=device)
-    return Selection(batch_idx, padded.flatten(), slot_idx, padded, valid, [width] * b, everything=False)
+    prefix = torch.arange(num_prefix, device=device).expand(b, -1)
+    return batch_idx, slot_idx, valid, prefix
 
 
 def _selection_from_mask(keep: torch.Tensor, everything: bool) -> Selection:

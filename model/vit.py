@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ViTConfig
+from model.kernels import linear, linear_gelu
 
 
 class PatchEmbed(nn.Module):
@@ -52,7 +53,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(config.mlp_dim, config.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return linear(linear_gelu(x, self.fc1), self.fc2)
 
 
 class Block(nn.Module):
@@ -67,8 +68,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, N, C]
-        q, k, v = self.attn.split_heads(self.attn.qkv(self.norm1(x)))
-        x = x + self.attn.proj(self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        q, k, v = self.attn.split_heads(linear(self.norm1(x), self.attn.qkv))
+        x = x + linear(self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v)), self.attn.proj)
         return x + self.mlp(self.norm2(x))
 
 
