@@ -7,6 +7,7 @@ Set EVENTFUL_ONEDNN=0 to use F.linear everywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -14,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_available() -> bool:
+@functools.cache
+def onednn_available() -> bool:
+    """Checked on first use, not at import: the check runs a kernel, which starts an OpenMP team on the calling
+    thread (an importing event-loop thread must not get one: more spinning workers than cores halves step speed)."""
     if os.environ.get("EVENTFUL_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -26,15 +30,12 @@ def _onednn_available() -> bool:
         return False
 
 
-ONEDNN = _onednn_available()
-
-
 def _use_onednn(x: torch.Tensor, layer: nn.Linear) -> bool:
     return (
-        ONEDNN
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (torch.is_grad_enabled() and layer.weight.requires_grad)
+        and onednn_available()
     )
 
 

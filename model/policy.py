@@ -129,9 +129,21 @@ def _uniform_top_r(patch_change: torch.Tensor, r: int, num_prefix: int) -> Selec
     r = min(r, num_patches)
     width = num_prefix + r
     batch_idx, slot_idx, valid, prefix = _uniform_scaffold(b, width, num_prefix, device)
-    top = patch_change.topk(r, dim=1, sorted=False).indices  # [B, r]
+    top = _unique_keys(patch_change).topk(r, dim=1, sorted=False).indices  # [B, r]
     padded = torch.cat([prefix, top + num_prefix], dim=1)  # [B, R]: prefix tokens, then the top r
     return Selection(batch_idx, padded.flatten(), slot_idx, padded, valid, [width] * b, everything=False)
+
+
+def _unique_keys(patch_change: torch.Tensor) -> torch.Tensor:
+    """Scores [B, Np] (>= 0) -> int64 keys in the same order with ties broken towards the lower token index.
+
+    topk's choice among equal scores is unspecified (and depends on the batch around a row); these keys make
+    the top-r set the same as the stable sort of the general path, so a stream gets the same tokens alone or
+    in any batch. Non-negative float32 bit patterns order like the floats."""
+    num_patches = patch_change.shape[1]
+    bits = patch_change.contiguous().view(torch.int32).to(torch.int64)  # [B, Np]
+    index = torch.arange(num_patches, device=patch_change.device)
+    return bits * num_patches + (num_patches - 1 - index)
 
 
 @functools.lru_cache(maxsize=256)

@@ -80,6 +80,36 @@ def test_batch_equals_separate_with_mixed_budgets(vit, level):
                 assert torch.allclose(tensor, lb.tensors()[name], atol=1e-5), name
 
 
+def static_video(frames: int = 6, seed: int = 3) -> torch.Tensor:
+    """A static camera: most pixels bit-identical between frames (many exactly-zero, tied change scores)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 48, 64, generator=gen)
+    out = []
+    for t in range(frames):
+        x = x.clone()
+        if t % 3:  # every third frame repeats the previous one exactly
+            x[:, 8 * t % 40 : 8 * t % 40 + 8, :16] += torch.randn(3, 8, 16, generator=gen)
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_tied_change_scores_select_the_same_tokens_alone_and_batched(vit, level):
+    """Budgets larger than the changed region leave ties at zero change: the choice among them must not depend
+    on the batch (the uniform top-r fast path alone vs the general path beside a different budget)."""
+    runner = EventfulViT(vit, EventfulConfig(level=level))
+    budgets = [StreamBudget(tokens=20), StreamBudget(tokens=7)]
+    batched_states = [runner.new_state() for _ in budgets]
+    alone_states = [runner.new_state() for _ in budgets]
+    streams = [static_video(seed=s) for s in (3, 4)]
+    for t in range(len(streams[0])):
+        images = torch.stack([s[t] for s in streams])
+        batched = runner.step(images, batched_states, budgets)
+        for j, budget in enumerate(budgets):
+            alone = runner.step(images[j : j + 1], [alone_states[j]], [budget])
+            assert (batched.logits[j] - alone.logits[0]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_sparse_budget_counts_and_prefix_always_updated(vit, level):
     runner = EventfulViT(vit, EventfulConfig(level=level))

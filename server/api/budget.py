@@ -1,0 +1,94 @@
+"""The budget API: the global policy and per-stream overrides. Changes apply from each stream's next frame."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Path, Response, status
+
+from server.api.deps import EngineDep
+from server.api.schemas import (
+    STREAM_ID_PATTERN,
+    AutoBudgetIn,
+    BudgetIn,
+    BudgetOut,
+    FixedBudgetIn,
+    StreamBudgetIn,
+    StreamBudgetOut,
+    StreamOverrideOut,
+)
+from server.engine import Engine, GlobalBudget, StreamOverride
+
+router = APIRouter(prefix="/v1", tags=["budget"])
+StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id as in the WebSocket path")]
+
+
+def _budget_out(engine: Engine) -> BudgetOut:
+    budget, tokens = engine.global_budget()
+    return BudgetOut(
+        mode=budget.mode, tokens=budget.tokens, fraction=budget.fraction, target_latency_ms=budget.target_latency_ms,
+        effective_tokens=tokens, num_patches=engine.policy.num_patches,
+        controller="pending" if budget.mode == "auto" else None,
+    )
+
+
+def _stream_budget_out(engine: Engine, stream_id: str) -> StreamBudgetOut:
+    override, resolved = engine.stream_budget(stream_id)
+    return StreamBudgetOut(
+        stream_id=stream_id,
+        override=None if override is None else StreamOverrideOut(
+            tokens=override.tokens, fraction=override.fraction, max_tokens=override.max_tokens
+        ),
+        effective_tokens=resolved.tokens, source=resolved.source, num_patches=engine.policy.num_patches,
+    )
+
+
+@router.get("/budget", response_model=BudgetOut, summary="The global budget policy")
+def get_budget(engine: EngineDep) -> BudgetOut:
+    return _budget_out(engine)
+
+
+@router.put(
+    "/budget", response_model=BudgetOut, summary="Set the global budget policy",
+    description=(
+        "`{\"mode\": \"fixed\", \"tokens\": R}` or `{\"mode\": \"fixed\", \"fraction\": F}`, or "
+        "`{\"mode\": \"auto\", \"target_latency_ms\": T}`. Auto mode is stored, but the controller that would "
+        "move the budget is not built yet (issue #4): the budget in effect is held, and the response says "
+        "`\"controller\": \"pending\"`."
+    ),
+)
+def put_budget(engine: EngineDep, body: Annotated[BudgetIn, Body()]) -> BudgetOut:
+    if isinstance(body, FixedBudgetIn):
+        engine.set_global_budget(GlobalBudget("fixed", tokens=body.tokens, fraction=body.fraction))
+    elif isinstance(body, AutoBudgetIn):
+        engine.set_global_budget(GlobalBudget("auto", target_latency_ms=body.target_latency_ms))
+    return _budget_out(engine)
+
+
+@router.get("/streams/{stream_id}/budget", response_model=StreamBudgetOut, summary="A stream's budget")
+def get_stream_budget(engine: EngineDep, stream_id: StreamId) -> StreamBudgetOut:
+    return _stream_budget_out(engine, stream_id)
+
+
+@router.put(
+    "/streams/{stream_id}/budget", response_model=StreamBudgetOut, summary="Override or cap a stream's budget",
+    description=(
+        "`{\"tokens\": R}` or `{\"fraction\": F}` replace the global budget for this stream; `{\"max_tokens\": R}` "
+        "caps it. Overrides are kept by stream id, whether or not the stream is connected."
+    ),
+)
+def put_stream_budget(engine: EngineDep, stream_id: StreamId, body: StreamBudgetIn) -> StreamBudgetOut:
+    engine.set_stream_budget(
+        stream_id, StreamOverride(tokens=body.tokens, fraction=body.fraction, max_tokens=body.max_tokens)
+    )
+    return _stream_budget_out(engine, stream_id)
+
+
+@router.delete(
+    "/streams/{stream_id}/budget", status_code=status.HTTP_204_NO_CONTENT, summary="Remove a stream's override",
+    responses={404: {"description": "the stream has no override"}},
+)
+def delete_stream_budget(engine: EngineDep, stream_id: StreamId) -> Response:
+    if not engine.clear_stream_budget(stream_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} has no budget override")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,136 @@
+"""One WebSocket stream: frames in, messages out. The connection owns its outbound queue and writer task and
+cleans both up (and detaches from the engine) in `finally`. It never touches tensors: bytes go to the engine,
+plain result dataclasses come back and are written as JSON (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from functools import partial
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from server.engine import Engine, FrameDropped, FrameError, FrameResult, StreamHandle, StreamMessage, StreamRefused
+
+log = logging.getLogger("eventful.api")
+
+MAX_UNSENT_MESSAGES = 256  # a client that stops reading its results is disconnected past this many
+CLOSE_POLICY_VIOLATION = 1008
+
+
+def encode(message: StreamMessage | dict[str, Any], latency_s: float | None = None) -> str:
+    """An engine message (or a ready protocol dict) -> the JSON text of the wire protocol."""
+    if isinstance(message, FrameResult):
+        timing = message.timing
+        payload: dict[str, Any] = {
+            "type": "result",
+            "frame": message.frame,
+            "budget": message.budget_tokens,
+            "dense": message.dense,
+            "updated_fraction": message.updated_fraction,
+            "latency_ms": 1000 * (latency_s or 0.0),
+            "batch_size": message.batch_size,
+            "timing": {
+                "decode_ms": 1000 * timing.decode_seconds,
+                "queue_ms": 1000 * timing.queue_seconds,
+                "step_ms": 1000 * timing.step_seconds,
+            },
+            "outputs": message.outputs,
+        }
+    elif isinstance(message, FrameDropped):
+        payload = {"type": "dropped", "frame": message.frame}
+    elif isinstance(message, FrameError):
+        payload = {"type": "error", "frame": message.frame, "code": message.code, "message": message.message}
+    else:
+        payload = message
+    return json.dumps(payload)
+
+
+class StreamConnection:
+    """Reads binary frames (and small JSON control messages), writes results / dropped / error messages."""
+
+    def __init__(self, websocket: WebSocket, engine: Engine, stream_id: str):
+        self.websocket = websocket
+        self.engine = engine
+        self.stream_id = stream_id
+        self.outbound: asyncio.Queue[StreamMessage | dict[str, Any]] = asyncio.Queue()
+        self.frames = 0  # binary messages received on this connection = the next frame index
+        self._handle: StreamHandle | None = None
+        self._writer: asyncio.Task | None = None
+        self.overflowed = False  # more than MAX_UNSENT_MESSAGES waited: the client is not reading
+
+    async def serve(self) -> None:
+        """Accepted socket in, closed socket out."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._handle = self.engine.open_stream(self.stream_id, partial(loop.call_soon_threadsafe, self._enqueue))
+        except StreamRefused as refused:
+            await self.websocket.close(code=refused.code, reason=refused.reason)
+            return
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.stream_id}")
+        try:
+            await self._read_loop()
+        finally:
+            self.engine.close_stream(self._handle)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+
+    def _enqueue(self, message: StreamMessage | dict[str, Any]) -> None:
+        """Queue a message for the writer; past the bound the connection is marked for closing (memory stays
+        bounded however slowly a client reads)."""
+        if self.outbound.qsize() >= MAX_UNSENT_MESSAGES:
+            self.overflowed = True
+            return
+        self.outbound.put_nowait(message)
+
+    async def _read_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            received_at = time.perf_counter()
+            if message["type"] == "websocket.disconnect":
+                return
+            if self.overflowed:
+                reason = f"results are not being read ({MAX_UNSENT_MESSAGES} unsent messages)"
+                log.warning("stream %s: %s; closing", self.stream_id, reason)
+                await self.websocket.close(code=CLOSE_POLICY_VIOLATION, reason=reason)
+                return
+            data, text = message.get("bytes"), message.get("text")
+            if data is not None:
+                frame, self.frames = self.frames, self.frames + 1
+                self.engine.submit_frame(self._handle, frame, data, received_at)
+            elif text is not None:
+                self._on_text(text)
+
+    def _on_text(self, text: str) -> None:
+        """Text messages are JSON control messages; only {"type": "ping"} exists (answered with a pong)."""
+        try:
+            request = json.loads(text)
+        except ValueError:
+            self._enqueue(_error("invalid_message", "text messages must be JSON; frames are binary messages"))
+            return
+        if isinstance(request, dict) and request.get("type") == "ping":
+            self._enqueue({"type": "pong", "frames": self.frames})
+        else:
+            self._enqueue(_error("invalid_message", 'unknown control message; the only one is {"type": "ping"}'))
+
+    async def _write_loop(self) -> None:
+        while True:
+            message = await self.outbound.get()
+            latency_s = time.perf_counter() - message.received_at if isinstance(message, FrameResult) else None
+            try:
+                await self.websocket.send_text(encode(message, latency_s))
+            except Exception as err:  # the client went away; the read loop sees the disconnect
+                log.debug("stream %s: send failed: %s", self.stream_id, err)
+                return
+            if latency_s is not None:
+                self.engine.record_latency(self._handle, latency_s)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "frame": None, "code": code, "message": message}

@@ -1,0 +1,106 @@
+"""Request and response bodies of the REST API (pydantic: invalid input is a 422 naming the field)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FixedBudgetIn(_Strict):
+    """Every stream without an override gets this many patch tokens per gate (or this fraction of them)."""
+
+    mode: Literal["fixed"]
+    tokens: int | None = Field(None, ge=0, description="patch tokens per gate, 0..num_patches")
+    fraction: float | None = Field(None, ge=0.0, le=1.0, description="fraction of the patch tokens per gate")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FixedBudgetIn:
+        if (self.tokens is None) == (self.fraction is None):
+            raise ValueError("fixed mode takes exactly one of the fields tokens, fraction")
+        return self
+
+
+class AutoBudgetIn(_Strict):
+    """Hold an end-to-end latency target (the controller is pending, issue #4: the budget is held as it is)."""
+
+    mode: Literal["auto"]
+    target_latency_ms: float = Field(..., gt=0, le=60_000, description="end-to-end latency target in ms")
+
+
+BudgetIn = Annotated[FixedBudgetIn | AutoBudgetIn, Field(discriminator="mode")]
+
+
+class BudgetOut(BaseModel):
+    mode: Literal["fixed", "auto"]
+    tokens: int | None = None
+    fraction: float | None = None
+    target_latency_ms: float | None = None
+    effective_tokens: int = Field(description="patch tokens per gate streams without an override get now")
+    num_patches: int = Field(description="patch tokens per frame of the loaded model (the dense budget)")
+    controller: Literal["pending"] | None = Field(
+        None, description="auto mode only: 'pending' until the budget controller exists; the budget is held"
+    )
+
+
+class StreamBudgetIn(_Strict):
+    """Per-stream override: a budget of its own (tokens or fraction) or a cap on the global one (max_tokens)."""
+
+    tokens: int | None = Field(None, ge=0)
+    fraction: float | None = Field(None, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StreamBudgetIn:
+        given = [name for name in ("tokens", "fraction", "max_tokens") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of the fields tokens, fraction, max_tokens")
+        return self
+
+
+class StreamOverrideOut(BaseModel):
+    tokens: int | None = None
+    fraction: float | None = None
+    max_tokens: int | None = None
+
+
+class StreamBudgetOut(BaseModel):
+    stream_id: str
+    override: StreamOverrideOut | None
+    effective_tokens: int = Field(description="patch tokens per gate the stream's next frame gets")
+    source: Literal["global", "override", "cap"]
+    num_patches: int
+
+
+class StreamOut(BaseModel):
+    stream_id: str
+    connected: bool
+    frames_received: int
+    frames_processed: int
+    frames_dropped: int
+    frames_failed: int
+    budget_tokens: int = Field(description="patch tokens per gate its next frame gets")
+    budget_source: Literal["global", "override", "cap"]
+    last_budget_tokens: int | None = Field(description="tokens per gate its last processed frame used")
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    state_bytes: int
+    frame_size: tuple[int, int] | None = Field(description="(height, width) of its last processed frame")
+
+
+class StreamsOut(BaseModel):
+    streams: list[StreamOut]
+    active_streams: int
+    max_streams: int
+    total_state_bytes: int
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,98 @@
+"""`eventful-serve`: the streaming server. Flags override EVENTFUL_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+FLAGS: list[tuple[str, dict]] = [
+    ("--model", dict(help="checkpoint file (timm), HF directory, HF id or named architecture (EVENTFUL_MODEL)")),
+    ("--labels", dict(help="class names file for timm checkpoints")),
+    ("--image-size", dict(help="model input size, e.g. 224 or 432x768")),
+    ("--num-heads", dict(type=int, help="attention heads (timm files do not record it)")),
+    ("--device", dict(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")),
+    ("--dtype", dict(choices=["float32", "float16", "bfloat16"])),
+    ("--level", dict(choices=["tokenwise", "qk", "full"])),
+    ("--gate-position", dict(choices=["residual", "normed"])),
+    ("--refresh-interval", dict(type=int, help="force a dense frame every K frames per stream")),
+    ("--threads", dict(type=int, dest="torch_threads", help="torch CPU threads")),
+    ("--budget-tokens", dict(type=int, help="default budget: patch tokens per gate")),
+    ("--budget-fraction", dict(type=float, help="default budget as a fraction of the patch tokens (0.25)")),
+    ("--target-latency-ms", dict(type=float, help="latency target (metrics buckets, auto mode)")),
+    ("--top-k", dict(type=int)),
+    ("--max-streams", dict(type=int)),
+    ("--max-batch-size", dict(type=int)),
+    ("--batch-window-ms", dict(type=float)),
+    ("--stream-ttl-s", dict(type=float, help="keep a disconnected stream's state this long for a resume")),
+    ("--decode-threads", dict(type=int)),
+    ("--max-frame-bytes", dict(type=int)),
+    ("--max-frame-width", dict(type=int)),
+    ("--max-frame-height", dict(type=int)),
+    ("--max-frame-pixels", dict(type=int)),
+    ("--api-key", dict(help="require this key (prefer EVENTFUL_API_KEY: flags show up in process lists)")),
+    ("--host", dict()),
+    ("--port", dict(type=int)),
+    ("--log-level", dict(choices=["critical", "error", "warning", "info", "debug"])),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventful-serve", description=__doc__,
+        epilog="Every flag has an environment variable: EVENTFUL_ + the flag name in capitals, '-' as '_'.",
+    )
+    for flag, options in FLAGS:
+        parser.add_argument(flag, default=None, **options)
+    parser.add_argument("--metrics-require-key", action="store_true", default=None,
+                        help="/metrics needs the API key too")
+    parser.add_argument("--health-require-key", action="store_true", default=None,
+                        help="/healthz and /readyz need the API key too")
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags over EVENTFUL_* environment variables over defaults. Raises pydantic's ValidationError."""
+    args = build_parser().parse_args(argv)
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+
+    import torch
+    import uvicorn
+
+    # The inference thread gets the intra-op threads; this (event loop) thread does no tensor work and must not
+    # start an OpenMP team of its own (e.g. through an import-time kernel check): with more OpenMP workers than
+    # cores, libgomp throttles its spin-waits and every fine-grained eventful step gets ~2x slower.
+    torch.set_num_threads(1)
+
+    from server.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    engine = app.state.engine
+    engine.start()  # loads the model on the inference thread; fail fast, before the port is opened
+    if not engine.wait_loaded():
+        print(f"error: {engine.load_error}", file=sys.stderr)
+        engine.stop()
+        return 2
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        ws_max_size=2 * settings.max_frame_bytes,  # larger frames get a polite frame_too_large error first
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Encoded frame bytes (JPEG / PNG) -> RGB uint8 array, with size limits checked before the pixels are decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+FORMATS = ("JPEG", "PNG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class FrameRejected(ValueError):
+    """A frame the server will not process; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    max_bytes: int = 8 * 1024 * 1024
+    max_width: int = 4096
+    max_height: int = 4096
+    max_pixels: int = 4096 * 2160
+
+
+def check_size(data: bytes, limits: FrameLimits) -> None:
+    """Cheap checks on the raw message, before it is queued for decoding."""
+    if len(data) == 0:
+        raise FrameRejected("empty_frame", "binary message is empty")
+    if len(data) > limits.max_bytes:
+        raise FrameRejected("frame_too_large", f"frame is {len(data)} bytes; the limit is {limits.max_bytes}")
+
+
+def decode_image(data: bytes, limits: FrameLimits) -> np.ndarray:
+    """JPEG or PNG bytes -> RGB uint8 [H, W, 3]. Raises FrameRejected with a protocol error code."""
+    check_size(data, limits)
+    if data.startswith(PNG_SIGNATURE) and len(data) >= 24:  # IHDR first: check the size before Pillow does
+        _check_dimensions(*struct.unpack(">II", data[16:24]), limits)
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+        _check_dimensions(*image.size, limits)
+        image.load()
+    except FrameRejected:
+        raise
+    except Image.UnidentifiedImageError:
+        raise FrameRejected("undecodable", f"not a decodable JPEG or PNG image ({image_format(data)} data)") from None
+    except Image.DecompressionBombError as err:
+        raise FrameRejected("image_too_large", f"image rejected by the decoder: {err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt data
+        raise FrameRejected("undecodable", f"cannot decode {image_format(data)} image: {err}") from None
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)  # [H, W, 3] uint8
+
+
+def _check_dimensions(width: int, height: int, limits: FrameLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise FrameRejected("empty_image", f"image is {width}x{height}")
+    if width > limits.max_width or height > limits.max_height or width * height > limits.max_pixels:
+        raise FrameRejected(
+            "image_too_large",
+            f"image is {width}x{height}; limits are {limits.max_width}x{limits.max_height} "
+            f"and {limits.max_pixels} pixels",
+        )
+
+
+def image_format(data: bytes) -> str:
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(b"\xff\xd8"):
+        return "JPEG"
+    return "unknown"

@@ -1,0 +1,480 @@
+"""The engine: one inference thread owns the model; frames from every stream flow through it.
+
+A frame's way: `submit` (event loop) -> decode thread (`ModelRunner.prepare`) -> `Scheduler.put` (latest wins)
+-> inference thread: `Scheduler.next_batch` -> StepPlan (states, budgets from `BudgetPolicy.resolve`)
+-> `ModelRunner.execute` -> FrameResult delivered to the stream's connection. The event loop only does
+bookkeeping under a short lock; decoding and the model run on their own threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from model.policy import StreamBudget
+from server.engine.budget import BudgetPolicy, GlobalBudget, ResolvedBudget, StreamOverride
+from server.engine.decode import FrameLimits, FrameRejected, check_size
+from server.engine.messages import FrameDropped, FrameError, FrameResult, FrameTiming, StreamMessage
+from server.engine.registry import (
+    CLOSE_TRY_AGAIN_LATER,
+    RawFrame,
+    Session,
+    StreamRecord,
+    StreamRefused,
+    StreamRegistry,
+)
+from server.engine.runner import ModelRunner, StepResult
+from server.engine.scheduler import PendingFrame, PlannedFrame, Scheduler, StepPlan
+from server.engine.stats import EngineSnapshot, FrameEvent, LatencyStats, NullStats, StatsSink, StepStats
+
+log = logging.getLogger("eventful.engine")
+
+
+def _single_threaded_torch() -> None:
+    """Decode threads preprocess with torch on one intra-op thread: the inference thread's OpenMP team must not
+    compete with theirs for cores (fine-grained eventful steps stall badly when a worker is descheduled)."""
+    torch.set_num_threads(1)
+
+
+class EngineNotReady(RuntimeError):
+    """The model is still loading (or failed to load)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_streams: int = 16
+    max_batch_size: int = 8
+    batch_window_s: float = 0.005
+    stream_ttl_s: float = 10.0
+    decode_threads: int = 2
+    default_budget: GlobalBudget = GlobalBudget("fixed", fraction=0.25)
+    limits: FrameLimits = field(default_factory=FrameLimits)
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What GET /v1/streams shows for one stream."""
+
+    stream_id: str
+    connected: bool
+    frames_received: int
+    frames_processed: int
+    frames_dropped: int
+    frames_failed: int
+    budget_tokens: int  # what its next frame would get
+    budget_source: str
+    last_budget_tokens: int | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    state_bytes: int
+    frame_size: tuple[int, int] | None
+
+
+@dataclass(eq=False)
+class StreamHandle:
+    """What a connection holds: its session in the engine (opaque to the API)."""
+
+    stream_id: str
+    _session: Session
+
+
+class Engine:
+    """Owns the model runner, the scheduler, the stream registry and the budget policy."""
+
+    def __init__(self, config: EngineConfig, load_runner: Callable[[], ModelRunner], stats: StatsSink | None = None):
+        self.config = config
+        self.stats: StatsSink = stats or NullStats()
+        self._load_runner = load_runner
+        self._cond = threading.Condition()
+        self._scheduler = Scheduler(config.max_batch_size, config.batch_window_s)
+        self._registry = StreamRegistry(config.max_streams, config.stream_ttl_s)
+        self._decode_pool = ThreadPoolExecutor(
+            config.decode_threads, thread_name_prefix="eventful-decode", initializer=_single_threaded_torch
+        )
+        self._torch_threads = config.torch_threads or torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run, name="eventful-inference", daemon=True)
+        self._runner: ModelRunner | None = None
+        self._policy: BudgetPolicy | None = None
+        self._ready = threading.Event()
+        self._started = False
+        self._stopping = False
+        self._paused = False
+        self.load_error: BaseException | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the inference thread, which loads the model (idempotent)."""
+        with self._cond:
+            if not self._started:
+                self._started = True
+                self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (True) or failed to load / timed out (False; see load_error)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.load_error is not None or (deadline is not None and time.monotonic() > deadline):
+                return False
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._thread.is_alive()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def pause(self) -> None:
+        """Stop taking new steps (frames still arrive and supersede each other); for tests and maintenance."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def queued_frames(self) -> int:
+        """Decoded frames waiting for a step (at most one per stream)."""
+        with self._cond:
+            return len(self._scheduler)
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise EngineNotReady("the model is not loaded yet")
+        return self._runner
+
+    @property
+    def policy(self) -> BudgetPolicy:
+        if self._policy is None:
+            raise EngineNotReady("the model is not loaded yet")
+        return self._policy
+
+    # ---- streams (called from the event loop) ----------------------------------------------
+
+    def open_stream(self, stream_id: str, deliver: Callable[[StreamMessage], None]) -> StreamHandle:
+        """Attach a connection. deliver(message) must be thread-safe and must not block. Raises StreamRefused."""
+        with self._cond:
+            try:
+                if not self.ready:
+                    reason = "the model failed to load" if self.load_error else "the model is still loading"
+                    raise StreamRefused(CLOSE_TRY_AGAIN_LATER, reason, "not_ready")
+                _, session = self._registry.open(stream_id, deliver)
+            except StreamRefused as refused:
+                self.stats.refused(refused.kind)
+                raise
+        return StreamHandle(stream_id, session)
+
+    def close_stream(self, handle: StreamHandle) -> None:
+        """Detach a connection; its waiting frame is discarded, its state freed or kept for the TTL."""
+        with self._cond:
+            session = handle._session
+            record = self._registry.records.get(session.stream_id)
+            pending = self._scheduler.discard(session.stream_id) if record and record.session is session else None
+            dropped = [pending] if pending is not None else []
+            if session.waiting is not None:
+                dropped.append(session.waiting)
+                session.waiting = None
+            if record is not None:
+                record.frames_dropped += len(dropped)
+            self._registry.close(session, time.perf_counter())
+            self._cond.notify_all()
+        for _ in dropped:
+            self.stats.frame(FrameEvent("dropped"))
+
+    def submit_frame(self, handle: StreamHandle, frame: int, data: bytes, received_at: float) -> None:
+        """A binary message arrived: decode it on a decode thread (one at a time per stream, latest wins)."""
+        session = handle._session
+        self.stats.frame(FrameEvent("received"))
+        try:
+            check_size(data, self.config.limits)
+        except FrameRejected as rejected:
+            with self._cond:
+                self._count_received(session)
+                self._fail(session, frame, rejected.code, rejected.message)
+            return
+        raw = RawFrame(frame, data, received_at)
+        with self._cond:
+            self._count_received(session)
+            if session.closed:
+                return
+            if not session.decoding:
+                session.decoding = True
+                self._decode_pool.submit(self._decode, session, raw)
+                return
+            superseded, session.waiting = session.waiting, raw
+        if superseded is not None:
+            self._dropped(session, superseded.frame)
+
+    def record_latency(self, handle: StreamHandle, seconds: float) -> None:
+        """The connection sent a result: end-to-end latency (receive -> sent)."""
+        with self._cond:
+            record = self._registry.records.get(handle.stream_id)
+            if record is not None and record.session is handle._session:
+                record.latencies.append(seconds)
+        self.stats.latency(LatencyStats(seconds))
+
+    # ---- views -----------------------------------------------------------------------------
+
+    def list_streams(self) -> list[StreamInfo]:
+        with self._cond:
+            records = list(self._registry.records.values())
+            return [self._info(r) for r in records]
+
+    def stream_info(self, stream_id: str) -> StreamInfo | None:
+        with self._cond:
+            record = self._registry.records.get(stream_id)
+            return self._info(record) if record is not None else None
+
+    def snapshot(self) -> EngineSnapshot:
+        with self._cond:
+            policy = self._policy
+            return EngineSnapshot(
+                ready=self.ready,
+                active_streams=self._registry.connected_count,
+                retained_streams=self._registry.retained_count,
+                state_bytes=self._registry.state_bytes,
+                budget_tokens=policy.get_global()[1] if policy else 0,
+                num_patches=policy.num_patches if policy else 0,
+            )
+
+    def _info(self, record: StreamRecord) -> StreamInfo:
+        resolved = self._policy.resolve(record.stream_id) if self._policy else ResolvedBudget(0, "global")
+        p50, p95 = record.latency_quantile(0.5), record.latency_quantile(0.95)
+        return StreamInfo(
+            stream_id=record.stream_id,
+            connected=record.connected,
+            frames_received=record.frames_received,
+            frames_processed=record.frames_processed,
+            frames_dropped=record.frames_dropped,
+            frames_failed=record.frames_failed,
+            budget_tokens=resolved.tokens,
+            budget_source=resolved.source,
+            last_budget_tokens=record.budget_tokens,
+            latency_p50_ms=None if p50 is None else 1000 * p50,
+            latency_p95_ms=None if p95 is None else 1000 * p95,
+            state_bytes=record.state_bytes,
+            frame_size=record.frame_size,
+        )
+
+    # ---- budget (delegates to the policy; BudgetError for values out of range) ---------------
+
+    def global_budget(self) -> tuple[GlobalBudget, int]:
+        return self.policy.get_global()
+
+    def set_global_budget(self, budget: GlobalBudget) -> tuple[GlobalBudget, int]:
+        self.policy.set_global(budget)
+        return self.policy.get_global()
+
+    def stream_budget(self, stream_id: str) -> tuple[StreamOverride | None, ResolvedBudget]:
+        return self.policy.get_override(stream_id), self.policy.resolve(stream_id)
+
+    def set_stream_budget(self, stream_id: str, override: StreamOverride) -> ResolvedBudget:
+        self.policy.set_override(stream_id, override)
+        return self.policy.resolve(stream_id)
+
+    def clear_stream_budget(self, stream_id: str) -> bool:
+        return self.policy.clear_override(stream_id)
+
+    # ---- decode threads --------------------------------------------------------------------
+
+    def _decode(self, session: Session, raw: RawFrame) -> None:
+        try:
+            prepared = self.runner.prepare(raw.data)
+        except FrameRejected as rejected:
+            with self._cond:
+                self._fail(session, raw.frame, rejected.code, rejected.message)
+        except Exception as err:  # a decoder bug must not take the stream down
+            log.exception("decoding frame %d of stream %s failed", raw.frame, session.stream_id)
+            with self._cond:
+                self._fail(session, raw.frame, "undecodable", f"decoding failed: {err}")
+        else:
+            self.stats.frame(FrameEvent("decoded", seconds=prepared.decode_seconds))
+            pending = PendingFrame(
+                session.stream_id, session.id, raw.frame, prepared.image, prepared.frame_size, raw.received_at,
+                time.perf_counter(), prepared.decode_seconds,
+            )
+            superseded = None
+            with self._cond:
+                closed = session.closed
+                if not closed:
+                    superseded = self._scheduler.put(pending)
+                    self._cond.notify_all()
+            if closed:
+                self.stats.frame(FrameEvent("dropped"))  # its connection went away while it was decoded
+            elif superseded is not None:
+                self._dropped(session, superseded.frame)
+        finally:
+            with self._cond:
+                waiting, session.waiting = session.waiting, None
+                session.decoding = waiting is not None and not session.closed and not self._stopping
+                if session.decoding:
+                    self._decode_pool.submit(self._decode, session, waiting)
+
+    # ---- the inference thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            # Per-thread settings: this thread's intra-op pool (decode threads use one thread each), and
+            # denormals flushed to zero (MXCSR is per thread; denormal GELU tails cost up to 3x on some CPUs).
+            torch.set_num_threads(self._torch_threads)
+            torch.set_flush_denormal(True)
+            runner = self._load_runner()
+            runner.warmup()
+            self._policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
+            self._runner = runner
+            self._ready.set()
+        except (FileNotFoundError, ValueError, KeyError) as err:  # a bad spec or checkpoint: the message says it
+            self.load_error = err
+            log.error("loading the model failed: %s", err)
+            return
+        except BaseException as err:
+            self.load_error = err
+            log.exception("loading the model failed")
+            return
+        log.info("engine ready: %d patch tokens per frame", runner.num_patches)
+        while self._step_once(runner):
+            pass
+
+    def _step_once(self, runner: ModelRunner) -> bool:
+        """Wait for a batch, plan it, run it, route the results. False when the engine stops."""
+        with self._cond:
+            batch = self._wait_for_batch()
+            if batch is None:
+                return False
+            plan, batch, records = self._plan(batch)
+        if not batch:
+            return True
+        try:
+            result = runner.execute(plan)
+        except Exception as err:
+            log.exception("step over %d streams failed", plan.batch_size)
+            self._step_failed(batch, records, err)
+            return True
+        try:
+            self._finish(batch, records, plan, result)
+        except Exception:  # never let bookkeeping take the inference thread down
+            log.exception("routing the results of a step failed")
+        return True
+
+    def _wait_for_batch(self) -> list[PendingFrame] | None:
+        """Under the lock: block until a batch is due (or the engine stops: None)."""
+        while True:
+            if self._stopping:
+                return None
+            now = time.perf_counter()
+            self._registry.reap(now)
+            timeout = self._registry.next_expiry(now)
+            if not self._paused:
+                incoming = sum(
+                    1 for r in self._registry.records.values()
+                    if r.session is not None and r.session.decoding and not self._scheduler.is_ready(r.stream_id)
+                )
+                due = self._scheduler.next_batch(now, incoming)
+                if isinstance(due, list):
+                    return due
+                if due is not None:
+                    timeout = due if timeout is None else min(timeout, due)
+            self._cond.wait(timeout)
+
+    def _plan(self, batch: list[PendingFrame]) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord]]:
+        """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.
+
+        Returns the plan and the frames / records it covers, in plan order."""
+        planned, kept, records = [], [], []
+        for pending in batch:
+            record = self._registry.records.get(pending.stream_id)
+            if record is None or record.session is None or record.session.id != pending.session:
+                self.stats.frame(FrameEvent("dropped"))  # its connection closed after it was queued
+                continue
+            if record.state is None:
+                record.state = self.runner.new_state()
+                record.state_bytes = record.state.nbytes
+            flush = record.frame_size is not None and record.frame_size != pending.frame_size
+            record.frame_size = pending.frame_size
+            tokens = self.policy.resolve(pending.stream_id).tokens
+            planned.append(
+                PlannedFrame(pending.stream_id, pending.frame, pending.image, record.state, StreamBudget(tokens), flush)
+            )
+            kept.append(pending)
+            records.append(record)
+        return StepPlan(planned), kept, records
+
+    def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult):
+        queue_seconds = [max(0.0, result.started_at - p.queued_at) for p in batch]
+        with self._cond:
+            for pending, record, output, queued in zip(batch, records, result.outputs, queue_seconds, strict=True):
+                record.frames_processed += 1
+                record.budget_tokens = output.budget_tokens
+                session = record.session
+                if session is None or session.id != pending.session:
+                    continue  # the connection closed during the step
+                session.send(
+                    FrameResult(
+                        frame=pending.frame, budget_tokens=output.budget_tokens, dense=output.dense,
+                        updated_fraction=output.updated_fraction, outputs=output.outputs,
+                        received_at=pending.received_at,
+                        timing=FrameTiming(pending.decode_seconds, queued, result.step_seconds),
+                        batch_size=plan.batch_size,
+                    )
+                )
+        for _ in batch:
+            self.stats.frame(FrameEvent("processed"))
+        self.stats.step(
+            StepStats(
+                batch_size=plan.batch_size, step_seconds=result.step_seconds, queue_seconds=queue_seconds,
+                updated_fractions=[o.updated_fraction for o in result.outputs],
+                macs=sum(o.macs for o in result.outputs), dense_macs=result.dense_macs * plan.batch_size,
+            )
+        )
+
+    def _step_failed(self, batch: list[PendingFrame], records: list[StreamRecord], err: Exception) -> None:
+        with self._cond:
+            for pending, record in zip(batch, records, strict=True):
+                if record.state is not None:
+                    record.state.flush()  # a step that failed half-way may have written part of the state
+                session = record.session
+                if session is not None and session.id == pending.session:
+                    self._fail(session, pending.frame, "inference_failed", f"the model step failed: {err}")
+                else:
+                    record.frames_failed += 1
+
+    # ---- bookkeeping helpers (lock held) ---------------------------------------------------
+
+    def _count_received(self, session: Session) -> None:
+        record = self._registry.records.get(session.stream_id)
+        if record is not None and record.session is session:
+            record.frames_received += 1
+
+    def _fail(self, session: Session, frame: int, code: str, message: str) -> None:
+        record = self._registry.records.get(session.stream_id)
+        if record is not None and record.session is session:
+            record.frames_failed += 1
+        self.stats.frame(FrameEvent("failed", code=code))
+        session.send(FrameError(frame, code, message))
+
+    def _dropped(self, session: Session, frame: int) -> None:
+        with self._cond:
+            record = self._registry.records.get(session.stream_id)
+            if record is not None and record.session is session:
+                record.frames_dropped += 1
+            session.send(FrameDropped(frame))
+        self.stats.frame(FrameEvent("dropped"))

@@ -1,0 +1,118 @@
+"""The model runner: owns the eventful model on its device; turns bytes into model input and plans into results.
+
+`prepare` runs on decode threads (Pillow decode + preprocessing, CPU); `execute` runs on the one inference thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.eventful import EventfulConfig, EventfulViT
+from model.policy import StreamBudget
+from model.preprocess import Preprocessor
+from model.state import StreamState
+from model.vit import VisionTransformer
+from server.engine.decode import FrameLimits, FrameRejected, decode_image
+from server.engine.scheduler import StepPlan
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    image: torch.Tensor  # [3, H, W] float32 model input, on the CPU
+    frame_size: tuple[int, int]  # decoded (height, width)
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class FrameOutput:
+    """One stream's result from a step (plain Python values)."""
+
+    budget_tokens: int  # tokens per gate used (num_patches when the frame ran densely)
+    dense: bool
+    updated_fraction: float
+    macs: int
+    outputs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outputs: list[FrameOutput]  # in plan order
+    started_at: float  # perf_counter() when the step began
+    step_seconds: float
+    dense_macs: int  # of one frame
+
+
+class ModelRunner:
+    """A VisionTransformer behind EventfulViT, its preprocessing, and the classifier read-out (top-k)."""
+
+    def __init__(
+        self, model: VisionTransformer, eventful: EventfulConfig | None = None, top_k: int = 5,
+        limits: FrameLimits | None = None,
+    ):
+        self.model = model
+        self.config = model.config
+        self.eventful = EventfulViT(model, eventful)
+        self.preprocessor = Preprocessor(self.config.preprocess)
+        self.limits = limits or FrameLimits()
+        self.top_k = min(top_k, self.config.num_classes)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        names = self.config.label_names
+        self.labels = list(names) if names else [f"class_{i}" for i in range(self.config.num_classes)]
+
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    def prepare(self, data: bytes) -> PreparedFrame:
+        """Encoded bytes -> model input. Raises FrameRejected (protocol error code) for bad frames."""
+        start = time.perf_counter()
+        rgb = decode_image(data, self.limits)  # [H, W, 3] uint8
+        height, width = rgb.shape[:2]
+        out_size = self.config.preprocess.output_size((height, width))
+        if tuple(out_size) != tuple(self.config.image_size):
+            raise FrameRejected(
+                "unsupported_size",
+                f"a {width}x{height} frame preprocesses to {out_size[1]}x{out_size[0]}, the model takes "
+                f"{self.config.image_size[1]}x{self.config.image_size[0]}",
+            )
+        try:
+            image = self.preprocessor(rgb)[0]  # [3, H', W']
+        except ValueError as err:  # e.g. a crop larger than the resized frame
+            raise FrameRejected("unsupported_size", str(err)) from None
+        return PreparedFrame(image, (height, width), time.perf_counter() - start)
+
+    def new_state(self) -> StreamState:
+        return self.eventful.new_state()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """One batched eventful step over the plan's streams."""
+        start = time.perf_counter()
+        for planned in plan.frames:
+            if planned.flush:
+                planned.state.flush()
+        images = torch.stack([p.image for p in plan.frames]).to(self.device, self.dtype)  # [B, 3, H, W]
+        out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames])
+        probs = out.logits.float().softmax(dim=-1)  # [B, K]
+        scores, indices = probs.topk(self.top_k, dim=-1)  # [B, k]
+        fractions = out.updated_fraction.tolist()
+        outputs = []
+        for j, planned in enumerate(plan.frames):
+            top = [
+                {"label": self.labels[i], "index": i, "score": s}
+                for s, i in zip(scores[j].tolist(), indices[j].tolist(), strict=True)
+            ]
+            tokens = planned.budget.tokens
+            used = self.num_patches if out.dense_frame[j] or tokens is None else min(tokens, self.num_patches)
+            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], {"top": top}))
+        return StepResult(outputs, start, time.perf_counter() - start, out.dense_macs)
+
+    def warmup(self) -> None:
+        """One dense step on a blank frame with a throwaway state (first-call allocations, kernel selection)."""
+        h, w = self.config.image_size
+        image = torch.zeros(1, 3, h, w, device=self.device, dtype=self.dtype)
+        self.eventful.step(image, [self.new_state()], [StreamBudget.dense()])

@@ -1,0 +1,102 @@
+"""The scheduler: per stream the latest decoded frame wins; ready frames of different streams are batched.
+
+Pure bookkeeping (no threads, no model): the engine calls it under its lock. Its output is a batch of
+PendingFrames; the engine turns that into a StepPlan (states and budgets), the contract with the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.policy import StreamBudget
+from model.state import StreamState
+
+
+@dataclass(frozen=True)
+class PendingFrame:
+    """A decoded, preprocessed frame waiting for the inference thread."""
+
+    stream_id: str
+    session: int  # which connection of the stream sent it
+    frame: int  # index of the binary message on that connection
+    image: torch.Tensor  # [3, H, W] preprocessed, on the CPU
+    frame_size: tuple[int, int]  # (height, width) as decoded, before preprocessing
+    received_at: float  # perf_counter() at message receipt
+    queued_at: float  # perf_counter() when it became ready
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class PlannedFrame:
+    """One stream's part of a step: its frame, its state, its budget for this frame."""
+
+    stream_id: str
+    frame: int
+    image: torch.Tensor  # [3, H, W]
+    state: StreamState
+    budget: StreamBudget  # top-r: tokens per gate
+    flush: bool  # the frame size changed: forget the stream's past before this frame
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the runner executes in one batched eventful step."""
+
+    frames: list[PlannedFrame]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.frames)
+
+
+class Scheduler:
+    """Latest-frame-wins slots, one per stream, and the batching decision.
+
+    A batch starts when no more company is coming (every stream with a frame on its way, i.e. being decoded,
+    is ready, or max_batch_size are), or when the oldest ready frame has waited batch_window_s for company.
+    Idle streams are never waited for. Oldest frames go first.
+    """
+
+    def __init__(self, max_batch_size: int, batch_window_s: float):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self._ready: dict[str, PendingFrame] = {}
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def put(self, frame: PendingFrame) -> PendingFrame | None:
+        """Queue a frame; returns the frame of the same stream it supersedes (to be reported dropped)."""
+        previous = self._ready.get(frame.stream_id)
+        if previous is not None and previous.frame > frame.frame and previous.session == frame.session:
+            return frame  # an older frame finishing late never replaces a newer one
+        self._ready[frame.stream_id] = frame
+        return previous
+
+    def discard(self, stream_id: str) -> PendingFrame | None:
+        """Forget a stream's waiting frame (its connection closed)."""
+        return self._ready.pop(stream_id, None)
+
+    def is_ready(self, stream_id: str) -> bool:
+        return stream_id in self._ready
+
+    def next_batch(self, now: float, incoming: int = 0) -> list[PendingFrame] | float | None:
+        """A batch to run now, or seconds to wait before asking again, or None when nothing is ready.
+
+        incoming: streams with no ready frame but one being decoded (worth waiting for, within the window).
+        """
+        if not self._ready:
+            return None
+        ready = sorted(self._ready.values(), key=lambda f: f.queued_at)
+        full = min(self.max_batch_size, len(ready) + incoming)
+        wait = ready[0].queued_at + self.batch_window_s - now
+        if len(ready) < full and wait > 0:
+            return wait
+        batch = ready[: self.max_batch_size]
+        for frame in batch:
+            del self._ready[frame.stream_id]
+        return batch

@@ -1,0 +1,75 @@
+"""Plain statistics the engine emits; the metrics module turns them into Prometheus metrics.
+
+The engine never imports prometheus_client: it calls a StatsSink with these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One batched eventful step."""
+
+    batch_size: int
+    step_seconds: float
+    queue_seconds: list[float]  # per frame: preprocessed -> step start
+    updated_fractions: list[float]  # per frame
+    macs: int  # multiply-accumulates done by the step (all frames)
+    dense_macs: int  # what the same frames would have cost densely
+
+
+@dataclass(frozen=True)
+class FrameEvent:
+    """A frame changed state: received, decoded, dropped (superseded), failed (with an error code)."""
+
+    kind: str  # "received" | "decoded" | "processed" | "dropped" | "failed"
+    code: str | None = None  # error code for "failed"
+    seconds: float | None = None  # decode time for "decoded"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """End to end: binary message received -> result message handed to the socket."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Current values for gauges (read at scrape time)."""
+
+    ready: bool
+    active_streams: int  # connected streams
+    retained_streams: int  # disconnected streams whose state is kept for a resume
+    state_bytes: int  # all streams' eventful state, connected and retained
+    budget_tokens: int  # the global budget now (tokens per gate)
+    num_patches: int
+
+
+class StatsSink(Protocol):
+    def step(self, stats: StepStats) -> None: ...
+
+    def frame(self, event: FrameEvent) -> None: ...
+
+    def latency(self, stats: LatencyStats) -> None: ...
+
+    def refused(self, reason: str) -> None: ...
+
+
+class NullStats:
+    """A StatsSink that records nothing."""
+
+    def step(self, stats: StepStats) -> None:
+        pass
+
+    def frame(self, event: FrameEvent) -> None:
+        pass
+
+    def latency(self, stats: LatencyStats) -> None:
+        pass
+
+    def refused(self, reason: str) -> None:
+        pass

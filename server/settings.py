@@ -1,0 +1,105 @@
+"""Server settings: command-line flags and EVENTFUL_* environment variables (flags win)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Settings(BaseSettings):
+    """Everything `eventful-serve` can be told. Environment: EVENTFUL_<NAME>, e.g. EVENTFUL_API_KEY."""
+
+    model_config = SettingsConfigDict(env_prefix="EVENTFUL_", extra="forbid")
+
+    # model
+    model: str = Field("deit-tiny-patch16-224", description="checkpoint file, HF directory or id, named architecture")
+    labels: str | None = Field(None, description="class names file (one per line) for timm checkpoints")
+    image_size: tuple[int, int] | None = Field(None, description="model input size (height, width)")
+    num_heads: int | None = Field(None, ge=1, description="attention heads (timm files do not record it)")
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    level: Literal["tokenwise", "qk", "full"] = "tokenwise"
+    gate_position: Literal["residual", "normed"] = "residual"
+    refresh_interval: int | None = Field(None, ge=1, description="force a dense frame every K frames per stream")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of the inference thread (default: CPU cores - 1, at least 1)"
+    )
+
+    # budget and latency
+    budget_tokens: int | None = Field(None, ge=0, description="default tokens per gate (wins over budget_fraction)")
+    budget_fraction: float = Field(0.25, ge=0.0, le=1.0, description="default budget as a fraction of patches")
+    target_latency_ms: float = Field(100.0, gt=0, description="latency target: histogram buckets, auto mode")
+    top_k: int = Field(5, ge=1, le=100, description="labels per result")
+
+    # engine
+    max_streams: int = Field(16, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the first ready frame waits for others")
+    stream_ttl_s: float = Field(10.0, ge=0, description="keep a disconnected stream's state this long (resume)")
+    decode_threads: int = Field(2, ge=1)
+
+    # limits
+    max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_frame_width: int = Field(4096, ge=1)
+    max_frame_height: int = Field(4096, ge=1)
+    max_frame_pixels: int = Field(4096 * 2160, ge=1)
+
+    # auth
+    api_key: SecretStr | None = None
+    metrics_require_key: bool = False
+    health_require_key: bool = False
+
+    # serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value):
+        """'224', '432x768' or [h, w]."""
+        if isinstance(value, int):
+            return value, value
+        if isinstance(value, str):
+            parts = value.lower().replace(",", "x").split("x")
+            parts = parts * 2 if len(parts) == 1 else parts
+            if len(parts) != 2:
+                raise ValueError(f"image size must look like 224 or 432x768, got {value!r}")
+            return int(parts[0]), int(parts[1])
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def inference_threads(self) -> int:
+        """torch_threads, or every core but one: decoding, the event loop and the OS need a core, and an
+        OpenMP team that shares its cores with them stalls on every fine-grained eventful step."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores - 1)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

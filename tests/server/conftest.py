@@ -1,0 +1,121 @@
+"""Server test helpers: a tiny random ViT (fast), encoded frames, an app with a TestClient."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model.config import PreprocessConfig, ViTConfig
+from model.vit import VisionTransformer
+from server.app import create_app
+from server.settings import Settings
+
+# 4x4 = 16 patch tokens + class token; preprocessing resizes any frame to 32x32.
+TINY = ViTConfig(
+    image_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10,
+    preprocess=PreprocessConfig(resize_shortest=None, resize_to=(32, 32), crop_size=None, interpolation="bilinear"),
+)
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> VisionTransformer:
+    model = VisionTransformer(TINY).eval().requires_grad_(False)
+    with torch.no_grad():  # larger-than-init weights so that frames change the outputs visibly
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model
+
+
+def encode(frame: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def frames(count: int, height: int = 48, width: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """A drifting random video: each frame changes a patch of the previous one, plus a little sensor noise.
+
+    The noise matters: without it most tokens change by exactly 0, and top-r then picks among exact ties,
+    which a stream alone (top-k fast path) and inside a mixed-budget batch (stable sort) break differently.
+    """
+    rng = np.random.default_rng(seed)
+    scene = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = []
+    for _ in range(count):
+        scene = scene.copy()
+        y, x = rng.integers(0, height - 8), rng.integers(0, width - 8)
+        scene[y : y + 8, x : x + 8] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        noise = rng.integers(-2, 3, scene.shape)
+        out.append(np.clip(scene.astype(np.int16) + noise, 0, 255).astype(np.uint8))
+    return out
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def receive_until(ws, kind: str, limit: int = 50) -> tuple[dict, list[dict]]:
+    """Messages up to and including the first of type `kind`: (that message, the ones before it)."""
+    before = []
+    for _ in range(limit):
+        message = ws.receive_json()
+        if message["type"] == kind:
+            return message, before
+        before.append(message)
+    raise AssertionError(f"no {kind!r} message in {limit} messages: {before}")
+
+
+@pytest.fixture
+def make_client(tiny_model) -> Iterator[Callable[..., TestClient]]:
+    """make_client(**settings) -> a started TestClient whose engine has loaded the tiny model."""
+    clients: list[TestClient] = []
+
+    def make(**overrides) -> TestClient:
+        values = dict(budget_tokens=4, stream_ttl_s=0, batch_window_ms=2.0, top_k=3)
+        values.update(overrides)
+        app = create_app(Settings(**values), model=tiny_model)
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        assert app.state.engine.wait_ready(30), "engine did not become ready"
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The server sets per-thread torch thread counts (the CLI pins its main thread to 1): undo it for other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_eventful_env(monkeypatch):
+    """Settings read EVENTFUL_* variables: keep the developer's environment out of the tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("EVENTFUL_"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,166 @@
+"""Engine parts on their own: scheduler, budget policy, registry, decode, and the runner batched vs alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.policy import StreamBudget
+from server.engine import BudgetError, BudgetPolicy, GlobalBudget, ModelRunner, StreamOverride, StreamRefused
+from server.engine.decode import FrameLimits, FrameRejected, decode_image
+from server.engine.registry import StreamRegistry
+from server.engine.scheduler import PendingFrame, PlannedFrame, Scheduler, StepPlan
+from tests.server.conftest import encode, frames
+
+
+def pending(stream: str, frame: int, queued_at: float, session: int = 1) -> PendingFrame:
+    return PendingFrame(stream, session, frame, torch.zeros(3, 4, 4), (4, 4), queued_at, queued_at, 0.0)
+
+
+# ---- scheduler -------------------------------------------------------------------------------
+
+
+def test_latest_frame_wins_per_stream():
+    scheduler = Scheduler(max_batch_size=4, batch_window_s=0.0)
+    assert scheduler.put(pending("a", 0, 1.0)) is None
+    superseded = scheduler.put(pending("a", 1, 1.1))
+    assert superseded.frame == 0
+    assert scheduler.put(pending("a", 0, 1.2)).frame == 0  # an older frame arriving late is the one dropped
+    assert [f.frame for f in scheduler.next_batch(2.0)] == [1]
+    assert scheduler.next_batch(2.0) is None
+
+
+def test_batching_window_waits_for_frames_on_their_way_then_goes():
+    scheduler = Scheduler(max_batch_size=8, batch_window_s=0.010)
+    scheduler.put(pending("a", 0, 1.000))
+    wait = scheduler.next_batch(1.004, incoming=2)
+    assert wait == pytest.approx(0.006)  # 2 streams are decoding a frame: wait the rest of the window for them
+    scheduler.put(pending("b", 0, 1.005))
+    assert isinstance(scheduler.next_batch(1.006, incoming=1), float)
+    scheduler.put(pending("c", 0, 1.007))
+    batch = scheduler.next_batch(1.007, incoming=0)  # nothing more on its way: go before the window ends
+    assert [f.stream_id for f in batch] == ["a", "b", "c"]
+    scheduler.put(pending("a", 1, 2.000))
+    assert [f.stream_id for f in scheduler.next_batch(2.011, incoming=2)] == ["a"]  # window over: go alone
+    scheduler.put(pending("a", 2, 3.000))
+    assert [f.stream_id for f in scheduler.next_batch(3.000, incoming=0)] == ["a"]  # idle streams: no waiting
+
+
+def test_batches_are_bounded_and_oldest_first():
+    scheduler = Scheduler(max_batch_size=2, batch_window_s=1.0)
+    for i, stream in enumerate(["c", "a", "b"]):
+        scheduler.put(pending(stream, 0, 1.0 + i))
+    assert [f.stream_id for f in scheduler.next_batch(5.0, incoming=3)] == ["c", "a"]
+    assert [f.stream_id for f in scheduler.next_batch(5.0)] == ["b"]
+
+
+# ---- budget policy ---------------------------------------------------------------------------
+
+
+def test_budget_policy_resolution():
+    policy = BudgetPolicy(196, GlobalBudget("fixed", tokens=50))
+    assert policy.resolve("x").tokens == 50
+    policy.set_override("x", StreamOverride(fraction=0.5))
+    assert (policy.resolve("x").tokens, policy.resolve("x").source) == (98, "override")
+    policy.set_override("x", StreamOverride(max_tokens=20))
+    assert (policy.resolve("x").tokens, policy.resolve("x").source) == (20, "cap")
+    policy.set_global(GlobalBudget("fixed", fraction=0.05))
+    assert policy.resolve("x").tokens == 10 and policy.resolve("x").source == "global"
+    policy.set_global(GlobalBudget("auto", target_latency_ms=30))
+    assert policy.get_global() == (GlobalBudget("auto", target_latency_ms=30), 10)  # held: controller pending
+    assert policy.clear_override("x") and not policy.clear_override("x")
+    with pytest.raises(BudgetError) as err:
+        policy.set_global(GlobalBudget("fixed", tokens=197))
+    assert err.value.field == "tokens"
+    with pytest.raises(BudgetError):
+        policy.set_override("y", StreamOverride(tokens=1, max_tokens=2))
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+
+def test_registry_limits_ttl_and_eviction():
+    registry = StreamRegistry(max_streams=2, ttl_s=5.0)
+    _, a = registry.open("a", print)
+    registry.open("b", print)
+    with pytest.raises(StreamRefused) as refused:
+        registry.open("c", print)
+    assert refused.value.code == 1013 and refused.value.kind == "max_streams"
+    with pytest.raises(StreamRefused) as in_use:
+        registry.open("b", print)
+    assert in_use.value.kind == "in_use"
+    registry.close(a, now=10.0)
+    assert registry.connected_count == 1 and registry.retained_count == 1
+    record, _ = registry.open("a", print)  # resumed: same record
+    assert record is registry.records["a"] and record.connected
+    registry.close(record.session, now=10.0)
+    assert registry.reap(now=14.0) == [] and registry.reap(now=15.0) == ["a"]
+
+
+# ---- decode ----------------------------------------------------------------------------------
+
+
+def test_decode_png_exact_and_limits():
+    frame = frames(1, 40, 50)[0]
+    assert (decode_image(encode(frame), FrameLimits()) == frame).all()
+    assert decode_image(encode(frame, "JPEG"), FrameLimits()).shape == (40, 50, 3)
+    with pytest.raises(FrameRejected) as too_wide:
+        decode_image(encode(frame), FrameLimits(max_width=49))
+    assert too_wide.value.code == "image_too_large"
+    with pytest.raises(FrameRejected) as too_many:
+        decode_image(encode(frame), FrameLimits(max_pixels=40 * 50 - 1))
+    assert too_many.value.code == "image_too_large"
+    with pytest.raises(FrameRejected) as gif:
+        decode_image(encode(frame, "GIF"), FrameLimits())
+    assert gif.value.code == "undecodable"
+
+
+# ---- runner: a stream inside a batch equals the same stream alone ---------------------------
+
+
+def test_two_streams_batched_equal_each_alone(tiny_model):
+    runner = ModelRunner(tiny_model, top_k=10)
+    videos = [frames(5, seed=1), frames(5, seed=2)]
+    images = [[runner.prepare(encode(f)).image for f in video] for video in videos]
+    budgets = [StreamBudget(tokens=3), StreamBudget(tokens=7)]  # different budgets inside one step
+    batched_states = [runner.new_state(), runner.new_state()]
+    alone_states = [runner.new_state(), runner.new_state()]
+
+    def planned(i: int, t: int, states) -> PlannedFrame:
+        return PlannedFrame(f"s{i}", t, images[i][t], states[i], budgets[i], flush=False)
+
+    for t in range(5):
+        batched = runner.execute(StepPlan([planned(0, t, batched_states), planned(1, t, batched_states)]))
+        for i in range(2):
+            alone = runner.execute(StepPlan([planned(i, t, alone_states)]))
+            got, want = batched.outputs[i], alone.outputs[0]
+            assert (got.budget_tokens, got.dense, got.macs) == (want.budget_tokens, want.dense, want.macs)
+            assert got.updated_fraction == pytest.approx(want.updated_fraction)
+            assert [e["index"] for e in got.outputs["top"]] == [e["index"] for e in want.outputs["top"]]
+            assert [e["score"] for e in got.outputs["top"]] == pytest.approx(
+                [e["score"] for e in want.outputs["top"]], abs=1e-6
+            )
+    assert batched.outputs[0].budget_tokens == 3 and batched.outputs[1].budget_tokens == 7
+
+
+def test_runner_matches_the_model_called_directly(tiny_model):
+    """At full budget the served top-k are the dense model's softmax."""
+    runner = ModelRunner(tiny_model, top_k=10)
+    state = runner.new_state()
+    for frame in frames(3):
+        image = runner.prepare(encode(frame)).image
+        out = runner.execute(StepPlan([PlannedFrame("s", 0, image, state, StreamBudget(tokens=16), False)]))
+        probs = tiny_model(image[None]).softmax(-1)[0]
+        for entry in out.outputs[0].outputs["top"]:
+            assert entry["score"] == pytest.approx(probs[entry["index"]].item(), abs=1e-5)
+
+
+def test_flush_in_a_plan_makes_the_frame_dense(tiny_model):
+    runner = ModelRunner(tiny_model)
+    state = runner.new_state()
+    image = runner.prepare(encode(frames(1)[0])).image
+    plan = lambda flush: StepPlan([PlannedFrame("s", 0, image, state, StreamBudget(tokens=2), flush)])  # noqa: E731
+    assert runner.execute(plan(False)).outputs[0].dense
+    assert not runner.execute(plan(False)).outputs[0].dense
+    flushed = runner.execute(plan(True)).outputs[0]
+    assert flushed.dense and flushed.budget_tokens == 16

@@ -1,0 +1,156 @@
+"""REST: budget endpoints, validation errors naming the field, auth, health, stream list, OpenAPI."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from server.settings import Settings
+from tests.server.conftest import API_KEY, encode, frames
+
+
+def test_global_budget_fixed_and_auto(client):
+    assert client.get("/v1/budget").json() == {
+        "mode": "fixed", "tokens": 4, "fraction": None, "target_latency_ms": None, "effective_tokens": 4,
+        "num_patches": 16, "controller": None,
+    }
+    body = client.put("/v1/budget", json={"mode": "fixed", "fraction": 0.5}).json()
+    assert (body["mode"], body["fraction"], body["effective_tokens"]) == ("fixed", 0.5, 8)
+    auto = client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 40}).json()
+    # automatic mode is stored but nothing controls it yet: it says so and holds the budget in effect
+    assert auto["mode"] == "auto" and auto["target_latency_ms"] == 40
+    assert auto["controller"] == "pending" and auto["effective_tokens"] == 8
+    assert client.get("/v1/budget").json() == auto
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"mode": "fixed", "tokens": -1}, "tokens"),
+        ({"mode": "fixed", "tokens": 17}, "tokens"),  # more than the model's 16 patch tokens
+        ({"mode": "fixed", "tokens": "many"}, "tokens"),
+        ({"mode": "fixed", "fraction": 1.5}, "fraction"),
+        ({"mode": "fixed", "tokens": 3, "fraction": 0.5}, "fraction"),  # exactly one of the two
+        ({"mode": "fixed"}, "tokens"),
+        ({"mode": "auto"}, "target_latency_ms"),
+        ({"mode": "auto", "target_latency_ms": 0}, "target_latency_ms"),
+        ({"mode": "turbo"}, "mode"),
+        ({"tokens": 3}, "mode"),
+        ({"mode": "fixed", "tokens": 3, "colour": "red"}, "colour"),
+    ],
+)
+def test_global_budget_validation_names_the_field(client, body, field):
+    response = client.put("/v1/budget", json=body)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["message"]
+    assert client.get("/v1/budget").json()["effective_tokens"] == 4  # unchanged
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"tokens": -2}, "tokens"),
+        ({"tokens": 100}, "tokens"),
+        ({"max_tokens": 17}, "max_tokens"),
+        ({"fraction": -0.1}, "fraction"),
+        ({}, "max_tokens"),
+        ({"tokens": 2, "max_tokens": 3}, "max_tokens"),
+    ],
+)
+def test_stream_budget_validation_names_the_field(client, body, field):
+    response = client.put("/v1/streams/cam/budget", json=body)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["message"]
+
+
+def test_stream_budget_override_cap_and_delete(client):
+    assert client.get("/v1/streams/cam/budget").json() == {
+        "stream_id": "cam", "override": None, "effective_tokens": 4, "source": "global", "num_patches": 16,
+    }
+    assert client.put("/v1/streams/cam/budget", json={"tokens": 12}).json()["effective_tokens"] == 12
+    capped = client.put("/v1/streams/cam/budget", json={"max_tokens": 2}).json()
+    assert (capped["effective_tokens"], capped["source"]) == (2, "cap")
+    assert capped["override"] == {"tokens": None, "fraction": None, "max_tokens": 2}
+    loose = client.put("/v1/streams/cam/budget", json={"max_tokens": 10}).json()  # a cap above the global budget
+    assert (loose["effective_tokens"], loose["source"]) == (4, "global")
+    assert client.delete("/v1/streams/cam/budget").status_code == 204
+    missing = client.delete("/v1/streams/cam/budget")
+    assert missing.status_code == 404 and "cam" in missing.json()["detail"]
+    bad_id = client.get("/v1/streams/bad id/budget")
+    assert bad_id.status_code == 422 and "stream_id" in bad_id.json()["message"]
+
+
+def test_stream_list_reports_counters_budget_latency_and_state(client):
+    video = frames(3)
+    with client.websocket_connect("/v1/streams/listed") as ws:
+        for frame in video:
+            ws.send_bytes(encode(frame))
+            ws.receive_json()
+        ws.send_bytes(b"junk")
+        ws.receive_json()
+        listing = client.get("/v1/streams").json()
+    assert listing["active_streams"] == 1 and listing["max_streams"] == 16
+    (stream,) = listing["streams"]
+    assert stream["stream_id"] == "listed" and stream["connected"]
+    assert (stream["frames_received"], stream["frames_processed"], stream["frames_failed"]) == (4, 3, 1)
+    assert stream["frames_dropped"] == 0
+    assert stream["budget_tokens"] == 4 and stream["budget_source"] == "global"
+    assert 0 < stream["latency_p50_ms"] <= stream["latency_p95_ms"]
+    assert stream["state_bytes"] == listing["total_state_bytes"] > 0
+    assert client.get("/v1/streams/nobody").status_code == 404
+
+
+def test_health_readiness_and_openapi(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/readyz").json()["status"] == "ready"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/budget", "/v1/streams", "/v1/streams/{stream_id}/budget", "/healthz", "/readyz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_readyz_is_503_while_the_model_loads(tiny_model, monkeypatch):
+    import server.app
+
+    release = threading.Event()
+    build_runner = server.app.build_runner
+
+    def slow_build_runner(settings, model=None):
+        release.wait(10)
+        return build_runner(settings, tiny_model)
+
+    monkeypatch.setattr(server.app, "build_runner", slow_build_runner)
+    app = server.app.create_app(Settings(budget_tokens=4))  # no model given: loaded on the engine thread
+    with TestClient(app) as client:
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.json()["detail"] == "model loading"
+        assert client.get("/v1/budget").status_code == 503
+        with client.websocket_connect("/v1/streams/early") as ws, pytest.raises(WebSocketDisconnect) as refused:
+            ws.receive_json()
+        assert refused.value.code == 1013 and "loading" in refused.value.reason
+        release.set()
+        assert app.state.engine.wait_ready(10)
+        assert client.get("/readyz").status_code == 200
+
+
+def test_rest_needs_the_key_but_health_and_metrics_do_not(make_client):
+    client = make_client(api_key=API_KEY)
+    for method, url in [("get", "/v1/budget"), ("get", "/v1/streams"), ("put", "/v1/streams/x/budget")]:
+        response = client.request(method.upper(), url, json={"tokens": 1})
+        assert response.status_code == 401, url
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/budget", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/budget", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert client.get(f"/v1/budget?token={API_KEY}").status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_and_health_can_require_the_key(make_client):
+    client = make_client(api_key=API_KEY, metrics_require_key=True, health_require_key=True)
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/healthz").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
