@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    s = sub.add_parser("server", help="the live server under N streams of real video: eventful vs dense")
+    s.add_argument("--model", required=True, help="as for `eventful-serve --model`")
+    s.add_argument("--labels", default=None, help="class names file for timm checkpoints")
+    s.add_argument("--video", nargs="+", required=True, help="video files; stream i plays video i mod count")
+    s.add_argument("--streams", default="1,4", help="stream counts, comma-separated")
+    s.add_argument("--budget-tokens", type=int, default=50, help="the eventful budget (dense: every patch token)")
+    s.add_argument("--duration", type=float, default=8.0, help="seconds per run")
+    s.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)")
+    s.add_argument("--fps", type=float, default=0.0, help="frames/s per stream; 0 = closed loop (capacity)")
+    s.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
+    s.add_argument("--server-arg", action="append", default=[],
+                   help="extra eventful-serve flag, e.g. --server-arg=--threads=1 (repeatable)")
+    s.add_argument("--json", dest="json_path", default=None, help="write the report here")
     c = sub.add_parser("clip", help="compose a static-camera H.264 clip from real photographs")
     c.add_argument("--background", required=True, help="image used as the fixed scene")
     c.add_argument("--sprite", action="append", default=[], help="image that moves over the scene (repeatable)")
@@ -67,6 +80,33 @@ def run_clip(args: argparse.Namespace) -> int:
             pass
     spec = StaticClipSpec(frames=args.frames, noise_std=args.noise, crf=args.crf)
     print(f"wrote {make_static_clip(args.out, args.background, args.sprite, spec)}")
+    return 0
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from bench.server_bench import ServerBenchConfig, format_table, run_server_bench, write_json
+
+    try:
+        streams = [int(v) for v in args.streams.split(",") if v.strip()]
+    except ValueError:
+        print(f"error: --streams must be comma-separated integers, got {args.streams!r}", file=sys.stderr)
+        return 2
+    if not streams or min(streams) < 1 or args.repeats < 1 or args.duration <= 0:
+        print("error: --streams must be >= 1, --repeats >= 1, --duration > 0", file=sys.stderr)
+        return 2
+    for video in args.video:
+        with open(video, "rb"):  # a missing video: FileNotFoundError -> exit 2
+            pass
+    config = ServerBenchConfig(
+        model=args.model, videos=args.video, streams=streams, budget_tokens=args.budget_tokens,
+        duration_s=args.duration, repeats=args.repeats, fps=args.fps, size=args.size, labels=args.labels,
+        server_args=tuple(args.server_arg),
+    )
+    report = run_server_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json_path:
+        write_json(report, args.json_path)
+        print(f"wrote {args.json_path}")
     return 0
 
 
@@ -114,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_model(args)
         if args.command == "clip":
             return run_clip(args)
+        if args.command == "server":
+            return run_server(args)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,15 +67,21 @@ class Preprocessor:
     def _transform(self, images: torch.Tensor, frame_hw: tuple[int, int]) -> torch.Tensor:
         # images: [b, 3, H, W] uint8 -> [b, 3, H', W'] float32 normalised
         cfg = self.config
-        x = images.float()
         size = self.resized_size(frame_hw)
         if size != frame_hw:
             mode = _TORCH_MODES[cfg.interpolation]
             if mode == "nearest-exact":
-                x = F.interpolate(x, size=size, mode=mode)
+                x = F.interpolate(images.float(), size=size, mode=mode)
+            elif images.device.type == "cpu":
+                # uint8 in, uint8 out: torch's fixed-point antialiased kernels, Pillow's algorithm (~5x faster on
+                # CPU than resampling in float, and as close to Pillow)
+                channels_last = images.contiguous(memory_format=torch.channels_last)
+                x = F.interpolate(channels_last, size=size, mode=mode, align_corners=False, antialias=True).float()
             else:
-                x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+                x = F.interpolate(images.float(), size=size, mode=mode, align_corners=False, antialias=True)
                 x = x.clamp_(0, 255).round_()
+        else:
+            x = images.float()
         if cfg.crop_size is not None:
             x = _center_crop(x, cfg.crop_size)
         mean, std = self._mean.to(x.device), self._std.to(x.device)

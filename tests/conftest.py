@@ -34,3 +34,32 @@ def shared_file(shared_dir: Path):
         return path
 
     return get
+
+
+def write_test_video(path: Path, frames: int = 30, size: tuple[int, int] = (240, 320), fps: int = 30) -> Path:
+    """A short H.264 clip with PyAV: a textured background and a square moving across it (a static camera)."""
+    import av
+    import numpy as np
+
+    h, w = size
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for t in range(frames):
+            image = background.copy()
+            x = (t * 7) % (w - 40)
+            image[h // 3 : h // 3 + 40, x : x + 40] = (250, 40, 40)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_video(tmp_path_factory) -> Path:
+    """../shared/data/videos/realshort.mp4 (36 real frames), or a generated clip of the same size when absent."""
+    path = SHARED_DIR / "data" / "videos" / "realshort.mp4"
+    if path.is_file():
+        return path
+    return write_test_video(tmp_path_factory.mktemp("video") / "generated.mp4", frames=36)

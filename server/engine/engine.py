@@ -35,6 +35,8 @@ from server.engine.stats import EngineSnapshot, FrameEvent, LatencyStats, NullSt
 
 log = logging.getLogger("eventful.engine")
 
+ACTIVE_STREAM_S = 1.0  # a stream that sent a frame this recently is expected to send again (batching)
+
 
 def _single_threaded_torch() -> None:
     """Decode threads preprocess with torch on one intra-op thread: the inference thread's OpenMP team must not
@@ -214,6 +216,7 @@ class Engine:
         raw = RawFrame(frame, data, received_at)
         with self._cond:
             self._count_received(session)
+            session.last_received_at = received_at
             if session.closed:
                 return
             if not session.decoding:
@@ -384,16 +387,21 @@ class Engine:
             self._registry.reap(now)
             timeout = self._registry.next_expiry(now)
             if not self._paused:
-                incoming = sum(
-                    1 for r in self._registry.records.values()
-                    if r.session is not None and r.session.decoding and not self._scheduler.is_ready(r.stream_id)
-                )
+                incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
                 due = self._scheduler.next_batch(now, incoming)
                 if isinstance(due, list):
                     return due
                 if due is not None:
                     timeout = due if timeout is None else min(timeout, due)
             self._cond.wait(timeout)
+
+    def _expected_soon(self, record: StreamRecord, now: float) -> bool:
+        """A stream worth waiting for (within the batch window): no frame ready, but one being decoded, or it sent a
+        frame in the last ACTIVE_STREAM_S (a live camera, or a client about to answer its last result)."""
+        session = record.session
+        if session is None or self._scheduler.is_ready(record.stream_id):
+            return False
+        return session.decoding or now - session.last_received_at < ACTIVE_STREAM_S
 
     def _plan(self, batch: list[PendingFrame]) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord]]:
         """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.

@@ -6,6 +6,7 @@ reconnect under the same stream id resumes without a dense frame. Not thread-saf
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Session:
     closed: bool = False
     decoding: bool = False  # a frame of this session is being decoded
     waiting: RawFrame | None = None  # the newest frame received while decoding (latest wins)
+    last_received_at: float = -math.inf  # perf_counter() of its latest binary message
 
     def send(self, message: StreamMessage) -> None:
         if self.closed:

@@ -54,9 +54,9 @@ class StepPlan:
 class Scheduler:
     """Latest-frame-wins slots, one per stream, and the batching decision.
 
-    A batch starts when no more company is coming (every stream with a frame on its way, i.e. being decoded,
-    is ready, or max_batch_size are), or when the oldest ready frame has waited batch_window_s for company.
-    Idle streams are never waited for. Oldest frames go first.
+    A batch starts when no more company is coming (every stream expected to have a frame soon — one being
+    decoded, or a live stream that sent recently — is ready, or max_batch_size are), or when the oldest ready
+    frame has waited batch_window_s for company. Idle streams are never waited for. Oldest frames go first.
     """
 
     def __init__(self, max_batch_size: int, batch_window_s: float):

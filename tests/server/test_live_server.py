@@ -3,14 +3,7 @@ spoken to over a real WebSocket (the `websockets` client) and scraped over HTTP.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +13,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from bench.live_server import free_port, live_server  # noqa: F401 (re-exported for other tests)
 from model.eventful import EventfulViT
 from model.loaders import load_model
 from model.policy import StreamBudget
@@ -27,47 +21,7 @@ from model.preprocess import Preprocessor, read_video_frames
 from tests.server.conftest import API_KEY, encode, frames
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 90.0
 RECV_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `python -m server.cli ARGS --host 127.0.0.1 --port N`; yield its base URL once /readyz says ready."""
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFUL_")}
-    environment.update(PYTHONPATH=str(REPO_ROOT), **(env or {}))
-    command = [sys.executable, "-m", "server.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            with httpx.Client(trust_env=False, timeout=5) as http:
-                while True:
-                    if process.poll() is not None:
-                        raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-                    with contextlib.suppress(httpx.TransportError):
-                        if http.get(f"{base}/readyz").status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"server not ready in {START_TIMEOUT_S} s:\n{log_path.read_text()}")
-                    time.sleep(0.1)
-            yield base
-            assert process.poll() is None, f"the server died:\n{log_path.read_text()}"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
 
 
 def ws_url(base: str, stream_id: str, token: str | None = None) -> str:
