@@ -68,7 +68,8 @@ class _LayerBatch:
     """Batched views of one layer's buffers across the streams of a step.
 
     One stream: zero-copy views, so in-place writes land in the state directly.
-    Several streams: stacked copies; `write_rows` / `write_all` copy the changes back.
+    Several streams: stacked copies (or uninitialised buffers for ones the step overwrites whole);
+    `write_rows` / `write_all` copy the changes back.
     """
 
     def __init__(self, states: list[StreamState], layer_index: int):
@@ -76,15 +77,24 @@ class _LayerBatch:
         self.single = len(self.layers) == 1
         self._cache: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, overwrite: bool = False) -> torch.Tensor:
+        """The [B, ...] buffer; overwrite=True: the caller writes every element, so nothing is gathered."""
         if name not in self._cache:
             tensors = [getattr(layer, name) for layer in self.layers]
-            self._cache[name] = tensors[0].unsqueeze(0) if self.single else torch.stack(tensors)
+            if self.single:
+                self._cache[name] = tensors[0].unsqueeze(0)
+            elif overwrite:
+                self._cache[name] = tensors[0].new_empty((len(tensors), *tensors[0].shape))
+            else:
+                self._cache[name] = torch.stack(tensors)
         return self._cache[name]
 
     def write_rows(self, name: str, selection: Selection, token_dim: int) -> None:
         """Copy the selected tokens of a [B, ...] buffer back into each stream's state."""
         if self.single:
+            return
+        if selection.everything:
+            self.write_all(name)
             return
         batched = self._cache[name]
         for b, layer in enumerate(self.layers):
@@ -196,7 +206,8 @@ class EventfulViT:
         normed = self.config.gate_position == "normed"
         attn = block.attn
         h = block.norm1(x) if normed else None  # residual gates: LayerNorm on the selected tokens only
-        qkv_ref = lb.get("qkv_reference")
+        all_dense = all(bud.is_dense_for(self.vit.num_patches) for bud in budgets)  # every buffer overwritten
+        qkv_ref = lb.get("qkv_reference", overwrite=all_dense)
         sel = self._gate(h if normed else x, qkv_ref, budgets)
         lb.write_rows("qkv_reference", sel, 0)
         counts[:, 0] = torch.tensor(sel.counts)
@@ -215,11 +226,11 @@ class EventfulViT:
                 attention_out = self._attention_full(q, k, v, sel, lb)  # [B, N, C]
 
         # attention output -> proj on the tokens that need it
-        update = lb.get("attention_update")
+        update = lb.get("attention_update", overwrite=sel.everything)
         if sel.everything:
             update.copy_(linear(attention_out, attn.proj))
             if self.config.level != "tokenwise":
-                lb.get("proj_reference").copy_(attention_out)
+                lb.get("proj_reference", overwrite=True).copy_(attention_out)
             counts[:, 1] = self.vit.num_tokens
             lb.write_all("attention_update", *(["proj_reference"] if self.config.level != "tokenwise" else []))
         elif self.config.level == "tokenwise":
@@ -236,10 +247,10 @@ class EventfulViT:
 
         # MLP branch
         h = block.norm2(x) if normed else None
-        mlp_sel = self._gate(h if normed else x, lb.get("mlp_reference"), budgets)
+        mlp_sel = self._gate(h if normed else x, lb.get("mlp_reference", overwrite=all_dense), budgets)
         lb.write_rows("mlp_reference", mlp_sel, 0)
         counts[:, 2] = torch.tensor(mlp_sel.counts)
-        mlp_update = lb.get("mlp_update")
+        mlp_update = lb.get("mlp_update", overwrite=mlp_sel.everything)
         if mlp_sel.everything:
             mlp_update.copy_(block.mlp(h if normed else block.norm2(x)))
             lb.write_all("mlp_update")
@@ -255,17 +266,17 @@ class EventfulViT:
         """Every token of every stream: the dense computation, seeding all buffers. h: [B, N, C] -> [B, N, C]."""
         attn = block.attn
         q, k, v = attn.split_heads(linear(h, attn.qkv))  # [B, H, N, Dh]
-        lb.get("keys").copy_(k)
-        lb.get("values").copy_(v)
+        lb.get("keys", overwrite=True).copy_(k)
+        lb.get("values", overwrite=True).copy_(v)
         names = ["keys", "values"]
         level = self.config.level
         if level == "tokenwise":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            lb.get("queries").copy_(q)
+            lb.get("queries", overwrite=True).copy_(q)
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if level == "qk":
-                lb.get("attention_logits").copy_(logits)
+                lb.get("attention_logits", overwrite=True).copy_(logits)
                 out = logits.softmax(dim=-1) @ v
                 names += ["queries", "attention_logits"]
             else:
@@ -273,10 +284,10 @@ class EventfulViT:
                 weights = torch.exp(logits - offset[..., None])
                 row_sum = weights.sum(dim=-1)
                 weighted = weights @ v
-                lb.get("exp_weights").copy_(weights)
-                lb.get("row_offset").copy_(offset)
-                lb.get("row_sum").copy_(row_sum)
-                lb.get("weighted_values").copy_(weighted)
+                lb.get("exp_weights", overwrite=True).copy_(weights)
+                lb.get("row_offset", overwrite=True).copy_(offset)
+                lb.get("row_sum", overwrite=True).copy_(row_sum)
+                lb.get("weighted_values", overwrite=True).copy_(weighted)
                 out = weighted / row_sum[..., None]
                 names += ["queries", "exp_weights", "row_offset", "row_sum", "weighted_values"]
         lb.write_all(*names)
