@@ -63,13 +63,24 @@ class StepOutput:
         n = self.tokens.shape[1]
         return self.updated_tokens.float().mean(dim=(1, 2)) / n
 
+    def reordered(self, index: list[int]) -> StepOutput:
+        """The same output with its streams in the order `index` gives."""
+        idx = torch.tensor(index, device=self.logits.device)
+        return StepOutput(
+            self.logits[idx], self.tokens[idx], self.updated_tokens[torch.tensor(index)],
+            [self.macs[i] for i in index], self.dense_macs, [self.dense_frame[i] for i in index],
+        )
+
 
 class _LayerBatch:
     """Batched views of one layer's buffers across the streams of a step.
 
     One stream: zero-copy views, so in-place writes land in the state directly.
-    Several streams: stacked copies (or uninitialised buffers for ones the step overwrites whole);
-    `write_rows` / `write_all` copy the changes back.
+    Several streams: the streams' buffers are rows of one [B, ...] slab. The first step of a new batch
+    composition stacks them (or allocates, for buffers the step overwrites whole) and re-points every stream's
+    buffer at its row of the slab; later steps of the same streams in the same order use the slab as it is
+    (no copies: in-place writes land in the states). `write_rows` / `write_all` are kept for the copy-back
+    variant and are no-ops on slabs. A stream that leaves keeps the slab alive until the others are re-batched.
     """
 
     def __init__(self, states: list[StreamState], layer_index: int):
@@ -83,15 +94,26 @@ class _LayerBatch:
             tensors = [getattr(layer, name) for layer in self.layers]
             if self.single:
                 self._cache[name] = tensors[0].unsqueeze(0)
-            elif overwrite:
-                self._cache[name] = tensors[0].new_empty((len(tensors), *tensors[0].shape))
-            else:
-                self._cache[name] = torch.stack(tensors)
+                return self._cache[name]
+            slab = _shared_slab(tensors)
+            if slab is None:
+                if overwrite:
+                    slab = tensors[0].new_empty((len(tensors), *tensors[0].shape))
+                else:
+                    slab = torch.stack(tensors)
+                for layer, row in zip(self.layers, slab.unbind(0), strict=True):
+                    setattr(layer, name, row)
+            self._cache[name] = slab
         return self._cache[name]
+
+    def _is_slab(self, name: str) -> bool:
+        """True once the streams' buffers are rows of the cached batch (always, after `get`)."""
+        batched, row = self._cache[name], getattr(self.layers[0], name)
+        return batched.untyped_storage().data_ptr() == row.untyped_storage().data_ptr()
 
     def write_rows(self, name: str, selection: Selection, token_dim: int) -> None:
         """Copy the selected tokens of a [B, ...] buffer back into each stream's state."""
-        if self.single:
+        if self.single or self._is_slab(name):
             return
         if selection.everything:
             self.write_all(name)
@@ -109,9 +131,35 @@ class _LayerBatch:
         if self.single:
             return
         for name in names:
+            if self._is_slab(name):
+                continue
             batched = self._cache[name]
             for b, layer in enumerate(self.layers):
                 getattr(layer, name).copy_(batched[b])
+
+
+def _shared_slab(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A [B, ...] view whose rows, in order, are these tensors (consecutive rows of one storage), or None.
+
+    Decided from storage and offsets (inference tensors do not record their view base)."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    storage, row = first.untyped_storage().data_ptr(), first.numel()
+    start = first.storage_offset()
+    for b, tensor in enumerate(tensors):
+        if (
+            tensor.untyped_storage().data_ptr() != storage
+            or tensor.storage_offset() != start + b * row
+            or not tensor.is_contiguous()
+        ):
+            return None
+    return first.as_strided((len(tensors), *first.shape), (row, *first.stride()), start)
+
+
+def _slab_order(states: list[StreamState]) -> list[int]:
+    """Batch order in which streams that shared a slab last step find their rows in order (by buffer address)."""
+    return sorted(range(len(states)), key=lambda j: states[j].layers[0].keys.data_ptr())
 
 
 class EventfulViT:
@@ -148,6 +196,15 @@ class EventfulViT:
                     f"state for level {state.level!r} with {state.num_tokens} tokens does not fit this runner "
                     f"(level {self.config.level!r}, {self.vit.num_tokens} tokens): create it with new_state()"
                 )
+        order = _slab_order(states)
+        if b > 1 and order != list(range(b)):  # run in slab order (no copies), answer in the caller's order
+            inverse = sorted(range(b), key=order.__getitem__)
+            out = self._step(images[order], [states[j] for j in order], [budgets[j] for j in order])
+            return out.reordered(inverse)
+        return self._step(images, states, budgets)
+
+    def _step(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget]) -> StepOutput:
+        b = images.shape[0]
         refresh = self.config.refresh_interval
         dense_frame = [s.needs_dense or (refresh is not None and s.frames_since_dense + 1 >= refresh) for s in states]
         budgets = [StreamBudget.dense() if dense else bud for dense, bud in zip(dense_frame, budgets, strict=True)]

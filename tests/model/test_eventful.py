@@ -282,3 +282,27 @@ def test_sparse_machinery_with_every_token_equals_dense(vit, level, monkeypatch)
 def test_model_without_class_token_is_refused():
     with pytest.raises(ValueError, match="class token"):
         VisionTransformer(ViTConfig(class_token=False, depth=1, embed_dim=64, num_heads=4, mlp_dim=64))
+
+
+def test_changing_batch_compositions_and_orders_equal_each_stream_alone(vit):
+    """Batched streams share one slab per buffer (no copies while the batch stays the same); any change of
+    composition or order re-slabs them without changing any stream's results."""
+    runner = EventfulViT(vit)
+    streams = [video(seed=s) for s in (5, 6, 7)]
+    shared = [runner.new_state() for _ in streams]
+    alone = [runner.new_state() for _ in streams]
+    schedule = [[0, 1, 2], [0, 1, 2], [2, 0, 1], [1], [0, 2], [2, 1, 0], [0, 1, 2]]
+    budget = StreamBudget(tokens=12)
+    for t, members in enumerate(schedule):
+        images = torch.stack([streams[j][t] for j in members])
+        before = [shared[j].layers[0].keys.data_ptr() for j in members]
+        out = runner.step(images, [shared[j] for j in members], [budget] * len(members))
+        if t == 1:  # same streams, same order as the step before: the slab is used in place
+            assert [shared[j].layers[0].keys.data_ptr() for j in members] == before
+        for row, j in enumerate(members):
+            reference = runner.step(streams[j][t : t + 1], [alone[j]], [budget])
+            assert (out.logits[row] - reference.logits[0]).abs().max() <= 1e-5
+            assert torch.equal(out.updated_tokens[row], reference.updated_tokens[0])
+    ptrs = [s.layers[0].keys.data_ptr() for s in shared]
+    rows = shared[0].layers[0].keys.numel() * 4
+    assert sorted(ptrs) == [min(ptrs) + i * rows for i in range(3)]  # rows of one slab after the last step
