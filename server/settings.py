@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     # engine
     max_streams: int = Field(16, ge=1)
     max_batch_size: int = Field(8, ge=1)
-    batch_window_ms: float = Field(5.0, ge=0, description="how long the first ready frame waits for others")
+    batch_window_ms: float = Field(5.0, ge=0, description="min wait for batch company")
     stream_ttl_s: float = Field(10.0, ge=0, description="keep a disconnected stream's state this long (resume)")
     decode_threads: int = Field(2, ge=1)
 

@@ -36,6 +36,7 @@ from server.engine.stats import EngineSnapshot, FrameEvent, LatencyStats, NullSt
 log = logging.getLogger("eventful.engine")
 
 ACTIVE_STREAM_S = 1.0  # a stream that sent a frame this recently is expected to send again (batching)
+WINDOW_STEP_FRACTION = 0.25  # wait for expected company up to this fraction of a recent step (at least the window)
 
 
 def _single_threaded_torch() -> None:
@@ -105,6 +106,7 @@ class Engine:
         self._runner: ModelRunner | None = None
         self._policy: BudgetPolicy | None = None
         self._ready = threading.Event()
+        self._recent_step_s = 0.0  # moving average of model step time (batching window)
         self._started = False
         self._stopping = False
         self._paused = False
@@ -388,7 +390,8 @@ class Engine:
             timeout = self._registry.next_expiry(now)
             if not self._paused:
                 incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
-                due = self._scheduler.next_batch(now, incoming)
+                window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
+                due = self._scheduler.next_batch(now, incoming, window)
                 if isinstance(due, list):
                     return due
                 if due is not None:
@@ -428,6 +431,7 @@ class Engine:
 
     def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult):
         queue_seconds = [max(0.0, result.started_at - p.queued_at) for p in batch]
+        self._recent_step_s += 0.2 * (result.step_seconds - self._recent_step_s)
         with self._cond:
             for pending, record, output, queued in zip(batch, records, result.outputs, queue_seconds, strict=True):
                 record.frames_processed += 1

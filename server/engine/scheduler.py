@@ -84,16 +84,20 @@ class Scheduler:
     def is_ready(self, stream_id: str) -> bool:
         return stream_id in self._ready
 
-    def next_batch(self, now: float, incoming: int = 0) -> list[PendingFrame] | float | None:
+    def next_batch(
+        self, now: float, incoming: int = 0, window_s: float | None = None
+    ) -> list[PendingFrame] | float | None:
         """A batch to run now, or seconds to wait before asking again, or None when nothing is ready.
 
-        incoming: streams with no ready frame but one being decoded (worth waiting for, within the window).
+        incoming: streams with no ready frame but one expected soon (worth waiting for, within the window).
+        window_s: the batching window for this decision (default batch_window_s).
         """
         if not self._ready:
             return None
         ready = sorted(self._ready.values(), key=lambda f: f.queued_at)
         full = min(self.max_batch_size, len(ready) + incoming)
-        wait = ready[0].queued_at + self.batch_window_s - now
+        window = self.batch_window_s if window_s is None else window_s
+        wait = ready[0].queued_at + window - now
         if len(ready) < full and wait > 0:
             return wait
         batch = ready[: self.max_batch_size]
