@@ -196,12 +196,26 @@ class EventfulViT:
                     f"state for level {state.level!r} with {state.num_tokens} tokens does not fit this runner "
                     f"(level {self.config.level!r}, {self.vit.num_tokens} tokens): create it with new_state()"
                 )
+        if all(bud.is_dense_for(self.vit.num_patches) for bud in budgets):
+            return self._plain_dense(images, states)
         order = _slab_order(states)
         if b > 1 and order != list(range(b)):  # run in slab order (no copies), answer in the caller's order
             inverse = sorted(range(b), key=order.__getitem__)
             out = self._step(images[order], [states[j] for j in order], [budgets[j] for j in order])
             return out.reordered(inverse)
         return self._step(images, states, budgets)
+
+    def _plain_dense(self, images: torch.Tensor, states: list[StreamState]) -> StepOutput:
+        """Every stream asked for its full budget: the plain dense model, at exactly its cost. The states are not
+        seeded (that would cost copies), so each stream's next sparse frame runs densely and seeds them."""
+        x = self.model.forward_features(images)  # [B, N, C]
+        logits = self.model.forward_head(x)
+        for state in states:
+            state.flush()
+        b, depth = images.shape[0], self.vit.depth
+        counts = torch.full((b, depth, 3), self.vit.num_tokens, dtype=torch.long)
+        macs = dense_macs(self.vit)
+        return StepOutput(logits, x, counts, [macs] * b, macs, [True] * b)
 
     def _step(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget]) -> StepOutput:
         b = images.shape[0]

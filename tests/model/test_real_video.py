@@ -51,8 +51,9 @@ def test_sparse_budget_after_full_budget_frame_is_exact_again(deit_and_frames):
     runner = EventfulViT(model, EventfulConfig())
     state = runner.new_state()
     errors = []
-    for t, tokens in enumerate([196, 64, 64, 32, 196, 98]):
+    for t, tokens in enumerate([196, 64, 64, 32, 196, 98, 98]):
         out = runner.step(images[t : t + 1], [state], [StreamBudget(tokens=tokens)])
         errors.append(float((out.logits - dense[t : t + 1]).abs().max()))
-    assert errors[0] <= 1e-4 and errors[4] <= 1e-4
-    assert min(errors[1], errors[2], errors[3], errors[5]) > 1e-3
+    # full frames (0, 4) and the seeding frames after them (1, 5) are exact; the others approximate
+    assert max(errors[0], errors[1], errors[4], errors[5]) <= 1e-4
+    assert min(errors[2], errors[3], errors[6]) > 1e-3
