@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=float, default=8.0, help="seconds per run")
     s.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)")
     s.add_argument("--fps", type=float, default=0.0, help="frames/s per stream; 0 = closed loop (capacity)")
+    s.add_argument("--in-flight", type=int, default=2, help="closed loop: unanswered frames per stream")
     s.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
     s.add_argument("--server-arg", action="append", default=[],
                    help="extra eventful-serve flag, e.g. --server-arg=--threads=1 (repeatable)")
@@ -99,7 +100,8 @@ def run_server(args: argparse.Namespace) -> int:
             pass
     config = ServerBenchConfig(
         model=args.model, videos=args.video, streams=streams, budget_tokens=args.budget_tokens,
-        duration_s=args.duration, repeats=args.repeats, fps=args.fps, size=args.size, labels=args.labels,
+        duration_s=args.duration, repeats=args.repeats, fps=args.fps, in_flight=args.in_flight, size=args.size,
+        labels=args.labels,
         server_args=tuple(args.server_arg),
     )
     report = run_server_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))

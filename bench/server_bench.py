@@ -12,7 +12,7 @@ import asyncio
 import json
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class ServerBenchConfig:
     duration_s: float = 8.0
     repeats: int = 3
     fps: float = 0.0  # 0: closed loop (capacity); > 0: paced cameras
+    in_flight: int = 2  # closed loop: unanswered frames per stream (2: the next frame waits when a step ends)
     size: int | None = None
     labels: str | None = None
     server_args: tuple[str, ...] = ()
@@ -66,6 +67,8 @@ def _breakdown(streams: list[Any]) -> dict[str, float | None]:
 
 
 def run_server_bench(config: ServerBenchConfig, log_dir: Path | None = None, progress=print) -> dict[str, Any]:
+    """Per repetition: a latency probe (one stream, one frame in flight) and a throughput run per stream count
+    (closed loop with `in_flight` frames per stream, or paced at `fps`), each eventful and dense back to back."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eventful-bench-server-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     args = ["--model", config.model, "--budget-tokens", str(config.budget_tokens), "--stream-ttl-s", "0",
@@ -73,27 +76,27 @@ def run_server_bench(config: ServerBenchConfig, log_dir: Path | None = None, pro
     if config.labels:
         args += ["--labels", config.labels]
     base_load = LoadConfig(server="http://x", streams=1, videos=list(config.videos), fps=config.fps,
-                           duration_s=config.duration_s, size=config.size)
+                           duration_s=config.duration_s, size=config.size, in_flight=config.in_flight)
     encoded = load_frames(base_load)
     runs: list[dict[str, Any]] = []
     with live_server(args, log_dir / "server.log") as base, httpx.Client(base_url=base, trust_env=False) as http:
         num_patches = http.get("/v1/budget").json().get("num_patches") or _patches_from_metrics(http)
         modes = {"eventful": config.budget_tokens, "dense": num_patches}
-        run_index = 0
+        plan = [("latency", 1, 0.0, 1)] + [("throughput", n, config.fps, config.in_flight) for n in config.streams]
         for rep in range(config.repeats):
-            for n in config.streams:
+            for kind, n, fps, in_flight in plan:
                 order = list(modes.items()) if rep % 2 == 0 else list(reversed(modes.items()))
                 for mode, tokens in order:
                     http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
-                    load = LoadConfig(**{**asdict(base_load), "server": base, "streams": n,
-                                         "stream_prefix": f"bench{run_index}"})
-                    run_index += 1
+                    load = replace(base_load, server=base, streams=n, fps=fps, in_flight=in_flight,
+                                   stream_prefix=f"bench{len(runs)}")
                     report = asyncio.run(run_load(load, encoded))
                     agg = report.aggregate()
-                    runs.append({"repeat": rep, "streams": n, "mode": mode, "tokens": tokens, "aggregate": agg,
-                                 "breakdown": _breakdown(report.streams)})
-                    progress(f"rep {rep} streams {n} {mode:8s} r={tokens:3d}: {agg['fps_answered']:6.1f} frames/s, "
-                             f"p50 {agg['latency_ms']['p50'] or 0:.1f} ms, dropped {agg['dropped']}")
+                    runs.append({"repeat": rep, "kind": kind, "streams": n, "mode": mode, "tokens": tokens,
+                                 "aggregate": agg, "breakdown": _breakdown(report.streams)})
+                    progress(f"rep {rep} {kind:10s} streams {n} {mode:8s} r={tokens:3d}: "
+                             f"{agg['fps_answered']:6.1f} frames/s, p50 {agg['latency_ms']['p50'] or 0:.1f} ms, "
+                             f"dropped {agg['dropped']}")
     return summarize(config, runs, modes)
 
 
@@ -104,42 +107,54 @@ def _patches_from_metrics(http: httpx.Client) -> int:
     raise RuntimeError("the server reports no eventful_patch_tokens")
 
 
+def _mode_summary(mine: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    agg = [r["aggregate"] for r in mine]
+    return {
+        "tokens": tokens,
+        "fps": _median([a["fps_answered"] for a in agg]),
+        "p50_ms": _median([a["latency_ms"]["p50"] for a in agg]),
+        "p95_ms": _median([a["latency_ms"]["p95"] for a in agg]),
+        "p99_ms": _median([a["latency_ms"]["p99"] for a in agg]),
+        "dropped": sum(a["dropped"] for a in agg),
+        "errors": sum(a["errors"] for a in agg),
+        "unanswered": sum(a["unanswered"] for a in agg),
+        "mean_batch_size": _median([a["mean_batch_size"] for a in agg]),
+        "mean_updated_fraction": _median([a["mean_updated_fraction"] for a in agg]),
+        "breakdown": {k: _median([r["breakdown"].get(k) for r in mine]) for k in mine[0]["breakdown"]},
+    }
+
+
+def _paired_ratio(runs: list[dict[str, Any]], key) -> float | None:
+    """Median over repetitions of eventful / dense for key(aggregate) (each pair ran back to back)."""
+    ratios = []
+    for e in runs:
+        for d in runs:
+            if e["repeat"] == d["repeat"] and e["mode"] == "eventful" and d["mode"] == "dense" and key(d) > 0:
+                ratios.append(key(e) / key(d))
+    return _median(ratios)
+
+
 def summarize(config: ServerBenchConfig, runs: list[dict[str, Any]], modes: dict[str, int]) -> dict[str, Any]:
     rows = []
     for n in config.streams:
+        mine = [r for r in runs if r["kind"] == "throughput" and r["streams"] == n]
         row: dict[str, Any] = {"streams": n}
         for mode in modes:
-            mine = [r for r in runs if r["streams"] == n and r["mode"] == mode]
-            agg = [r["aggregate"] for r in mine]
-            row[mode] = {
-                "tokens": modes[mode],
-                "fps": _median([a["fps_answered"] for a in agg]),
-                "p50_ms": _median([a["latency_ms"]["p50"] for a in agg]),
-                "p95_ms": _median([a["latency_ms"]["p95"] for a in agg]),
-                "p99_ms": _median([a["latency_ms"]["p99"] for a in agg]),
-                "dropped": sum(a["dropped"] for a in agg),
-                "errors": sum(a["errors"] for a in agg),
-                "unanswered": sum(a["unanswered"] for a in agg),
-                "mean_batch_size": _median([a["mean_batch_size"] for a in agg]),
-                "mean_updated_fraction": _median([a["mean_updated_fraction"] for a in agg]),
-                "breakdown": {k: _median([r["breakdown"].get(k) for r in mine]) for k in mine[0]["breakdown"]},
-            }
-        # the ratio of medians and the median of per-repeat ratios (paired: same repeat, back to back)
-        paired = [
-            e["aggregate"]["fps_answered"] / d["aggregate"]["fps_answered"]
-            for e in runs for d in runs
-            if e["streams"] == d["streams"] == n and e["repeat"] == d["repeat"]
-            and e["mode"] == "eventful" and d["mode"] == "dense" and d["aggregate"]["fps_answered"] > 0
-        ]
-        row["throughput_ratio"] = _median(paired)
+            row[mode] = _mode_summary([r for r in mine if r["mode"] == mode], modes[mode])
+        row["throughput_ratio"] = _paired_ratio(mine, lambda r: r["aggregate"]["fps_answered"])
         rows.append(row)
-    return {"config": asdict(config), "results": rows, "runs": runs}
+    probe = [r for r in runs if r["kind"] == "latency"]
+    latency = {mode: _mode_summary([r for r in probe if r["mode"] == mode], modes[mode]) for mode in modes}
+    latency["latency_ratio"] = _paired_ratio(probe, lambda r: r["aggregate"]["latency_ms"]["p50"] or 0.0)
+    return {"config": asdict(config), "results": rows, "latency": latency, "runs": runs}
 
 
 def format_table(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    load = f"closed loop, {cfg['in_flight']} in flight per stream" if not cfg["fps"] else f"{cfg['fps']} fps paced"
     head = (f"{'streams':>7} {'mode':<9}{'r':>5}{'frames/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
             f"{'dropped':>9}{'batch':>7}{'x dense':>9}")
-    lines = [head, "-" * len(head)]
+    lines = [f"throughput ({load}):", head, "-" * len(head)]
     for row in report["results"]:
         for mode in ("eventful", "dense"):
             m = row[mode]
@@ -149,19 +164,20 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{m['p95_ms'] or 0:9.1f}{m['p99_ms'] or 0:9.1f}{m['dropped']:>9}"
                 f"{m['mean_batch_size'] or 0:7.2f}{ratio}"
             )
-    one = next((r for r in report["results"] if r["streams"] == 1), None)
-    if one:
-        b = one["eventful"]["breakdown"]
-        lines.append("")
+    lines.append("")
+    lines.append("latency (1 stream, 1 frame in flight), medians per frame:")
+    for mode in ("eventful", "dense"):
+        b = report["latency"][mode]["breakdown"]
         lines.append(
-            "1 stream, eventful, medians per frame: server latency {server_latency_ms:.1f} ms = decode {decode_ms:.1f}"
-            " + queue {queue_ms:.1f} + step {step_ms:.1f} + other {other_ms:.1f}; client round trip "
-            "{client_latency_ms:.1f} ms".format(**b)
+            f"  {mode:<9} server {b['server_latency_ms']:.1f} ms = decode {b['decode_ms']:.1f} + queue "
+            f"{b['queue_ms']:.1f} + step {b['step_ms']:.1f} + other {b['other_ms']:.1f}; client round trip "
+            f"{b['client_latency_ms']:.1f} ms (p95 {report['latency'][mode]['p95_ms']:.1f})"
         )
-        lines.append(
-            f"server overhead (all but the model step): {100 * b['overhead_fraction']:.1f}% of the server latency, "
-            f"{100 * b['overhead_fraction_client']:.1f}% of the client round trip"
-        )
+    b = report["latency"]["eventful"]["breakdown"]
+    lines.append(
+        f"server overhead (all but the model step), eventful: {100 * b['overhead_fraction']:.1f}% of the server "
+        f"latency, {100 * b['overhead_fraction_client']:.1f}% of the client round trip"
+    )
     return "\n".join(lines)
 
 

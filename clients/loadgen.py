@@ -5,8 +5,9 @@ backward, so a looped video has no scene cut). Each stream starts at its own off
 
 - paced (`--fps F`): a frame every 1/F s whether or not the last result came back, like a camera; the server drops
   stale frames, so `dropped` measures how far the server falls behind.
-- closed loop (`--fps 0`): the next frame goes out when the previous one is answered (one in flight per stream);
-  the aggregate answered frames/s is then the server's capacity for N streams.
+- closed loop (`--fps 0`): the next frame goes out when fewer than `--in-flight` frames are unanswered (1 by
+  default); with 2 the server always has the stream's next frame waiting when a step ends, so the aggregate
+  answered frames/s is its capacity for N streams, not bounded by network round trips.
 
 Latency is measured on the client (send -> result received) and reported by the server (receive -> result sent,
 with its decode / queue / step breakdown).
@@ -37,7 +38,8 @@ class LoadConfig:
     server: str  # http://host:port or ws://host:port
     streams: int
     videos: list[str]
-    fps: float = 10.0  # per stream; 0 = closed loop (next frame when the previous one is answered)
+    fps: float = 10.0  # per stream; 0 = closed loop (next frame when fewer than in_flight are unanswered)
+    in_flight: int = 1  # closed loop: frames sent and not yet answered, per stream
     duration_s: float = 10.0
     size: int | None = None  # resize so the short side is this many pixels (None: as decoded)
     jpeg_quality: int = 90
@@ -52,6 +54,8 @@ class LoadConfig:
             raise ValueError("give at least one video")
         if self.fps < 0 or self.duration_s <= 0:
             raise ValueError("fps must be >= 0 and duration_s > 0")
+        if self.in_flight < 1:
+            raise ValueError("in_flight must be >= 1")
 
 
 @dataclass
@@ -244,20 +248,12 @@ async def run_stream(config: LoadConfig, index: int, frames: list[bytes], deadli
                 if period:
                     await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
                     next_send += period
-                else:
-                    answered.clear()
                 frame_index = report.frames_sent
                 sent_at[frame_index] = time.perf_counter()
                 await ws.send(frames[next(order)])
                 report.frames_sent += 1
-                if not period:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    try:
-                        await asyncio.wait_for(answered.wait(), timeout=remaining + GRACE_S)
-                    except TimeoutError:
-                        break
+                if not period and not await _until_fewer_in_flight(sent_at, config.in_flight, answered, deadline):
+                    break
             # wait for the answers still in flight
             grace_end = time.perf_counter() + GRACE_S
             while sent_at and time.perf_counter() < grace_end and not receiver.done():
@@ -273,6 +269,22 @@ async def run_stream(config: LoadConfig, index: int, frames: list[bytes], deadli
         report.closed = f"{type(err).__name__}: {err}"
     report.unanswered = len(sent_at)
     return report
+
+
+async def _until_fewer_in_flight(
+    sent_at: dict[int, float], in_flight: int, answered: asyncio.Event, deadline: float
+) -> bool:
+    """Closed loop: wait until fewer than in_flight frames are unanswered. False when the deadline came first."""
+    while len(sent_at) >= in_flight:
+        answered.clear()  # no await between the check and the clear: the receiver cannot slip in
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(answered.wait(), timeout=remaining + GRACE_S)
+        except TimeoutError:
+            return False
+    return time.perf_counter() < deadline
 
 
 async def run_load(config: LoadConfig, encoded: dict[str, list[bytes]] | None = None) -> LoadReport:
@@ -327,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--video", nargs="+", required=True, help="video files; stream i uses video i mod count")
     parser.add_argument("--fps", type=float, default=10.0, help="frames/s per stream; 0 = closed loop")
+    parser.add_argument("--in-flight", type=int, default=1,
+                        help="closed loop: unanswered frames per stream (2 keeps the server busy between answers)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending")
     parser.add_argument("--size", type=int, default=None, help="resize frames so the short side is this (pixels)")
     parser.add_argument("--jpeg-quality", type=int, default=90)
@@ -343,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = LoadConfig(
             server=args.server, streams=args.streams, videos=args.video, fps=args.fps, duration_s=args.duration,
+            in_flight=args.in_flight,
             size=args.size, jpeg_quality=args.jpeg_quality, api_key=args.api_key or os.environ.get("EVENTFUL_API_KEY"),
             stream_prefix=args.stream_prefix,
         )

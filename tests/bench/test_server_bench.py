@@ -23,11 +23,12 @@ def test_server_bench_runs_both_modes_and_writes_json(real_video, tmp_path, caps
         for mode in ("eventful", "dense"):
             assert row[mode]["fps"] > 0 and row[mode]["errors"] == 0 and row[mode]["unanswered"] == 0
         assert row["throughput_ratio"] == pytest.approx(row["eventful"]["fps"] / row["dense"]["fps"], rel=1e-6)
-    one = report["results"][0]["eventful"]["breakdown"]
+    one = report["latency"]["eventful"]["breakdown"]  # the latency probe: 1 stream, 1 frame in flight
     parts = one["decode_ms"] + one["queue_ms"] + one["step_ms"] + one["other_ms"]
     assert parts == pytest.approx(one["server_latency_ms"], rel=0.25)  # medians of parts vs median of the sum
     assert 0 < one["overhead_fraction"] < 1
-    assert len(report["runs"]) == 4  # 2 stream counts x 2 modes x 1 repeat
+    assert report["latency"]["eventful"]["unanswered"] == 0 and report["latency"]["dense"]["fps"] > 0
+    assert len(report["runs"]) == 6  # (latency probe + 2 stream counts) x 2 modes x 1 repeat
     assert "server overhead" in capsys.readouterr().out
 
 
