@@ -368,8 +368,8 @@ class EventfulViT:
         """Scatter new per-token heads ([T, H, Dh]) into the [B, H, N, Dh] buffers."""
         for name, tensor in new.items():
             buffer = lb.get(name)
-            if sel.single:
-                buffer[0].index_copy_(1, sel.token_idx, tensor.transpose(0, 1))
+            if buffer.is_contiguous():
+                sel.scatter_heads(buffer, tensor)
             else:
                 buffer[sel.batch_idx, :, sel.token_idx] = tensor
             lb.write_rows(name, sel, 1)

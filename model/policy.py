@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,23 @@ class Selection:
     valid: torch.Tensor
     counts: list[int]  # selected tokens per stream (incl. prefix tokens)
     everything: bool  # every token of every stream selected
+    _flat: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def uniform(self) -> bool:
+        """Every stream has R selected tokens: the flat form is the padded form flattened (reshapes, no copies)."""
+        return self.padded.shape[1] * self.padded.shape[0] == self.batch_idx.numel()
+
+    def flat_index(self, n: int, heads: int | None = None) -> torch.Tensor:
+        """Row indices into a [B * N, ...] view ([T]), or into a [B * heads * N, ...] view ([T, heads])."""
+        key = (n,) if heads is None else (n, heads)
+        if key not in self._flat:
+            if heads is None:
+                self._flat[key] = self.batch_idx * n + self.token_idx
+            else:
+                h = torch.arange(heads, device=self.batch_idx.device)
+                self._flat[key] = (self.batch_idx[:, None] * heads + h) * n + self.token_idx[:, None]
+        return self._flat[key]
 
     @property
     def total(self) -> int:
@@ -68,20 +85,35 @@ class Selection:
         """Selected rows of a [B, N, ...] tensor -> [T, ...]."""
         if self.single:
             return tokens[0].index_select(0, self.token_idx)
+        if tokens.is_contiguous():
+            return tokens.flatten(0, 1).index_select(0, self.flat_index(tokens.shape[1]))
         return tokens[self.batch_idx, self.token_idx]
 
     def scatter(self, tokens: torch.Tensor, values: torch.Tensor) -> None:
         """Write [T, ...] values into the selected rows of a [B, N, ...] tensor, in place."""
         if self.single:
             tokens[0].index_copy_(0, self.token_idx, values)
+        elif tokens.is_contiguous():
+            tokens.flatten(0, 1).index_copy_(0, self.flat_index(tokens.shape[1]), values)
         else:
             tokens[self.batch_idx, self.token_idx] = values
+
+    def scatter_heads(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
+        """Write [T, H, Dh] per-token heads into a contiguous [B, H, N, Dh] buffer, in place."""
+        b, heads, n, dh = buffer.shape
+        if self.single:
+            buffer[0].index_copy_(1, self.token_idx, values.transpose(0, 1))
+        else:
+            index = self.flat_index(n, heads).flatten()  # [T * H]
+            buffer.view(b * heads * n, dh).index_copy_(0, index, values.reshape(-1, dh))
 
     def to_padded(self, flat: torch.Tensor) -> torch.Tensor:
         """[T, ...] -> [B, R, ...] (padding rows are zero)."""
         if self.single:
             return flat.unsqueeze(0)
         b, r = self.padded.shape
+        if self.uniform:
+            return flat.view(b, r, *flat.shape[1:])
         out = flat.new_zeros((b, r, *flat.shape[1:]))
         out[self.batch_idx, self.slot_idx] = flat
         return out
@@ -90,6 +122,8 @@ class Selection:
         """[B, R, ...] -> [T, ...]."""
         if self.single:
             return padded[0]
+        if self.uniform:
+            return padded.reshape(-1, *padded.shape[2:])
         return padded[self.batch_idx, self.slot_idx]
 
 

@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from server.settings import Settings
 
+SWITCH_INTERVAL_S = 0.0005
+
 FLAGS: list[tuple[str, dict]] = [
     ("--model", dict(help="checkpoint file (timm), HF directory, HF id or named architecture (EVENTFUL_MODEL)")),
     ("--labels", dict(help="class names file for timm checkpoints")),
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     # start an OpenMP team of its own (e.g. through an import-time kernel check): with more OpenMP workers than
     # cores, libgomp throttles its spin-waits and every fine-grained eventful step gets ~2x slower.
     torch.set_num_threads(1)
+    # The inference thread releases the GIL in every torch op and needs it back for the next one; when the event
+    # loop holds it, the default 5 ms switch interval can stall a step that long. 0.5 ms bounds the stall.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     from server.app import create_app
 
