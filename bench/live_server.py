@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,18 +25,21 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, port: int | None = None
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, port: int | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> Iterator[str]:
     """Start `python -m server.cli ARGS --host 127.0.0.1 --port N`; yield its base URL once /readyz says ready.
 
-    EVENTFUL_* variables of the caller are not inherited (only `env`). The server is stopped on exit; an exit
-    while in use raises with its log."""
+    EVENTFUL_* variables of the caller are not inherited (only `env`). `on_start` gets the process (e.g. to kill
+    it in a test). The server is stopped on exit; an exit while in use raises with its log."""
     port = port or free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFUL_")}
     environment.update(PYTHONPATH=str(REPO_ROOT), **(env or {}))
     command = [sys.executable, "-m", "server.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        if on_start is not None:
+            on_start(process)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
