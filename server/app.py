@@ -15,11 +15,15 @@ from prometheus_client import CollectorRegistry
 
 from model.eventful import EventfulConfig
 from model.loaders import load_model
+from model.videomae import VideoMAE
 from model.vit import VisionTransformer
-from server.api import budget, health, streams
+from model.yolos import YolosDetector
+from server.api import budget, health, streams, web
 from server.api.deps import require_api_key
 from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget, ModelRunner
+from server.engine.clip_runner import ClipRunner
 from server.engine.decode import FrameLimits
+from server.engine.detect_runner import DetectRunner
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -30,7 +34,12 @@ see docs/protocol.md); steer the compute budget with `/v1/budget` and `/v1/strea
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    if settings.budget_tokens is not None:
+    if settings.budget_mode == "auto":
+        default = GlobalBudget(
+            "auto", target_latency_ms=settings.target_latency_ms, min_tokens=settings.budget_min_tokens,
+            max_tokens=settings.budget_max_tokens,
+        )
+    elif settings.budget_tokens is not None:
         default = GlobalBudget("fixed", tokens=settings.budget_tokens)
     else:
         default = GlobalBudget("fixed", fraction=settings.budget_fraction)
@@ -41,6 +50,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         stream_ttl_s=settings.stream_ttl_s,
         decode_threads=settings.decode_threads,
         default_budget=default,
+        target_latency_s=settings.target_latency_ms / 1000,
         limits=FrameLimits(
             settings.max_frame_bytes, settings.max_frame_width, settings.max_frame_height, settings.max_frame_pixels
         ),
@@ -63,7 +73,12 @@ def build_runner(settings: Settings, model: VisionTransformer | None = None) -> 
     eventful = EventfulConfig(
         level=settings.level, gate_position=settings.gate_position, refresh_interval=settings.refresh_interval
     )
-    return ModelRunner(model, eventful, top_k=settings.top_k, limits=engine_config(settings).limits)
+    limits = engine_config(settings).limits
+    if isinstance(model, VideoMAE):  # clip mode: a sliding window per stream, RLT, an action label every stride
+        return ClipRunner(model, settings.rlt_tau, settings.clip_stride, top_k=settings.top_k, limits=limits)
+    if isinstance(model, YolosDetector):  # detection: boxes in frame pixels
+        return DetectRunner(model, eventful, settings.detect_threshold, settings.max_boxes, limits=limits)
+    return ModelRunner(model, eventful, top_k=settings.top_k, limits=limits)
 
 
 def create_app(
@@ -95,6 +110,7 @@ def create_app(
     app.include_router(budget.router, dependencies=auth)
     app.include_router(streams.router)
     app.include_router(streams.ws_router)
+    app.include_router(web.router)  # the browser camera page at /, open (it asks for the key itself)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

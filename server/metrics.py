@@ -6,6 +6,8 @@ prometheus_client. Gauges are set from an EngineSnapshot at scrape time. No stre
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -78,6 +80,18 @@ class Metrics:
                                    registry=registry)
         self.patch_tokens = Gauge(f"{p}_patch_tokens", "Patch tokens per frame of the loaded model.",
                                   registry=registry)
+        self.target_latency = Gauge(f"{p}_target_latency_seconds",
+                                    "The budget controller's p95 latency target (auto mode; 0 in fixed mode).",
+                                    registry=registry)
+        self.measured_p95 = Gauge(f"{p}_measured_p95_latency_seconds",
+                                  "p95 end-to-end latency over about the last second, as the controller measures it.",
+                                  registry=registry)
+        self.stream_budget = Gauge(f"{p}_stream_budget_tokens",
+                                   "Tokens per gate the connected streams get now, by stat (mean, min, max).",
+                                   ["stat"], registry=registry)
+        self.saturated = Gauge(f"{p}_controller_saturated",
+                               "1 when the controller's minimum budget cannot meet the target (frames are shed).",
+                               registry=registry)
         self.ready = Gauge(f"{p}_ready", "1 when the model is loaded and the inference thread runs.",
                            registry=registry)
         for code in ERROR_CODES:  # export every code from the start (at 0), so rates work from the first error
@@ -127,4 +141,10 @@ class Metrics:
         self.state_bytes.set(snapshot.state_bytes)
         self.budget_tokens.set(snapshot.budget_tokens)
         self.patch_tokens.set(snapshot.num_patches)
+        self.target_latency.set(snapshot.target_latency_s)
+        self.measured_p95.set(math.nan if snapshot.measured_p95_s is None else snapshot.measured_p95_s)
+        mean, low, high = snapshot.stream_tokens or (math.nan, math.nan, math.nan)
+        for stat, value in (("mean", mean), ("min", low), ("max", high)):
+            self.stream_budget.labels(stat=stat).set(value)
+        self.saturated.set(1 if snapshot.saturated else 0)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

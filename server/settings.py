@@ -34,8 +34,16 @@ class Settings(BaseSettings):
     # budget and latency
     budget_tokens: int | None = Field(None, ge=0, description="default tokens per gate (wins over budget_fraction)")
     budget_fraction: float = Field(0.25, ge=0.0, le=1.0, description="default budget as a fraction of patches")
-    target_latency_ms: float = Field(100.0, gt=0, description="latency target: histogram buckets, auto mode")
+    budget_mode: Literal["fixed", "auto"] = Field("fixed", description="start with a fixed budget or the controller")
+    target_latency_ms: float = Field(100.0, gt=0, description="p95 latency target: auto mode, SLO, histogram buckets")
+    budget_min_tokens: int | None = Field(None, ge=0, description="auto mode: the controller's floor (default 0)")
+    budget_max_tokens: int | None = Field(None, ge=0, description="auto mode: the controller's ceiling")
     top_k: int = Field(5, ge=1, le=100, description="labels per result")
+    # detection (YOLOS) and clip (VideoMAE) models
+    detect_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detection score threshold (YOLOS)")
+    max_boxes: int = Field(100, ge=1, description="at most this many boxes per frame (YOLOS)")
+    clip_stride: int = Field(8, ge=1, description="clip models: an action label every this many frames")
+    rlt_tau: float = Field(0.1, ge=0.0, description="clip models: Run-Length Tokenization threshold (0: off)")
 
     # engine
     max_streams: int = Field(16, ge=1)

@@ -12,6 +12,7 @@ from server.api.schemas import (
     AutoBudgetIn,
     BudgetIn,
     BudgetOut,
+    ControllerOut,
     FixedBudgetIn,
     StreamBudgetIn,
     StreamBudgetOut,
@@ -25,10 +26,22 @@ StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id
 
 def _budget_out(engine: Engine) -> BudgetOut:
     budget, tokens = engine.global_budget()
+    controller = None
+    state = engine.controller_state() if budget.mode == "auto" else None
+    if state is not None:
+        controller = ControllerOut(
+            target_latency_ms=1000 * state.target_s,
+            measured_p95_ms=None if state.measured_p95_s is None else 1000 * state.measured_p95_s,
+            step_budget_ms=1000 * state.step_budget_s, predicted_step_ms=1000 * state.predicted_step_s,
+            level_tokens=state.level, tokens_mean=state.tokens_mean, tokens_min=state.tokens_min,
+            tokens_max=state.tokens_max, streams=state.streams, saturated=state.saturated, reason=state.reason,
+            max_batch=state.max_batch, busy_fraction=state.busy_fraction,
+            cost_model_ms=tuple(1000 * v for v in state.cost_model),
+        )
     return BudgetOut(
         mode=budget.mode, tokens=budget.tokens, fraction=budget.fraction, target_latency_ms=budget.target_latency_ms,
-        effective_tokens=tokens, num_patches=engine.policy.num_patches,
-        controller="pending" if budget.mode == "auto" else None,
+        min_tokens=budget.min_tokens, max_tokens=budget.max_tokens,
+        effective_tokens=tokens, num_patches=engine.policy.num_patches, controller=controller,
     )
 
 
@@ -52,16 +65,19 @@ def get_budget(engine: EngineDep) -> BudgetOut:
     "/budget", response_model=BudgetOut, summary="Set the global budget policy",
     description=(
         "`{\"mode\": \"fixed\", \"tokens\": R}` or `{\"mode\": \"fixed\", \"fraction\": F}`, or "
-        "`{\"mode\": \"auto\", \"target_latency_ms\": T}`. Auto mode is stored, but the controller that would "
-        "move the budget is not built yet (issue #4): the budget in effect is held, and the response says "
-        "`\"controller\": \"pending\"`."
+        "`{\"mode\": \"auto\", \"target_latency_ms\": T}` (optionally `min_tokens`, `max_tokens`): the budget "
+        "controller then sets every stream's tokens each round to hold the p95 end-to-end latency at the target, "
+        "honouring per-stream overrides and caps; `controller` in the response shows its state, including "
+        "`saturated` when even `min_tokens` cannot meet the target (frames are then shed)."
     ),
 )
 def put_budget(engine: EngineDep, body: Annotated[BudgetIn, Body()]) -> BudgetOut:
     if isinstance(body, FixedBudgetIn):
         engine.set_global_budget(GlobalBudget("fixed", tokens=body.tokens, fraction=body.fraction))
     elif isinstance(body, AutoBudgetIn):
-        engine.set_global_budget(GlobalBudget("auto", target_latency_ms=body.target_latency_ms))
+        engine.set_global_budget(GlobalBudget(
+            "auto", target_latency_ms=body.target_latency_ms, min_tokens=body.min_tokens, max_tokens=body.max_tokens
+        ))
     return _budget_out(engine)
 
 

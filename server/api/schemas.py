@@ -28,13 +28,35 @@ class FixedBudgetIn(_Strict):
 
 
 class AutoBudgetIn(_Strict):
-    """Hold an end-to-end latency target (the controller is pending, issue #4: the budget is held as it is)."""
+    """Hold a p95 end-to-end latency target: the controller sets every stream's tokens each round."""
 
     mode: Literal["auto"]
-    target_latency_ms: float = Field(..., gt=0, le=60_000, description="end-to-end latency target in ms")
+    target_latency_ms: float = Field(..., gt=0, le=60_000, description="p95 end-to-end latency target in ms")
+    min_tokens: int | None = Field(None, ge=0, description="the controller's floor (default 0)")
+    max_tokens: int | None = Field(None, ge=0, description="the controller's ceiling (default num_patches)")
 
 
 BudgetIn = Annotated[FixedBudgetIn | AutoBudgetIn, Field(discriminator="mode")]
+
+
+class ControllerOut(BaseModel):
+    """The budget controller's state (auto mode)."""
+
+    target_latency_ms: float
+    measured_p95_ms: float | None = Field(description="p95 end-to-end latency over about the last second")
+    step_budget_ms: float = Field(description="what the next model step may take to hold the target")
+    predicted_step_ms: float = Field(description="the learned cost model's prediction for the chosen budgets")
+    level_tokens: int = Field(description="tokens per gate a stream without an override or cap gets")
+    tokens_mean: float | None = Field(description="over the streams of the last decision")
+    tokens_min: int | None
+    tokens_max: int | None
+    streams: int = Field(description="streams in the last decision (active ones)")
+    saturated: bool = Field(description="the minimum budget cannot meet the target; frames are being shed")
+    reason: str | None = Field(description="why it is saturated")
+    max_batch: int | None = Field(description="streams per step while shedding load")
+    busy_fraction: float = Field(description="share of the last second the model spent in steps")
+    cost_model_ms: tuple[float, float, float] = Field(
+        description="step_ms = a + b * streams + c * tokens / num_patches: (a, b, c)")
 
 
 class BudgetOut(BaseModel):
@@ -44,9 +66,9 @@ class BudgetOut(BaseModel):
     target_latency_ms: float | None = None
     effective_tokens: int = Field(description="patch tokens per gate streams without an override get now")
     num_patches: int = Field(description="patch tokens per frame of the loaded model (the dense budget)")
-    controller: Literal["pending"] | None = Field(
-        None, description="auto mode only: 'pending' until the budget controller exists; the budget is held"
-    )
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    controller: ControllerOut | None = Field(None, description="auto mode: what the budget controller sees and does")
 
 
 class StreamBudgetIn(_Strict):

@@ -1,9 +1,9 @@
 """Where budgets are decided: the global policy plus per-stream overrides -> tokens per gate for each frame.
 
 Resolved once per frame, when the frame is put into a step plan, so a change applies from the next step on.
-Automatic mode (`auto`, a latency target) is accepted and stored, but the controller that would move the
-budget to hold the target is not built yet (issue #4): until it is, auto mode holds the budget that was in
-effect when it was selected, and every view of it says `controller: "pending"`.
+In automatic mode (`auto`: a latency target, optional min/max tokens) the engine's budget controller
+(`controller.py`) decides the tokens every round and hands them here (`set_auto`); fixed overrides and caps still
+apply, and the controller counts them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class GlobalBudget:
     tokens: int | None = None  # fixed: patch tokens per gate
     fraction: float | None = None  # fixed: fraction of the patch tokens per gate
     target_latency_ms: float | None = None  # auto: end-to-end latency target
+    min_tokens: int | None = None  # auto: the controller's floor (default 0)
+    max_tokens: int | None = None  # auto: the controller's ceiling (default: the model's patch tokens)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class BudgetPolicy:
         self._overrides: dict[str, StreamOverride] = {}
         self._held_tokens = self._tokens_of_fixed(default) if default.mode == "fixed" else num_patches
         self._global = default
+        self._auto_tokens: dict[str, int] = {}  # auto mode: the controller's latest r per stream
         self.set_global(default)
 
     # ---- global ----------------------------------------------------------------------------
@@ -66,11 +69,31 @@ class BudgetPolicy:
             tokens = self._tokens_of_fixed(budget)
             with self._lock:
                 self._global, self._held_tokens = budget, tokens
+                self._auto_tokens = {}
         else:
             if budget.target_latency_ms is None or not budget.target_latency_ms > 0:
                 raise BudgetError("target_latency_ms", "auto mode needs target_latency_ms > 0")
-            with self._lock:  # interim: hold the tokens in effect now (controller pending, issue #4)
+            self._check_tokens("min_tokens", budget.min_tokens)
+            self._check_tokens("max_tokens", budget.max_tokens)
+            low, high = self.auto_range(budget)
+            if low > high:
+                raise BudgetError("min_tokens", f"min_tokens ({low}) must not exceed max_tokens ({high})")
+            with self._lock:  # the controller starts from the tokens in effect now, within the range
                 self._global = budget
+                self._held_tokens = min(max(self._held_tokens, low), high)
+
+    def auto_range(self, budget: GlobalBudget) -> tuple[int, int]:
+        """(min, max) tokens the controller may give in auto mode."""
+        low = 0 if budget.min_tokens is None else budget.min_tokens
+        high = self.num_patches if budget.max_tokens is None else budget.max_tokens
+        return low, high
+
+    def set_auto(self, level: int, tokens: dict[str, int]) -> None:
+        """The controller's decision: r for streams without one of their own (level) and for each listed stream."""
+        with self._lock:
+            if self._global.mode == "auto":
+                self._held_tokens = level
+                self._auto_tokens = dict(tokens)
 
     def get_global(self) -> tuple[GlobalBudget, int]:
         """The policy and the tokens per gate it gives now."""
@@ -102,17 +125,29 @@ class BudgetPolicy:
     def resolve(self, stream_id: str) -> ResolvedBudget:
         """Tokens per gate for this stream's next frame."""
         with self._lock:
-            base = self._held_tokens
+            level = self._held_tokens
+            base = self._auto_tokens.get(stream_id, level)
             override = self._overrides.get(stream_id)
         if override is None:
             return ResolvedBudget(base, "global")
         if override.max_tokens is not None:
-            if override.max_tokens < base:
-                return ResolvedBudget(override.max_tokens, "cap")
-            return ResolvedBudget(base, "global")
+            cap = override.max_tokens
+            return ResolvedBudget(min(cap, base), "cap" if cap < max(base, level) else "global")
         if override.tokens is not None:
             return ResolvedBudget(override.tokens, "override")
         return ResolvedBudget(self.fraction_to_tokens(override.fraction), "override")
+
+    def terms(self, stream_id: str) -> tuple[int | None, int | None]:
+        """(fixed tokens, cap) of a stream's override, for the controller: what it may not change, and its limit."""
+        with self._lock:
+            override = self._overrides.get(stream_id)
+        if override is None:
+            return None, None
+        if override.max_tokens is not None:
+            return None, override.max_tokens
+        if override.tokens is not None:
+            return override.tokens, None
+        return self.fraction_to_tokens(override.fraction), None
 
     # ---- conversions and checks ------------------------------------------------------------
 

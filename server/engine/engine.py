@@ -1,9 +1,10 @@
 """The engine: one inference thread owns the model; frames from every stream flow through it.
 
 A frame's way: `submit` (event loop) -> decode thread (`ModelRunner.prepare`) -> `Scheduler.put` (latest wins)
--> inference thread: `Scheduler.next_batch` -> StepPlan (states, budgets from `BudgetPolicy.resolve`)
--> `ModelRunner.execute` -> FrameResult delivered to the stream's connection. The event loop only does
-bookkeeping under a short lock; decoding and the model run on their own threads.
+-> inference thread: `Scheduler.next_batch` -> StepPlan (states, budgets from `BudgetPolicy.resolve`; in auto mode
+the `BudgetController` decides them first, every round) -> `ModelRunner.execute` -> FrameResult delivered to the
+stream's connection. The event loop only does bookkeeping under a short lock; decoding and the model run on their
+own threads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from model.policy import StreamBudget
 from server.engine.budget import BudgetPolicy, GlobalBudget, ResolvedBudget, StreamOverride
+from server.engine.controller import BudgetController, ControllerConfig, ControllerState, StreamDemand
 from server.engine.decode import FrameLimits, FrameRejected, check_size
 from server.engine.messages import FrameDropped, FrameError, FrameResult, FrameTiming, StreamMessage
 from server.engine.registry import (
@@ -57,6 +59,7 @@ class EngineConfig:
     stream_ttl_s: float = 10.0
     decode_threads: int = 2
     default_budget: GlobalBudget = GlobalBudget("fixed", fraction=0.25)
+    target_latency_s: float = 0.1  # the SLO in fixed mode (measured against, not held); auto mode brings its own
     limits: FrameLimits = field(default_factory=FrameLimits)
     torch_threads: int | None = None
 
@@ -105,6 +108,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="eventful-inference", daemon=True)
         self._runner: ModelRunner | None = None
         self._policy: BudgetPolicy | None = None
+        self._controller: BudgetController | None = None  # observes always; decides in auto mode
+        self._shed_limit: int | None = None  # streams per step while the controller sheds load
         self._ready = threading.Event()
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
         self._started = False
@@ -235,6 +240,8 @@ class Engine:
             record = self._registry.records.get(handle.stream_id)
             if record is not None and record.session is handle._session:
                 record.latencies.append(seconds)
+            if self._controller is not None:
+                self._controller.observe_latency(time.perf_counter(), seconds)
         self.stats.latency(LatencyStats(seconds))
 
     # ---- views -----------------------------------------------------------------------------
@@ -251,7 +258,11 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         with self._cond:
-            policy = self._policy
+            policy, controller, now = self._policy, self._controller, time.perf_counter()
+            connected = [r.stream_id for r in self._registry.records.values() if r.connected]
+            tokens = [policy.resolve(i).tokens for i in connected] if policy else []
+            auto = policy is not None and policy.get_global()[0].mode == "auto"
+            state = controller.state(now) if controller is not None else None
             return EngineSnapshot(
                 ready=self.ready,
                 active_streams=self._registry.connected_count,
@@ -259,7 +270,16 @@ class Engine:
                 state_bytes=self._registry.state_bytes,
                 budget_tokens=policy.get_global()[1] if policy else 0,
                 num_patches=policy.num_patches if policy else 0,
+                target_latency_s=state.target_s if auto and state else 0.0,
+                measured_p95_s=state.measured_p95_s if state else None,
+                stream_tokens=(sum(tokens) / len(tokens), min(tokens), max(tokens)) if tokens else None,
+                saturated=bool(auto and state and state.saturated),
             )
+
+    def controller_state(self) -> ControllerState | None:
+        """The budget controller's view now (None before the model is loaded)."""
+        with self._cond:
+            return self._controller.state(time.perf_counter()) if self._controller is not None else None
 
     def _info(self, record: StreamRecord) -> StreamInfo:
         resolved = self._policy.resolve(record.stream_id) if self._policy else ResolvedBudget(0, "global")
@@ -286,8 +306,20 @@ class Engine:
         return self.policy.get_global()
 
     def set_global_budget(self, budget: GlobalBudget) -> tuple[GlobalBudget, int]:
-        self.policy.set_global(budget)
-        return self.policy.get_global()
+        policy = self.policy
+        with self._cond:
+            policy.set_global(budget)
+            if self._controller is not None:
+                self._controller.reconfigure(self._controller_config(policy), policy.get_global()[1])
+            self._shed_limit = None
+        return policy.get_global()
+
+    def _controller_config(self, policy: BudgetPolicy) -> ControllerConfig:
+        budget = policy.get_global()[0]
+        if budget.mode != "auto":  # observing only: its p95 is reported against the configured SLO
+            return ControllerConfig(self.config.target_latency_s, policy.num_patches)
+        low, high = policy.auto_range(budget)
+        return ControllerConfig(budget.target_latency_ms / 1000, policy.num_patches, min_tokens=low, max_tokens=high)
 
     def stream_budget(self, stream_id: str) -> tuple[StreamOverride | None, ResolvedBudget]:
         return self.policy.get_override(stream_id), self.policy.resolve(stream_id)
@@ -344,7 +376,9 @@ class Engine:
             torch.set_flush_denormal(True)
             runner = self._load_runner()
             runner.warmup()
-            self._policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
+            policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
+            self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
+            self._policy = policy
             self._runner = runner
             self._ready.set()
         except (FileNotFoundError, ValueError, KeyError) as err:  # a bad spec or checkpoint: the message says it
@@ -391,12 +425,46 @@ class Engine:
             if not self._paused:
                 incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
                 window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
-                due = self._scheduler.next_batch(now, incoming, window)
+                due = self._scheduler.next_batch(now, incoming, window, self._shed_limit)
                 if isinstance(due, list):
+                    if self._shed_limit is not None:
+                        self._shed_late_frames(now)
                     return due
                 if due is not None:
                     timeout = due if timeout is None else min(timeout, due)
             self._cond.wait(timeout)
+
+    def _shed_late_frames(self, now: float) -> None:
+        """Under the lock, while the controller sheds load, after a batch was taken: frames left waiting for a later
+        step that are already older than the target are dropped (their streams' next frames are served instead of
+        results that would come too late). Frames in the batch are always served."""
+        target = self._controller.config.target_s if self._controller is not None else None
+        if target is None:
+            return
+        for late in self._scheduler.expire(now - target):
+            record = self._registry.records.get(late.stream_id)
+            session = record.session if record is not None else None
+            if record is not None and session is not None and session.id == late.session:
+                record.frames_dropped += 1
+                session.send(FrameDropped(late.frame))
+            self.stats.frame(FrameEvent("dropped"))
+
+    def _decide_budgets(self, batch: list[PendingFrame], now: float) -> None:
+        """Under the lock, in auto mode: the controller decides every expected stream's tokens for this round."""
+        controller, policy = self._controller, self.policy
+        if controller is None or policy.get_global()[0].mode != "auto":
+            self._shed_limit = None
+            return
+        ids = [p.stream_id for p in batch]
+        seen = set(ids)
+        for record in self._registry.records.values():
+            if record.stream_id not in seen and record.session is not None and (
+                self._scheduler.is_ready(record.stream_id) or self._expected_soon(record, now)
+            ):
+                ids.append(record.stream_id)
+        decision = controller.decide(now, [StreamDemand(i, *policy.terms(i)) for i in ids])
+        policy.set_auto(decision.level, decision.tokens)
+        self._shed_limit = decision.max_batch
 
     def _expected_soon(self, record: StreamRecord, now: float) -> bool:
         """A stream worth waiting for (within the batch window): no frame ready, but one being decoded, or it sent a
@@ -411,6 +479,7 @@ class Engine:
 
         Returns the plan and the frames / records it covers, in plan order."""
         planned, kept, records = [], [], []
+        self._decide_budgets(batch, time.perf_counter())
         for pending in batch:
             record = self._registry.records.get(pending.stream_id)
             if record is None or record.session is None or record.session.id != pending.session:
@@ -433,6 +502,9 @@ class Engine:
         queue_seconds = [max(0.0, result.started_at - p.queued_at) for p in batch]
         self._recent_step_s += 0.2 * (result.step_seconds - self._recent_step_s)
         with self._cond:
+            if self._controller is not None:
+                tokens = sum(o.budget_tokens for o in result.outputs)
+                self._controller.observe_step(time.perf_counter(), plan.batch_size, tokens, result.step_seconds)
             for pending, record, output, queued in zip(batch, records, result.outputs, queue_seconds, strict=True):
                 record.frames_processed += 1
                 record.budget_tokens = output.budget_tokens

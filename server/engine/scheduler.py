@@ -56,7 +56,8 @@ class Scheduler:
 
     A batch starts when no more company is coming (every stream expected to have a frame soon — one being
     decoded, or a live stream that sent recently — is ready, or max_batch_size are), or when the oldest ready
-    frame has waited batch_window_s for company. Idle streams are never waited for. Oldest frames go first.
+    frame has waited batch_window_s for company. Idle streams are never waited for. When more are ready than fit,
+    the streams served longest ago go first (round robin), then the oldest frames.
     """
 
     def __init__(self, max_batch_size: int, batch_window_s: float):
@@ -65,6 +66,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self._ready: dict[str, PendingFrame] = {}
+        self._served_at: dict[str, float] = {}  # stream -> when its last frame went into a batch
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -79,28 +81,39 @@ class Scheduler:
 
     def discard(self, stream_id: str) -> PendingFrame | None:
         """Forget a stream's waiting frame (its connection closed)."""
+        self._served_at.pop(stream_id, None)
         return self._ready.pop(stream_id, None)
+
+    def expire(self, received_before: float) -> list[PendingFrame]:
+        """Take out the ready frames received before this time (load shedding: they have missed their target)."""
+        late = [f for f in self._ready.values() if f.received_at < received_before]
+        for frame in late:
+            del self._ready[frame.stream_id]
+        return late
 
     def is_ready(self, stream_id: str) -> bool:
         return stream_id in self._ready
 
     def next_batch(
-        self, now: float, incoming: int = 0, window_s: float | None = None
+        self, now: float, incoming: int = 0, window_s: float | None = None, max_batch: int | None = None,
     ) -> list[PendingFrame] | float | None:
         """A batch to run now, or seconds to wait before asking again, or None when nothing is ready.
 
         incoming: streams with no ready frame but one expected soon (worth waiting for, within the window).
         window_s: the batching window for this decision (default batch_window_s).
+        max_batch: a tighter limit than max_batch_size for this batch (the controller shedding load).
         """
         if not self._ready:
             return None
-        ready = sorted(self._ready.values(), key=lambda f: f.queued_at)
-        full = min(self.max_batch_size, len(ready) + incoming)
+        limit = self.max_batch_size if max_batch is None else max(1, min(max_batch, self.max_batch_size))
+        ready = sorted(self._ready.values(), key=lambda f: (self._served_at.get(f.stream_id, -1.0), f.queued_at))
+        full = min(limit, len(ready) + incoming)
         window = self.batch_window_s if window_s is None else window_s
-        wait = ready[0].queued_at + window - now
+        wait = min(f.queued_at for f in ready) + window - now
         if len(ready) < full and wait > 0:
             return wait
-        batch = ready[: self.max_batch_size]
+        batch = ready[:limit]
         for frame in batch:
             del self._ready[frame.stream_id]
+            self._served_at[frame.stream_id] = now
         return batch

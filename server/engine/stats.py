@@ -47,6 +47,10 @@ class EngineSnapshot:
     state_bytes: int  # all streams' eventful state, connected and retained
     budget_tokens: int  # the global budget now (tokens per gate)
     num_patches: int
+    target_latency_s: float = 0.0  # auto mode's target; 0 in fixed mode
+    measured_p95_s: float | None = None  # end to end, over the controller's window (about the last second)
+    stream_tokens: tuple[float, int, int] | None = None  # (mean, min, max) tokens per gate over connected streams
+    saturated: bool = False  # auto mode: the minimum budget cannot meet the target; frames are being shed
 
 
 class StatsSink(Protocol):

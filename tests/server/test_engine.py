@@ -54,6 +54,25 @@ def test_batches_are_bounded_and_oldest_first():
     assert [f.stream_id for f in scheduler.next_batch(5.0)] == ["b"]
 
 
+
+def test_streams_served_longest_ago_go_first_and_max_batch_limits():
+    scheduler = Scheduler(max_batch_size=4, batch_window_s=0.0)
+    for stream in "abc":
+        scheduler.put(pending(stream, 0, 1.0))
+    assert [f.stream_id for f in scheduler.next_batch(2.0, max_batch=2)] == ["a", "b"]
+    for stream in "ab":
+        scheduler.put(pending(stream, 1, 2.5))  # a and b have newer frames than c's, but c has waited its turn
+    assert [f.stream_id for f in scheduler.next_batch(3.0, max_batch=2)] == ["c", "a"]
+    assert [f.stream_id for f in scheduler.next_batch(3.0, max_batch=2)] == ["b"]
+
+
+def test_expire_takes_out_frames_received_too_long_ago():
+    scheduler = Scheduler(max_batch_size=4, batch_window_s=0.0)
+    scheduler.put(pending("old", 0, 1.0))
+    scheduler.put(pending("new", 0, 2.0))
+    assert [f.stream_id for f in scheduler.expire(1.5)] == ["old"]
+    assert [f.stream_id for f in scheduler.next_batch(3.0)] == ["new"]
+
 # ---- budget policy ---------------------------------------------------------------------------
 
 
@@ -66,8 +85,13 @@ def test_budget_policy_resolution():
     assert (policy.resolve("x").tokens, policy.resolve("x").source) == (20, "cap")
     policy.set_global(GlobalBudget("fixed", fraction=0.05))
     assert policy.resolve("x").tokens == 10 and policy.resolve("x").source == "global"
-    policy.set_global(GlobalBudget("auto", target_latency_ms=30))
-    assert policy.get_global() == (GlobalBudget("auto", target_latency_ms=30), 10)  # held: controller pending
+    policy.set_global(GlobalBudget("auto", target_latency_ms=30, min_tokens=12))
+    assert policy.get_global() == (GlobalBudget("auto", target_latency_ms=30, min_tokens=12), 12)  # within range
+    policy.set_auto(40, {"x": 20, "y": 33})  # the controller's decision: the capped stream got its cap
+    assert (policy.resolve("x").tokens, policy.resolve("x").source) == (20, "cap")
+    assert (policy.resolve("y").tokens, policy.resolve("y").source) == (33, "global")
+    assert (policy.resolve("new").tokens, policy.resolve("new").source) == (40, "global")
+    assert policy.terms("x") == (None, 20) and policy.terms("y") == (None, None)
     assert policy.clear_override("x") and not policy.clear_override("x")
     with pytest.raises(BudgetError) as err:
         policy.set_global(GlobalBudget("fixed", tokens=197))

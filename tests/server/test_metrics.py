@@ -27,6 +27,10 @@ EXPECTED = {
     "eventful_active_streams": "gauge",
     "eventful_state_bytes": "gauge",
     "eventful_budget_tokens": "gauge",
+    "eventful_target_latency_seconds": "gauge",
+    "eventful_measured_p95_latency_seconds": "gauge",
+    "eventful_stream_budget_tokens": "gauge",
+    "eventful_controller_saturated": "gauge",
 }
 
 
@@ -50,7 +54,7 @@ def test_every_metric_is_present_typed_and_unlabelled_by_stream(client):
         assert families[name].type == kind, name
     for family in families.values():
         for sample in family.samples:
-            assert set(sample.labels) <= {"code", "reason", "le"}, sample
+            assert set(sample.labels) <= {"code", "reason", "le", "stat"}, sample
         if family.type == "counter":
             assert any(s.name == f"{family.name}_total" for s in family.samples), family.name
 

@@ -14,16 +14,19 @@ from tests.server.conftest import API_KEY, encode, frames
 
 def test_global_budget_fixed_and_auto(client):
     assert client.get("/v1/budget").json() == {
-        "mode": "fixed", "tokens": 4, "fraction": None, "target_latency_ms": None, "effective_tokens": 4,
-        "num_patches": 16, "controller": None,
+        "mode": "fixed", "tokens": 4, "fraction": None, "target_latency_ms": None, "min_tokens": None,
+        "max_tokens": None, "effective_tokens": 4, "num_patches": 16, "controller": None,
     }
     body = client.put("/v1/budget", json={"mode": "fixed", "fraction": 0.5}).json()
     assert (body["mode"], body["fraction"], body["effective_tokens"]) == ("fixed", 0.5, 8)
-    auto = client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 40}).json()
-    # automatic mode is stored but nothing controls it yet: it says so and holds the budget in effect
-    assert auto["mode"] == "auto" and auto["target_latency_ms"] == 40
-    assert auto["controller"] == "pending" and auto["effective_tokens"] == 8
-    assert client.get("/v1/budget").json() == auto
+    auto = client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 40, "min_tokens": 2}).json()
+    # the controller starts from the budget in effect and shows its state
+    assert auto["mode"] == "auto" and auto["target_latency_ms"] == 40 and auto["min_tokens"] == 2
+    assert auto["effective_tokens"] == 8
+    controller = auto["controller"]
+    assert controller["target_latency_ms"] == 40 and controller["saturated"] is False
+    assert controller["level_tokens"] == 8 and controller["reason"] is None
+    assert client.get("/v1/budget").json()["controller"]["target_latency_ms"] == 40
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,9 @@ def test_global_budget_fixed_and_auto(client):
         ({"mode": "fixed"}, "tokens"),
         ({"mode": "auto"}, "target_latency_ms"),
         ({"mode": "auto", "target_latency_ms": 0}, "target_latency_ms"),
+        ({"mode": "auto", "target_latency_ms": 50, "min_tokens": 17}, "min_tokens"),
+        ({"mode": "auto", "target_latency_ms": 50, "max_tokens": 17}, "max_tokens"),
+        ({"mode": "auto", "target_latency_ms": 50, "min_tokens": 9, "max_tokens": 8}, "min_tokens"),
         ({"mode": "turbo"}, "mode"),
         ({"tokens": 3}, "mode"),
         ({"mode": "fixed", "tokens": 3, "colour": "red"}, "colour"),

@@ -1,0 +1,414 @@
+"""The budget controller (auto mode): every scheduling round, the tokens per gate r of every stream, chosen so
+that the p95 end-to-end latency holds a target while as many tokens as fit are spent.
+
+Two loops, one actuator (a water level L: the r every controlled stream gets unless its cap is lower):
+
+- Feed-forward (inner): a cost model of the step time, step_s = a + b*batch + c*tokens/num_patches, learned
+  online (`StepCostModel`). Given a step-time budget S and the streams expected in the next batch, it gives
+  the largest L whose predicted step fits S, counting fixed overrides at their tokens and caps at their caps
+  (water-filling: every stream the same r, capped ones their cap). A stream that joins or a device that slows
+  down changes the prediction in the same round, so r is cut at once.
+- Feedback (outer): a PI loop on e = log(aim * target / measured p95) sets S = target * exp(u + kp*e). It learns
+  what the cost model cannot see: decode and protocol time, and how long frames wait for the step before theirs.
+  The integrator u is clamped (anti-windup), frozen while the streams already get all they may have, falls fast
+  (a jump of up to 50 % when the recent latency is far over the target) and rises at a bounded rate. Errors
+  inside a deadband are ignored.
+
+r moves only when the wanted change leaves a hysteresis band, and rises at a bounded rate from where it was last
+set. When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and limits the batch
+size, so that the engine drops frames instead of letting latency grow.
+
+Pure: no threads, no clock, no torch. The engine feeds it observations and asks for a Decision every round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    target_s: float  # p95 end-to-end latency to hold
+    num_patches: int  # the dense budget
+    min_tokens: int = 0  # global floor of r for controlled streams
+    max_tokens: int | None = None  # global ceiling (None: num_patches)
+    aim: float = 0.97  # hold the measured p95 at this fraction of the target (noise margin)
+    window_s: float = 1.0  # p95 over the frames of this window (at least min_samples, from at most 4 windows back)
+    min_samples: int = 8
+    kp: float = 0.3  # proportional gain on the log error
+    ki: float = 1.2  # integral gain, per second
+    deadband: float = 0.04  # |log error| below this counts as on target
+    rise_per_s: float = 0.8  # r rises at most this fraction of itself per second (cuts are not limited)
+    u_rise_per_s: float = 1.2  # the integrator rises at most this much (log units) per second
+    hold_s: float = 0.5  # after streams join or leave: feed-forward only, latencies before then are forgotten
+    jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
+    jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames), at most once per window_s / 2
+    hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
+    hysteresis_fraction: float = 0.04  # ... and this fraction of itself
+    u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
+    u_max: float = 0.0
+    u_initial: float = math.log(0.45)  # about two steps (the one a frame waits for, its own) plus overhead
+
+    def __post_init__(self):
+        if not self.target_s > 0:
+            raise ValueError("target_s must be > 0")
+        top = self.num_patches if self.max_tokens is None else self.max_tokens
+        if not 0 <= self.min_tokens <= top <= self.num_patches:
+            raise ValueError(f"need 0 <= min_tokens <= max_tokens <= {self.num_patches}")
+
+    @property
+    def top_tokens(self) -> int:
+        return self.num_patches if self.max_tokens is None else self.max_tokens
+
+
+@dataclass(frozen=True)
+class StreamDemand:
+    """A stream expected in the next batch. fixed_tokens: an override (not controlled, but it costs);
+    cap_tokens: a per-stream cap on its controlled r."""
+
+    stream_id: str
+    fixed_tokens: int | None = None
+    cap_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    tokens: dict[str, int]  # r for every demand
+    level: int  # r of a controlled stream without a cap (also for streams not yet in the demands)
+    step_budget_s: float  # S: what the next step may take
+    predicted_step_s: float  # the cost model's prediction for the chosen r
+    max_batch: int | None  # at saturation: streams per step (the rest wait, newer frames replace theirs)
+    saturated: bool
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What the API and the metrics show."""
+
+    target_s: float
+    measured_p95_s: float | None
+    step_budget_s: float
+    predicted_step_s: float
+    level: int
+    tokens_mean: float | None
+    tokens_min: int | None
+    tokens_max: int | None
+    streams: int
+    saturated: bool
+    reason: str | None
+    max_batch: int | None
+    busy_fraction: float  # share of the last window the device spent in steps
+    cost_model: tuple[float, float, float]  # a (s), b (s per stream), c (s per frame of dense tokens)
+
+
+class StepCostModel:
+    """step_s = a + b*batch + c*tokens/num_patches, by recursive least squares with forgetting.
+
+    Robust to the ways online fits fail: the covariance is bounded (no wind-up while the operating point stays
+    put), a single outlier is clipped to a factor of the prediction, and three predictions in a row off by more
+    than `shift_ratio` (a device that slowed down or sped up) rescale the model at once."""
+
+    def __init__(
+        self, num_patches: int, prior: tuple[float, float, float] = (0.002, 0.002, 0.02), forgetting: float = 0.99,
+        max_trace: float = 1.0, shift_ratio: float = 1.3, stream_tokens_prior: float = 8.0, prior_weight: float = 0.05,
+    ):
+        self.num_patches = num_patches
+        # a weak prior that a stream's own cost (b) is that of stream_tokens_prior patch tokens: with data from one or
+        # two batch sizes, b and c cannot be told apart, and a fit without it extrapolates to other batch sizes wildly
+        self._prior_x = math.sqrt(prior_weight) * np.array([0.0, 1.0, -stream_tokens_prior / num_patches])
+        self.theta = np.array(prior, dtype=np.float64)
+        self.cov = np.eye(3)
+        self.forgetting = forgetting
+        self.max_trace = max_trace
+        self.shift_ratio = shift_ratio
+        self.observations = 0
+        self.shifts = 0  # times the model was rescaled to follow a shift
+        self._ratios: deque[float] = deque(maxlen=3)
+        self._log_bias = 0.0  # moving mean of log(observed / predicted) ...
+        self._log_var = 0.0  # ... and the variance around it: the step time's noise (a bias is not noise)
+        self._mean_step = 0.0
+        self._mean_x_tokens = 0.0
+
+    def _x(self, batch: int, tokens: float) -> np.ndarray:
+        return np.array([1.0, float(batch), tokens / self.num_patches])
+
+    def predict(self, batch: int, tokens: float) -> float:
+        return max(1e-6, float(self._x(batch, tokens) @ self.theta))
+
+    def observe(self, batch: int, tokens: float, seconds: float) -> None:
+        """A step over `batch` frames that updated `tokens` patch tokens per gate in all took `seconds`."""
+        if batch < 1 or not seconds > 0:
+            return
+        x = self._x(batch, tokens)
+        predicted = self.predict(batch, tokens)
+        ratio = seconds / predicted
+        self._ratios.append(ratio)
+        # a shift: three steps in a row off the same way by more than the noise explains (2.5 sigma, at least 30 %)
+        limit = max(math.log(self.shift_ratio), 2.5 * math.sqrt(self._log_var))
+        if self.observations >= 5 and len(self._ratios) == 3 and (
+            all(math.log(r) > limit for r in self._ratios) or all(math.log(r) < -limit for r in self._ratios)
+        ):
+            # follow it now: a slowdown by the median of the three, a speed-up by the least of them (rising is slow)
+            slower = self._ratios[0] > 1
+            self.theta *= float(np.median(self._ratios)) if slower else max(self._ratios)
+            self.shifts += 1
+            self._ratios.clear()
+            predicted = self.predict(batch, tokens)
+        elif self.observations >= 5:
+            log_ratio = min(max(math.log(ratio), -1.0), 1.0)
+            self._log_bias += 0.2 * (log_ratio - self._log_bias)
+            self._log_var += 0.05 * ((log_ratio - self._log_bias) ** 2 - self._log_var)
+        if self.observations >= 5:
+            seconds = min(max(seconds, 0.5 * predicted), 2.0 * predicted)  # one outlier moves the fit little
+        self._rls(x, seconds, self.forgetting)
+        self._rls(self._prior_x, 0.0, 1.0)
+        trace = float(np.trace(self.cov))
+        if trace > self.max_trace:
+            self.cov *= self.max_trace / trace
+        self.observations += 1
+        weight = 0.1 if self.observations > 10 else 1.0 / self.observations
+        self._mean_step += weight * (seconds - self._mean_step)
+        self._mean_x_tokens += weight * (x[2] - self._mean_x_tokens)
+        self._project()
+
+    def _rls(self, x: np.ndarray, y: float, forgetting: float) -> None:
+        gain = self.cov @ x / (forgetting + x @ self.cov @ x)
+        self.theta = self.theta + gain * (y - x @ self.theta)
+        self.cov = (self.cov - np.outer(gain, x @ self.cov)) / forgetting
+
+    def _project(self) -> None:
+        """Physical signs: a, b >= 0, and the token cost at least a tenth of the mean step per mean token load
+        (a fit at one operating point can make it vanish, and r would then swing between its bounds)."""
+        self.theta[0] = max(self.theta[0], 0.0)
+        self.theta[1] = max(self.theta[1], 0.0)
+        floor = 0.1 * self._mean_step / max(self._mean_x_tokens, 0.1)
+        self.theta[2] = max(self.theta[2], floor, 1e-7)
+
+    def level_within(self, budget_s: float, batch: int, fixed_tokens: float, caps: Sequence[float]) -> float:
+        """The largest water level L with predict(batch, fixed + sum(min(cap, L))) <= budget_s (may be < 0)."""
+        a, b, c = self.theta
+        room = (budget_s - a - b * batch) * self.num_patches / c - fixed_tokens  # tokens the controlled may take
+        return water_level(room, caps)
+
+
+def water_level(total: float, caps: Sequence[float]) -> float:
+    """L with sum(min(cap_i, L)) == total (caps may be inf); total / n when nothing is capped, inf if all are
+    capped below it, negative when total < 0."""
+    if not caps:
+        return math.inf
+    remaining, left = total, len(caps)
+    for cap in sorted(caps):
+        if cap * left >= remaining:
+            return remaining / left
+        remaining -= cap
+        left -= 1
+    return math.inf
+
+
+class BudgetController:
+    """Feed it `observe_latency` (every result sent), `observe_step` (every step); ask `decide` every round."""
+
+    def __init__(self, config: ControllerConfig, initial_tokens: int | None = None):
+        self.config = config
+        self.model = StepCostModel(config.num_patches)
+        start = config.top_tokens if initial_tokens is None else initial_tokens
+        self._level = float(min(max(start, config.min_tokens), config.top_tokens))  # L in effect
+        self._rise_credit = 0.0  # tokens L may still rise by (bounded rise)
+        self._u = config.u_initial
+        self._last_decide: float | None = None
+        self._last_jump = -math.inf
+        self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, seconds)
+        self._steps: deque[tuple[float, float, int, float]] = deque(maxlen=4096)  # (end, seconds, batch, tokens)
+        self._operating_point: tuple[int, float] | None = None  # (batch, tokens) of the decision in effect
+        self._last: Decision | None = None
+        self._p95: float | None = None
+        self._error = 0.0
+        self._streams: frozenset[str] = frozenset()
+        self._hold_until = -math.inf
+        self._forget_before = -math.inf
+
+    def reconfigure(self, config: ControllerConfig, initial_tokens: int) -> None:
+        """A new target or range (or auto mode switched on): start over from initial_tokens, keeping what was
+        learned about the device (the cost model) and the latencies measured."""
+        self.config = config
+        self._level = float(min(max(initial_tokens, config.min_tokens), config.top_tokens))
+        self._u = config.u_initial
+        self._rise_credit = 0.0
+        self._streams = frozenset()  # the next decision starts with a hold
+        self._last = None
+        self._operating_point = None
+
+    # ---- observations ----------------------------------------------------------------------
+
+    def observe_latency(self, now: float, seconds: float) -> None:
+        self._latencies.append((now, seconds))
+
+    def observe_step(self, now: float, batch: int, tokens: float, seconds: float) -> None:
+        """A step that ended at `now`: `batch` frames, `tokens` patch tokens per gate over all of them."""
+        shifts = self.model.shifts
+        self.model.observe(batch, tokens, seconds)
+        self._steps.append((now, seconds, batch, tokens))
+        if self.model.shifts != shifts:
+            # the device got slower or faster: the feed-forward has followed it; latencies from before are stale
+            self._hold_until = now + self.config.hold_s
+            self._forget_before = now
+            # the model explains what the feedback was reacting to since the shift began: undo its cuts
+            self._u = max([self._u] + [u for t, u in self._u_history if t >= now - self.config.window_s])
+
+    def p95(self, now: float, window_s: float | None = None, min_samples: int | None = None,
+            q: float = 0.95) -> float | None:
+        """p95 (or the q-quantile) end-to-end latency of the frames of the last window (at least min_samples, up
+        to 4 windows back)."""
+        window = self.config.window_s if window_s is None else window_s
+        need = self.config.min_samples if min_samples is None else min_samples
+        since = max(now - window, self._forget_before)
+        recent = [s for t, s in self._latencies if t >= since]
+        if len(recent) < need:
+            older = [s for t, s in self._latencies if t >= max(now - 4 * window, self._forget_before)]
+            recent = older[-need:]
+        if len(recent) < need:
+            return None
+        recent.sort()
+        return recent[min(len(recent) - 1, max(0, math.ceil(q * len(recent)) - 1))]
+
+    # ---- the decision ----------------------------------------------------------------------
+
+    def decide(self, now: float, demands: Sequence[StreamDemand]) -> Decision:
+        cfg = self.config
+        dt = 0.0 if self._last_decide is None else min(max(now - self._last_decide, 0.0), 1.0)
+        self._last_decide = now
+        caps = [math.inf if d.cap_tokens is None else float(d.cap_tokens) for d in demands if d.fixed_tokens is None]
+        fixed = float(sum(d.fixed_tokens for d in demands if d.fixed_tokens is not None))
+        batch = max(1, len(demands))
+        streams = frozenset(d.stream_id for d in demands)
+        if streams != self._streams:
+            # the load changed: the feed-forward answers it now; the latencies measured so far belong to the old
+            # load (and the joiners' dense first frames to none), so feedback waits for fresh ones
+            self._streams = streams
+            self._hold_until = now + cfg.hold_s
+            self._forget_before = self._hold_until
+        at_top = self._level >= cfg.top_tokens or all(c <= self._level for c in caps)
+        self._feedback(now, dt, at_top=at_top and bool(demands))
+        budget = cfg.target_s * math.exp(min(self._u + cfg.kp * self._error, cfg.u_max))
+
+        wanted = self.model.level_within(budget, batch, fixed, caps) if caps else float(cfg.top_tokens)
+        saturated = wanted < cfg.min_tokens
+        wanted = min(max(wanted, cfg.min_tokens), cfg.top_tokens)
+        self._move_level(dt, wanted)
+        level = round(self._level)
+
+        tokens = {}
+        for d in demands:
+            if d.fixed_tokens is not None:
+                tokens[d.stream_id] = d.fixed_tokens
+            else:
+                tokens[d.stream_id] = level if d.cap_tokens is None else min(level, d.cap_tokens)
+        total = fixed + sum(tokens[d.stream_id] for d in demands if d.fixed_tokens is None)
+        predicted = self.model.predict(batch, total)
+        max_batch, reason = None, None
+        if saturated:
+            per_stream = total / batch
+            a, b, c = self.model.theta
+            fit = (budget - a) / (b + c * per_stream / cfg.num_patches)
+            max_batch = max(1, min(batch, math.floor(fit)))
+            reason = (
+                f"at the minimum budget ({cfg.min_tokens} tokens) a step over {batch} streams is predicted at "
+                f"{1000 * predicted:.1f} ms, over the {1000 * budget:.1f} ms the {1000 * cfg.target_s:.0f} ms target "
+                f"allows: frames are dropped, streams per step limited to {max_batch}"
+            )
+            if max_batch < batch:
+                predicted = self.model.predict(max_batch, per_stream * max_batch)
+        self._operating_point = (min(batch, max_batch or batch), total * min(batch, max_batch or batch) / batch)
+        self._last = Decision(tokens, level, budget, predicted, max_batch, saturated, reason)
+        return self._last
+
+    def _feedback(self, now: float, dt: float, at_top: bool) -> None:
+        """The PI loop on the log latency error: updates the error and the integrator u."""
+        cfg = self.config
+        p95 = self.p95(now)
+        self._p95 = p95
+        self._u_history.append((now, self._u))
+        if p95 is None or now < self._hold_until:
+            self._error = 0.0
+            return
+        # Latencies measured over the window came from steps at the operating points of their time; the cost model
+        # says how the step in effect now compares with them (a Smith predictor: the window's delay is not fed back)
+        now_vs_window = self._now_vs_window(now)
+        error = math.log(cfg.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
+        self._error = 0.0 if abs(error) < cfg.deadband else error
+        recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
+        recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
+        if (recent is not None and recent > cfg.jump_factor * cfg.target_s
+                and now - self._last_jump >= cfg.window_s / 2):
+            # fast cut: at most halve at once, then let the window refill before judging again
+            self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
+            self._last_jump = now
+        elif not (self._error > 0 and at_top):  # anti-windup: no credit for slack nobody can use
+            du = cfg.ki * self._error * dt
+            self._u += min(du, cfg.u_rise_per_s * dt)
+        self._u = min(max(self._u, cfg.u_min), cfg.u_max)
+
+    def _move_level(self, dt: float, wanted: float) -> None:
+        """Hysteresis and the bounded rise: L moves only by a clear step; it falls at once, and rises by a credit
+        that grows at rise_per_s of L per second while a rise is wanted (and is forfeited when it is not)."""
+        cfg = self.config
+        current = self._level
+        band = max(cfg.hysteresis_tokens, cfg.hysteresis_fraction * current)
+        if wanted < current:
+            self._rise_credit = 0.0
+            if current - wanted >= band or wanted <= cfg.min_tokens:
+                self._level = wanted
+            return
+        if wanted - current < min(band, cfg.top_tokens - current) or current >= cfg.top_tokens:
+            self._rise_credit = 0.0
+            return
+        self._rise_credit += cfg.rise_per_s * dt * max(current, cfg.hysteresis_tokens / cfg.hysteresis_fraction)
+        step = min(wanted - current, self._rise_credit)
+        if step >= min(band, cfg.top_tokens - current):
+            self._level = current + step
+            self._rise_credit -= step
+
+    def _now_vs_window(self, now: float, window_s: float | None = None) -> float:
+        """Predicted step at the operating point in effect / mean predicted step of the window's steps."""
+        if self._operating_point is None:
+            return 1.0
+        since = max(now - (self.config.window_s if window_s is None else window_s), self._forget_before)
+        past = [self.model.predict(b, t) for end, _, b, t in self._steps if end >= since]
+        if not past:
+            return 1.0
+        ratio = self.model.predict(*self._operating_point) / (sum(past) / len(past))
+        return min(max(ratio, 0.25), 4.0)
+
+    # ---- views -----------------------------------------------------------------------------
+
+    def busy_fraction(self, now: float) -> float:
+        window = self.config.window_s
+        return min(1.0, sum(s for t, s, _, _ in self._steps if t >= now - window) / window)
+
+    def state(self, now: float) -> ControllerState:
+        last = self._last
+        values = list(last.tokens.values()) if last and last.tokens else []
+        a, b, c = (float(v) for v in self.model.theta)
+        return ControllerState(
+            target_s=self.config.target_s,
+            measured_p95_s=self.p95(now),
+            step_budget_s=last.step_budget_s if last else self.config.target_s * math.exp(self._u),
+            predicted_step_s=last.predicted_step_s if last else 0.0,
+            level=round(self._level),
+            tokens_mean=sum(values) / len(values) if values else None,
+            tokens_min=min(values) if values else None,
+            tokens_max=max(values) if values else None,
+            streams=len(values),
+            saturated=bool(last and last.saturated),
+            reason=last.reason if last else None,
+            max_batch=last.max_batch if last else None,
+            busy_fraction=self.busy_fraction(now),
+            cost_model=(a, b, c),
+        )

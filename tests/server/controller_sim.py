@@ -1,0 +1,185 @@
+"""A simulated engine for the budget controller: cameras, latest-frame-wins, one batched step at a time.
+
+Deterministic (seeded). Step time = speed * (a + b*batch + c*tokens/num_patches) * lognormal noise; a stream's
+first frame is dense. Each stream sends a frame every 1/fps s (random phase); a frame waits for the running step,
+a newer frame of its stream replaces it (dropped). Latency = ready -> step end + overhead (decode, protocol).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.engine.controller import BudgetController, ControllerConfig, Decision, StreamDemand
+
+
+@dataclass(frozen=True)
+class Phase:
+    start_s: float
+    streams: int
+    speed: float = 1.0  # step time multiplier (a slower device > 1)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    fps: float = 30.0
+    num_patches: int = 196
+    a: float = 0.004  # s per step
+    b: float = 0.003  # s per stream
+    c: float = 0.060  # s per frame of dense tokens
+    noise: float = 0.08  # lognormal sigma of the step time
+    overhead_s: float = 0.004  # decode + protocol, per frame
+    max_batch: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Completed:
+    time: float  # result sent
+    stream: int
+    latency: float
+    tokens: int
+
+
+@dataclass
+class SimTrace:
+    completed: list[Completed] = field(default_factory=list)
+    dropped: list[tuple[float, int]] = field(default_factory=list)
+    decisions: list[tuple[float, Decision]] = field(default_factory=list)
+
+    def window(self, start: float, end: float) -> list[Completed]:
+        return [c for c in self.completed if start <= c.time < end]
+
+    def p95(self, start: float, end: float) -> float:
+        lat = sorted(c.latency for c in self.window(start, end))
+        return lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
+
+    def mean_tokens(self, start: float, end: float) -> float:
+        frames = self.window(start, end)
+        return sum(c.tokens for c in frames) / len(frames)
+
+    def level_changes(self, start: float, end: float) -> int:
+        levels = [d.level for t, d in self.decisions if start <= t < end]
+        return sum(1 for x, y in zip(levels, levels[1:], strict=False) if x != y)
+
+    def settle_time(self, step_at: float, end: float, target: float, bin_s: float = 0.5) -> float:
+        """Seconds after step_at from which, at every bin_s, the p95 latency of the last second stays under
+        1.1 * target and the bin's mean r within 15 % of the phase's steady mean (its last 60 %)."""
+        steady = self.mean_tokens(end - 0.6 * (end - step_at), end)
+        last_bad = -1
+        for i in range(int((end - step_at) / bin_s)):
+            start, stop = step_at + i * bin_s, step_at + (i + 1) * bin_s
+            if not self.window(start, stop):
+                continue
+            late = self.p95(max(step_at, stop - 1.0), stop) > 1.1 * target
+            off = abs(self.mean_tokens(start, stop) / steady - 1) > 0.15
+            if late or off:
+                last_bad = i
+        return (last_bad + 1) * bin_s
+
+    def overshoot(self, step_at: float, end: float, target: float, bin_s: float = 0.25) -> float:
+        """Largest p95 of a bin_s-wide window after step_at, over the target."""
+        starts = [step_at + i * bin_s for i in range(int((end - step_at) / bin_s))]
+        return max(self.p95(s, s + bin_s) for s in starts if self.window(s, s + bin_s)) / target
+
+    def frames_per_stream(self, start: float, end: float) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for c in self.window(start, end):
+            counts[c.stream] = counts.get(c.stream, 0) + 1
+        return counts
+
+
+Decider = Callable[[float, list[StreamDemand]], Decision]
+
+
+def fixed_decider(tokens: int) -> tuple[Decider, Callable[..., None], Callable[..., None]]:
+    def decide(now: float, demands: list[StreamDemand]) -> Decision:
+        return Decision({d.stream_id: tokens for d in demands}, tokens, 0.0, 0.0, None, False, None)
+
+    return decide, (lambda *a: None), (lambda *a: None)
+
+
+def controller_decider(controller: BudgetController) -> tuple[Decider, Callable[..., None], Callable[..., None]]:
+    return controller.decide, controller.observe_step, controller.observe_latency
+
+
+def simulate(
+    phases: list[Phase], duration_s: float, decider: tuple[Decider, Callable[..., None], Callable[..., None]],
+    sim: SimConfig = SimConfig(), demand: Callable[[int], StreamDemand] = lambda s: StreamDemand(f"s{s}"),
+) -> SimTrace:
+    """Run the phases for duration_s simulated seconds. demand(i): stream i's demand (overrides, caps)."""
+    decide, observe_step, observe_latency = decider
+    rng = np.random.default_rng(sim.seed)
+    trace = SimTrace()
+    period = 1.0 / sim.fps
+    # next frame time of each stream that ever exists; streams are active while the phase has that many
+    max_streams = max(p.streams for p in phases)
+    phase_of = lambda t: [p for p in phases if p.start_s <= t][-1]  # noqa: E731
+    events: list[tuple[float, int]] = [(float(rng.uniform(0, period)), i) for i in range(max_streams)]
+    heapq.heapify(events)
+    pending: dict[int, float] = {}  # stream -> ready time of its waiting frame
+    seen: set[int] = set()
+    served_at: dict[int, float] = {}
+    now, busy_until = 0.0, 0.0
+
+    def run_step(t: float) -> float:
+        phase = phase_of(t)
+        demands = [demand(s) for s in range(phase.streams)]
+        decision = decide(t, demands)
+        trace.decisions.append((t, decision))
+        ready = sorted(pending, key=lambda s: (served_at.get(s, -1.0), pending[s]))
+        limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
+        batch = ready[:limit]
+        tokens = []
+        for s in batch:
+            r = decision.tokens.get(f"s{s}", decision.level)
+            tokens.append(sim.num_patches if s not in seen else r)
+        cost = phase.speed * (sim.a + sim.b * len(batch) + sim.c * sum(tokens) / sim.num_patches)
+        step = cost * float(np.exp(rng.normal(0, sim.noise)))
+        end = t + step
+        observe_step(end, len(batch), sum(tokens), step)
+        for s, r in zip(batch, tokens, strict=True):
+            latency = end - pending.pop(s) + sim.overhead_s
+            seen.add(s)
+            served_at[s] = end
+            trace.completed.append(Completed(end, s, latency, r))
+            observe_latency(end, latency)
+        return end
+
+    while now < duration_s:
+        next_arrival = events[0][0]
+        if pending and busy_until <= next_arrival:
+            now = max(now, busy_until)
+            busy_until = run_step(now)
+            continue
+        now, stream = heapq.heappop(events)
+        heapq.heappush(events, (now + period * float(np.exp(rng.normal(0, 0.02))), stream))
+        if stream >= phase_of(now).streams:
+            pending.pop(stream, None)
+            continue
+        if stream in pending:
+            trace.dropped.append((now, stream))
+        pending[stream] = now
+    return trace
+
+
+def largest_fixed_tokens(phases: list[Phase], duration_s: float, target_s: float, sim: SimConfig = SimConfig(),
+                         settle_s: float = 2.0) -> int:
+    """The largest fixed r whose steady p95 meets the target (bisection; p95 grows with r)."""
+    low, high = 0, sim.num_patches
+    while low < high:
+        mid = (low + high + 1) // 2
+        trace = simulate(phases, duration_s, fixed_decider(mid), sim)
+        if trace.p95(settle_s, duration_s) <= target_s:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def new_controller(target_s: float, sim: SimConfig = SimConfig(), **overrides) -> BudgetController:
+    return BudgetController(ControllerConfig(target_s=target_s, num_patches=sim.num_patches, **overrides))
