@@ -63,6 +63,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-arg", action="append", default=[],
                    help="extra eventful-serve flag, e.g. --server-arg=--threads=1 (repeatable)")
     s.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    d = sub.add_parser("detect", help="dense vs eventful YOLOS at several budgets on a video (box agreement)")
+    d.add_argument("--model", required=True, help="HF YOLOS directory or id, or a named architecture (yolos-tiny)")
+    d.add_argument("--video", required=True, help="any video file PyAV can decode")
+    d.add_argument("--budgets", type=_parse_budgets, default=None,
+                   help="image tokens per gate, comma-separated (default: all, 1/2, 1/4, 1/8 of the patches)")
+    d.add_argument("--frames", type=int, default=30, help="frames to process from the start of the video")
+    d.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
+    d.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 240x320")
+    d.add_argument("--threshold", type=float, default=0.5, help="detection score threshold")
+    d.add_argument("--top-k", type=int, default=100, help="at most this many boxes per frame")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    r = sub.add_parser("rlt", help="VideoMAE with Run-Length Tokenization at several tau vs no RLT on a video")
+    r.add_argument("--model", required=True, help="HF VideoMAE directory or id, or a named architecture")
+    r.add_argument("--video", required=True, help="any video file PyAV can decode")
+    r.add_argument("--tau", type=_parse_budgets, default=[0.0, 0.05, 0.1, 0.2], help="RLT thresholds, comma-separated")
+    r.add_argument("--clips", type=int, default=4, help="consecutive clips from the start of the video")
+    r.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: clip length)")
+    r.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 112")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    k = sub.add_parser("controller", help="the budget controller on the live server under load steps vs fixed r")
+    k.add_argument("--model", required=True, help="as for `eventful-serve --model`")
+    k.add_argument("--labels", default=None, help="class names file for timm checkpoints")
+    k.add_argument("--video", nargs="+", required=True, help="video files; stream i plays video i mod count")
+    k.add_argument("--phases", default="1,4,8,4,1", help="streams per phase, comma-separated")
+    k.add_argument("--phase-s", type=float, default=10.0, help="seconds per phase")
+    k.add_argument("--target-ms", type=float, default=150.0, help="the p95 latency target")
+    k.add_argument("--fps", type=float, default=15.0, help="frames/s per stream (paced, like a camera)")
+    k.add_argument("--min-tokens", type=int, default=4, help="the controller's floor")
+    k.add_argument("--fixed-s", type=float, default=8.0, help="seconds per fixed-budget run")
+    k.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
+    k.add_argument("--server-arg", action="append", default=[], help="extra eventful-serve flag (repeatable)")
+    k.add_argument("--json", dest="json_path", default=None, help="write the report here")
     c = sub.add_parser("clip", help="compose a static-camera H.264 clip from real photographs")
     c.add_argument("--background", required=True, help="image used as the fixed scene")
     c.add_argument("--sprite", action="append", default=[], help="image that moves over the scene (repeatable)")
@@ -81,6 +115,28 @@ def run_clip(args: argparse.Namespace) -> int:
             pass
     spec = StaticClipSpec(frames=args.frames, noise_std=args.noise, crf=args.crf)
     print(f"wrote {make_static_clip(args.out, args.background, args.sprite, spec)}")
+    return 0
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    from bench.controller_bench import ControllerBenchConfig, format_table, run_controller_bench, write_json
+
+    phases = tuple(int(v) for v in args.phases.split(",") if v.strip())  # ValueError -> exit 2
+    if not phases or min(phases) < 1 or args.phase_s <= 0 or args.fps <= 0 or args.target_ms <= 0:
+        print("error: --phases must be >= 1 each, --phase-s, --fps and --target-ms > 0", file=sys.stderr)
+        return 2
+    for video in args.video:
+        with open(video, "rb"):  # a missing video: FileNotFoundError -> exit 2
+            pass
+    config = ControllerBenchConfig(
+        model=args.model, videos=args.video, phases=phases, phase_s=args.phase_s, target_ms=args.target_ms,
+        fps=args.fps, min_tokens=args.min_tokens, fixed_s=args.fixed_s, size=args.size, labels=args.labels,
+        server_args=tuple(args.server_arg),
+    )
+    report = run_controller_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json_path:
+        write_json(report, args.json_path)
     return 0
 
 
@@ -149,6 +205,71 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_detect(args: argparse.Namespace) -> int:
+    from bench.detect_bench import format_table, run_detect_bench, write_json
+    from model.eventful import EventfulConfig
+    from model.loaders import load_model
+    from model.preprocess import Preprocessor, read_video_frames
+    from model.yolos import YolosDetector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args.frames < 2 or args.top_k < 1:
+        print("error: --frames must be at least 2 and --top-k at least 1", file=sys.stderr)
+        return 2
+    model = load_model(args.model, image_size=args.image_size)
+    if not isinstance(model, YolosDetector):
+        print(f"error: {args.model} is not a YOLOS detector (use `eventful-bench model` for classifiers)",
+              file=sys.stderr)
+        return 2
+    frames = read_video_frames(args.video, max_frames=args.frames)
+    if len(frames) < 2:
+        print(f"error: {args.video} has fewer than 2 decodable frames", file=sys.stderr)
+        return 2
+    frame_size = tuple(frames[0].shape[:2])  # (height, width): boxes are reported in these pixels
+    images = Preprocessor(model.config.preprocess)(frames)
+    n = model.config.num_patches
+    budgets = [int(b) for b in args.budgets] if args.budgets else [n, n // 2, n // 4, n // 8]
+    report = run_detect_bench(
+        model, images, frame_size, budgets, model_name=args.model, video_name=args.video,
+        eventful=EventfulConfig(level=args.level), threshold=args.threshold, top_k=args.top_k,
+    )
+    print(format_table(report))
+    if args.json_path:
+        write_json(report, args.json_path)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def run_rlt(args: argparse.Namespace) -> int:
+    from bench.rlt_bench import format_table, run_rlt_bench, video_clips, write_json
+    from model.loaders import load_model
+    from model.preprocess import Preprocessor, read_video_frames
+    from model.videomae import VideoMAE
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args.clips < 1:
+        print("error: --clips must be at least 1", file=sys.stderr)
+        return 2
+    model = load_model(args.model, image_size=args.image_size)
+    if not isinstance(model, VideoMAE):
+        print(f"error: {args.model} is not a VideoMAE clip model", file=sys.stderr)
+        return 2
+    num_frames = model.config.num_frames
+    stride = args.stride or num_frames
+    frames = read_video_frames(args.video, max_frames=num_frames + stride * (args.clips - 1))
+    clips = video_clips(Preprocessor(model.config.preprocess)(frames), num_frames, args.clips, stride)
+    report = run_rlt_bench(model, clips, args.tau, model_name=args.model, video_name=args.video)
+    print(format_table(report))
+    if args.json_path:
+        write_json(report, args.json_path)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -156,8 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             return run_model(args)
         if args.command == "clip":
             return run_clip(args)
+        if args.command == "detect":
+            return run_detect(args)
+        if args.command == "rlt":
+            return run_rlt(args)
         if args.command == "server":
             return run_server(args)
+        if args.command == "controller":
+            return run_controller(args)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

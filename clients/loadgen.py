@@ -76,6 +76,9 @@ class StreamReport:
     updated_fractions: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     top1: list[int | None] = field(default_factory=list)  # per result, in frame order
+    result_at: list[float] = field(default_factory=list)  # per result: perf_counter() when it arrived
+    dense: list[bool] = field(default_factory=list)  # per result: computed densely (first frame, refresh)
+    dropped_at: list[float] = field(default_factory=list)  # perf_counter() of every `dropped` answer
     closed: str | None = None  # why the connection ended early, if it did
 
     def summary(self) -> dict[str, Any]:
@@ -224,8 +227,11 @@ async def run_stream(config: LoadConfig, index: int, frames: list[bytes], deadli
                 report.batch_sizes.append(message.get("batch_size", 1))
                 top = (message.get("outputs") or {}).get("top") or []
                 report.top1.append(top[0]["index"] if top else None)
+                report.result_at.append(now)
+                report.dense.append(bool(message.get("dense", False)))
             elif kind == "dropped":
                 report.dropped += 1
+                report.dropped_at.append(now)
                 sent_at.pop(frame, None)
             elif kind == "error":
                 report.errors += 1

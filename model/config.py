@@ -118,3 +118,99 @@ NAMED_CONFIGS: dict[str, ViTConfig] = {
     "deit-small-distilled-patch16-224": _vit(384, 12, 6, distill_token=True, preprocess=_DEIT_PRE),
     "deit-base-distilled-patch16-224": _vit(768, 12, 12, distill_token=True, preprocess=_DEIT_PRE),
 }
+
+
+# --------------------------------------------------------------------------- detection (YOLOS) and clips (VideoMAE)
+
+
+@dataclass(frozen=True)
+class DetectorConfig(ViTConfig):
+    """YOLOS: a DeiT/ViT backbone with learned detection tokens and class / box MLP heads.
+
+    Token order inside our model is [cls, det_1..det_D, patches] (Hugging Face: [cls, patches, det]); attention
+    is permutation-equivariant, so the detection tokens are prefix tokens that pass every eventful gate.
+    num_classes counts object classes without "no object" (the class head has num_classes + 1 outputs).
+    """
+
+    num_detection_tokens: int = 100
+    mid_position_embeddings: bool = False  # a position embedding added after every block but the last
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_detection_tokens
+
+
+@dataclass(frozen=True)
+class VideoConfig(ViTConfig):
+    """VideoMAE: tubelet (tubelet_size x patch x patch) Conv3d embedding, fixed sinusoidal positions, no class token;
+    mean pooling + fc_norm (LayerNorm eps 1e-5, as transformers) + head, or the first token through norm.
+
+    num_patches / num_tokens count the whole clip: (num_frames // tubelet_size) * grid cells.
+    """
+
+    num_frames: int = 16
+    tubelet_size: int = 2
+    use_mean_pooling: bool = True
+    fc_norm_eps: float = 1e-5
+    run_length_embedding: bool = False  # RLT's learned run-length embedding (only with weights for it)
+    class_token: bool = False
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    @property
+    def num_tubelets(self) -> int:
+        return self.num_frames // self.tubelet_size
+
+    @property
+    def tokens_per_tubelet(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_tubelets * self.tokens_per_tubelet
+
+
+COCO_LABELS: tuple[str, ...] = (
+    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip  # id2label of the hustvl/yolos-* checkpoints (COCO category ids 0..90)
+
+# YolosImageProcessor: bilinear, ImageNet mean/std; frames are resized whole to the model's input size.
+_YOLOS_PRE = PreprocessConfig(resize_shortest=None, resize_to=(512, 864), crop_size=None, interpolation="bilinear")
+# VideoMAEImageProcessor: short side 224 bilinear, centre crop 224, ImageNet mean/std.
+_VIDEOMAE_PRE = PreprocessConfig(resize_shortest=224, crop_size=(224, 224), interpolation="bilinear")
+
+
+def _yolos(dim: int, depth: int, heads: int, mid: bool) -> DetectorConfig:
+    return DetectorConfig(
+        image_size=(512, 864), patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=4 * dim,
+        layer_norm_eps=1e-12, num_classes=len(COCO_LABELS), label_names=COCO_LABELS, preprocess=_YOLOS_PRE,
+        num_detection_tokens=100, mid_position_embeddings=mid,
+    )  # fmt: skip
+
+
+def _videomae(dim: int, depth: int, heads: int) -> VideoConfig:
+    return VideoConfig(
+        image_size=(224, 224), patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=4 * dim,
+        layer_norm_eps=1e-12, num_classes=400, preprocess=_VIDEOMAE_PRE, num_frames=16, tubelet_size=2,
+    )  # fmt: skip
+
+
+NAMED_CONFIGS.update(
+    {
+        "yolos-tiny": _yolos(192, 12, 3, mid=False),  # hustvl/yolos-tiny (input 512x864 here; HF: 800x1333)
+        "yolos-small": _yolos(384, 12, 6, mid=True),  # hustvl/yolos-small
+        "videomae-small": _videomae(384, 12, 6),  # MCG-NJU/videomae-small-finetuned-kinetics
+        "videomae-base": _videomae(768, 12, 12),  # MCG-NJU/videomae-base-finetuned-kinetics
+    }
+)

@@ -227,6 +227,7 @@ class EventfulViT:
         counts = torch.zeros(b, self.vit.depth, 3, dtype=torch.long)
         for i, block in enumerate(self.model.blocks):
             x = self._block(block, x, _LayerBatch(states, i), budgets, counts[:, i])
+            x = self.model.after_block(x, i)  # e.g. YOLOS mid-position embeddings (the same on every frame)
         logits = self.model.forward_head(x)
 
         macs = []

@@ -21,8 +21,17 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+from torch import nn
 
-from model.config import NAMED_CONFIGS, PreprocessConfig, ViTConfig
+from model.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NAMED_CONFIGS,
+    DetectorConfig,
+    PreprocessConfig,
+    VideoConfig,
+    ViTConfig,
+)
 from model.vit import VisionTransformer
 
 HF_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
@@ -89,11 +98,28 @@ def _fit_pos_embed(pos_embed: torch.Tensor, config: ViTConfig, old_grid: tuple[i
     return resample_pos_embed(pos_embed, config.grid_size, p, old_grid)
 
 
+def model_class(config: ViTConfig) -> type[nn.Module]:
+    """The module a config describes: YolosDetector, VideoMAE or VisionTransformer."""
+    from model.videomae import VideoMAE
+    from model.yolos import YolosDetector
+
+    if isinstance(config, DetectorConfig):
+        return YolosDetector
+    if isinstance(config, VideoConfig):
+        return VideoMAE
+    return VisionTransformer
+
+
+def build_model(config: ViTConfig) -> nn.Module:
+    """The model of this config with deterministic random weights (named architectures)."""
+    return model_class(config)(config)
+
+
 @functools.lru_cache(maxsize=8)
 def _meta_model(config: ViTConfig) -> VisionTransformer:
-    """Parameter-free template of VisionTransformer(config) (shapes only; deep-copied to build models)."""
+    """Parameter-free template of the model of config (shapes only; deep-copied to build models)."""
     with torch.device("meta"):
-        return VisionTransformer(config)
+        return build_model(config)
 
 
 def _expected_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
@@ -371,28 +397,22 @@ def config_from_hf(
     )
 
 
-def hf_to_model_state_dict(
-    state_dict: Mapping[str, torch.Tensor], config: ViTConfig, old_grid: tuple[int, int] | None = None
-) -> dict[str, torch.Tensor]:
-    """HF ViT/DeiT state dict (ViTForImageClassification, DeiTForImageClassification[WithTeacher], ViTModel,
-    DeiTModel; on-disk or transformers-5 in-memory names) -> ours: q/k/v fused into qkv, pos_embed resampled.
+def _hf_encoder_state_dict(
+    named: Mapping[str, tuple[str, torch.Tensor]], key_bias: bool = True
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The ViT encoder part of an HF state dict ({name without the model prefix: (original key, tensor)}) in our
+    names: embeddings, blocks (q/k/v fused into qkv), final layernorm. Returns (ours, original keys not mapped).
 
-    DeiTForImageClassification has a distillation token but classifies from the class token only; our model
-    averages two heads, so its classifier is folded in exactly as head = 2 * classifier, head_dist = 0.
+    key_bias=False (VideoMAE: the key projection has no bias) fills the key part of the fused bias with zeros.
     """
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[int, tuple[str, torch.Tensor]]] = {}
     unmapped: list[str] = []
-    for key, value in state_dict.items():
-        name = key.removeprefix("vit.").removeprefix("deit.")
+    for name, (key, value) in named.items():
         if _HF_IGNORED.match(name):
             continue
         if name in _HF_TOP:
             out[_HF_TOP[name]] = value
-            continue
-        head = re.fullmatch(r"(classifier|cls_classifier|distillation_classifier)\.(weight|bias)", name)
-        if head:
-            out[("head_dist." if head.group(1) == "distillation_classifier" else "head.") + head.group(2)] = value
             continue
         block = re.fullmatch(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)", name)
         if block:
@@ -405,10 +425,35 @@ def hf_to_model_state_dict(
                 continue
         unmapped.append(key)
     for (i, param), parts in sorted(qkv.items()):
+        if param == "bias" and not key_bias and set(parts) == {0, 2}:
+            parts = {**parts, 1: ("", torch.zeros_like(parts[0][1]))}
         if len(parts) == 3:
             out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([parts[j][1] for j in range(3)], dim=0)  # [3C(, C)]
         else:
             unmapped.extend(k for k, _ in parts.values())  # partial q/k/v: reported, and qkv shows as missing
+    return out, unmapped
+
+
+def hf_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ViTConfig, old_grid: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """HF ViT/DeiT state dict (ViTForImageClassification, DeiTForImageClassification[WithTeacher], ViTModel,
+    DeiTModel; on-disk or transformers-5 in-memory names) -> ours: q/k/v fused into qkv, pos_embed resampled.
+
+    DeiTForImageClassification has a distillation token but classifies from the class token only; our model
+    averages two heads, so its classifier is folded in exactly as head = 2 * classifier, head_dist = 0.
+    """
+    rest: dict[str, tuple[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("vit.").removeprefix("deit.")
+        head = re.fullmatch(r"(classifier|cls_classifier|distillation_classifier)\.(weight|bias)", name)
+        if head:
+            out[("head_dist." if head.group(1) == "distillation_classifier" else "head.") + head.group(2)] = value
+        else:
+            rest[name] = (key, value)
+    encoder, unmapped = _hf_encoder_state_dict(rest)
+    out.update(encoder)
     has_cls_only_head = "head.weight" in out and not any(k.startswith("distillation_classifier.") for k in state_dict)
     if config.distill_token and "head_dist.weight" in _expected_shapes(config) and has_cls_only_head:
         # DeiTForImageClassification: logits = classifier(cls) == (2*classifier(cls) + 0*dist) / 2, exactly.
@@ -419,6 +464,150 @@ def hf_to_model_state_dict(
     if "pos_embed" in out:
         out["pos_embed"] = _fit_pos_embed(out["pos_embed"], config, old_grid)
     _validate(out, config, "Hugging Face", unmapped)
+    return out
+
+
+# --------------------------------------------------------------------------- Hugging Face YOLOS / VideoMAE layouts
+
+
+def _hf_common(config_json: Mapping, model_types: tuple[str, ...]) -> dict:
+    """The ViT fields of an HF config.json shared by ViT, YOLOS and VideoMAE (checked: model type, GELU, heads)."""
+    model_type = config_json.get("model_type")
+    if model_type not in model_types:
+        raise CheckpointError(f"unsupported Hugging Face model_type {model_type!r}; expected one of {model_types}")
+    act = config_json.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"unsupported hidden_act {act!r}: the model uses exact (erf) GELU, 'gelu'")
+    patch = config_json.get("patch_size", 16)
+    if not isinstance(patch, int):
+        ph, pw = _hf_hw(patch, "patch_size")
+        if ph != pw:
+            raise CheckpointError(f"non-square patches {patch} are not supported")
+        patch = ph
+    hidden = int(config_json.get("hidden_size", 768))
+    heads = int(config_json.get("num_attention_heads", 12))
+    if hidden % heads:
+        raise CheckpointError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    id2label = config_json.get("id2label") or {}
+    return dict(
+        patch_size=patch, in_chans=int(config_json.get("num_channels", 3)), embed_dim=hidden,
+        depth=int(config_json.get("num_hidden_layers", 12)), num_heads=heads,
+        mlp_dim=int(config_json.get("intermediate_size", 3072)),
+        layer_norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
+        num_classes=len(id2label) or int(config_json.get("num_labels", 2)),
+        label_names=tuple(str(id2label[k]) for k in sorted(id2label, key=int)) if id2label else None,
+    )  # fmt: skip
+
+
+def config_from_hf_yolos(config_json: Mapping, preprocessor_json: Mapping | None = None) -> DetectorConfig:
+    """DetectorConfig of an HF YolosForObjectDetection config.json. The native input size is the checkpoint's
+    position grid (image_size // patch_size, as transformers interpolates from); frames are resized whole to the
+    input size (bilinear, the processor's mean/std, ImageNet by default)."""
+    common = _hf_common(config_json, ("yolos",))
+    if not config_json.get("qkv_bias", True):
+        raise CheckpointError("YOLOS checkpoints without qkv biases are not supported")
+    h, w = _hf_hw(config_json.get("image_size", [512, 864]), "image_size")
+    p = common["patch_size"]
+    image_size = (h // p * p, w // p * p)
+    pre = preprocessor_json or {}
+    mean = tuple(float(v) for v in pre.get("image_mean") or IMAGENET_MEAN)
+    std = tuple(float(v) for v in pre.get("image_std") or IMAGENET_STD)
+    resample = _HF_PIL_RESAMPLE.get(int(pre.get("resample", 2)), "bilinear")
+    return DetectorConfig(
+        image_size=image_size, qkv_bias=True, class_token=True, distill_token=False,
+        num_detection_tokens=int(config_json.get("num_detection_tokens", 100)),
+        mid_position_embeddings=bool(config_json.get("use_mid_position_embeddings", True)),
+        preprocess=PreprocessConfig(
+            resize_shortest=None, resize_to=image_size, crop_size=None, interpolation=resample, mean=mean, std=std
+        ),
+        **common,
+    )  # fmt: skip
+
+
+def _yolos_positions(pos: torch.Tensor, config: DetectorConfig, old_grid: tuple[int, int]) -> torch.Tensor:
+    """HF position embeddings [1, 1 + Np + D, C] ([cls, patches, det]) -> ours [1, 1 + D + Np', C] at config's grid."""
+    d = config.num_detection_tokens
+    if pos.shape[1] != 1 + d + old_grid[0] * old_grid[1]:
+        raise CheckpointError(
+            f"position embeddings {tuple(pos.shape)} do not fit grid {old_grid} + 1 class + {d} detection tokens"
+        )
+    ours = torch.cat([pos[:, :1], pos[:, pos.shape[1] - d :], pos[:, 1 : pos.shape[1] - d]], dim=1)
+    return resample_pos_embed(ours, config.grid_size, 1 + d, old_grid)
+
+
+def yolos_hf_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: DetectorConfig, old_grid: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """HF YolosForObjectDetection state dict -> ours: q/k/v fused, the detection tokens moved next to the class
+    token, position embeddings (and mid-position embeddings) reordered and resampled to config's grid, validated.
+
+    old_grid: the checkpoint's position grid (config.json image_size // patch_size); default config's grid.
+    """
+    old_grid = tuple(old_grid or config.grid_size)
+    out: dict[str, torch.Tensor] = {}
+    rest: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("vit.")
+        head = re.fullmatch(r"(class_labels_classifier|bbox_predictor)\.layers\.(\d+)\.(weight|bias)", name)
+        if head:
+            module = "class_head" if head.group(1) == "class_labels_classifier" else "box_head"
+            out[f"{module}.layers.{head.group(2)}.{head.group(3)}"] = value
+        elif name == "embeddings.detection_tokens":
+            out["det_token"] = value
+        elif name in ("encoder.mid_position_embeddings", "encoder.interpolation.mid_position_embeddings"):
+            out["mid_pos_embed"] = torch.stack([_yolos_positions(layer, config, old_grid) for layer in value])
+        elif name == "embeddings.position_embeddings":
+            out["pos_embed"] = _yolos_positions(value, config, old_grid)
+        else:
+            rest[name] = (key, value)
+    encoder, unmapped = _hf_encoder_state_dict(rest)
+    out.update(encoder)
+    _validate(out, config, "Hugging Face YOLOS", unmapped)
+    return out
+
+
+def config_from_hf_videomae(config_json: Mapping, preprocessor_json: Mapping | None = None) -> VideoConfig:
+    """VideoConfig of an HF VideoMAEForVideoClassification config.json (+ preprocessor_config.json)."""
+    common = _hf_common(config_json, ("videomae",))
+    image_size = _hf_hw(config_json.get("image_size", 224), "image_size")
+    if preprocessor_json is not None:
+        preprocess = _preprocess_from_hf(preprocessor_json, "videomae", image_size)
+    else:  # VideoMAEImageProcessor defaults: short side 224 bilinear, centre crop 224, ImageNet mean/std
+        preprocess = PreprocessConfig(resize_shortest=image_size[0], crop_size=image_size, interpolation="bilinear")
+    return VideoConfig(
+        image_size=image_size, qkv_bias=bool(config_json.get("qv_bias", config_json.get("qkv_bias", True))),
+        num_frames=int(config_json.get("num_frames", 16)), tubelet_size=int(config_json.get("tubelet_size", 2)),
+        use_mean_pooling=bool(config_json.get("use_mean_pooling", True)), preprocess=preprocess, **common,
+    )  # fmt: skip
+
+
+_VIDEOMAE_LENGTH_KEYS = ("embeddings.length_embeddings", "length_embed")
+
+
+def videomae_hf_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: VideoConfig
+) -> dict[str, torch.Tensor]:
+    """HF VideoMAE state dict (VideoMAEForVideoClassification or VideoMAEModel; q_bias / v_bias as saved by
+    transformers 4 or query.bias / value.bias) -> ours: q/k/v fused with a zero key bias, validated.
+
+    A run-length embedding [T/t, C] is read from `videomae.embeddings.length_embeddings` (or `length_embed`)
+    when the config has one (see with_length_embedding)."""
+    out: dict[str, torch.Tensor] = {}
+    rest: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("videomae.")
+        name = re.sub(r"attention\.attention\.q_bias$", "attention.attention.query.bias", name)
+        name = re.sub(r"attention\.attention\.v_bias$", "attention.attention.value.bias", name)
+        head = re.fullmatch(r"(classifier|fc_norm)\.(weight|bias)", name)
+        if head:
+            out[f"{'head' if head.group(1) == 'classifier' else 'fc_norm'}.{head.group(2)}"] = value
+        elif name in _VIDEOMAE_LENGTH_KEYS:
+            out["length_embed"] = value
+        else:
+            rest[name] = (key, value)
+    encoder, unmapped = _hf_encoder_state_dict(rest, key_bias=False)
+    out.update(encoder)
+    _validate(out, config, "Hugging Face VideoMAE", unmapped)
     return out
 
 
@@ -460,6 +649,10 @@ def _build(config: ViTConfig, state_dict: dict[str, torch.Tensor]) -> VisionTran
     model = copy.deepcopy(_meta_model(config))
     model.config = config  # the cached template may differ in label_names (not part of config equality)
     model.load_state_dict(state_dict, strict=True, assign=True)
+    if isinstance(config, VideoConfig):  # the fixed position table is a buffer, not a weight: compute it
+        from model.videomae import sinusoid_position_table
+
+        model.pos_embed = sinusoid_position_table(config.num_patches, config.embed_dim)
     return model.float().eval().requires_grad_(False)
 
 
@@ -477,7 +670,7 @@ def load_timm_checkpoint(
 
 
 def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = None) -> VisionTransformer:
-    """A Hugging Face ViT/DeiT model directory (config.json + model.safetensors or pytorch_model.bin)."""
+    """A Hugging Face ViT/DeiT/YOLOS/VideoMAE model directory (config.json + model.safetensors or .bin)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
@@ -488,6 +681,16 @@ def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = Non
     pre_path = path / "preprocessor_config.json"
     pre_json = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else None
     state_dict = read_state_dict(weights)
+    if config_json.get("model_type") == "yolos":
+        native = config_from_hf_yolos(config_json, pre_json)
+        config = adapt_image_size(native, image_size)
+        return _build(config, yolos_hf_to_model_state_dict(state_dict, config, old_grid=native.grid_size))
+    if config_json.get("model_type") == "videomae":
+        native = config_from_hf_videomae(config_json, pre_json)
+        if any(k.removeprefix("videomae.") in _VIDEOMAE_LENGTH_KEYS for k in state_dict):
+            native = replace(native, run_length_embedding=True)
+        config = adapt_image_size(native, image_size)
+        return _build(config, videomae_hf_to_model_state_dict(state_dict, config))
     native = config_from_hf(config_json, pre_json, state_dict.keys())
     config = adapt_image_size(native, image_size)
     return _build(config, hf_to_model_state_dict(state_dict, config, old_grid=native.grid_size))
@@ -563,7 +766,7 @@ def load_model(
         config = NAMED_CONFIGS[spec.lower()]
         if num_heads is not None:
             config = replace(config, num_heads=num_heads)
-        model = VisionTransformer(adapt_image_size(config, image_size))
+        model = build_model(adapt_image_size(config, image_size))
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith((".safetensors", *_TORCH_SUFFIXES)):
         try:
             folder = resolve_hf_id(spec)

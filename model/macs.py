@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.config import ViTConfig
+from model.config import DetectorConfig, ViTConfig
 
 
 def embed_macs(config: ViTConfig) -> int:
@@ -10,7 +10,10 @@ def embed_macs(config: ViTConfig) -> int:
 
 
 def head_macs(config: ViTConfig) -> int:
-    return config.num_prefix_tokens * config.embed_dim * config.num_classes
+    c = config.embed_dim
+    if isinstance(config, DetectorConfig):  # class and box MLPs (3 layers each) on every detection token
+        return config.num_detection_tokens * (4 * c * c + c * (config.num_classes + 1) + c * 4)
+    return config.num_prefix_tokens * c * config.num_classes
 
 
 def dense_block_macs(config: ViTConfig) -> int:

@@ -116,10 +116,14 @@ class VisionTransformer(nn.Module):
         prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         return torch.cat([*prefix, patches], dim=1) + self.pos_embed
 
+    def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """What happens to the residual stream between blocks (nothing here; YOLOS adds mid-position embeddings)."""
+        return x
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = self.after_block(block(x), i)
         return x
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:

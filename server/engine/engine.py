@@ -492,7 +492,10 @@ class Engine:
             record.frame_size = pending.frame_size
             tokens = self.policy.resolve(pending.stream_id).tokens
             planned.append(
-                PlannedFrame(pending.stream_id, pending.frame, pending.image, record.state, StreamBudget(tokens), flush)
+                PlannedFrame(
+                    pending.stream_id, pending.frame, pending.image, record.state, StreamBudget(tokens), flush,
+                    pending.frame_size,
+                )
             )
             kept.append(pending)
             records.append(record)

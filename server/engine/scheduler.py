@@ -38,6 +38,7 @@ class PlannedFrame:
     state: StreamState
     budget: StreamBudget  # top-r: tokens per gate
     flush: bool  # the frame size changed: forget the stream's past before this frame
+    frame_size: tuple[int, int] | None = None  # decoded (height, width): outputs in frame pixels (boxes)
 
 
 @dataclass(frozen=True)

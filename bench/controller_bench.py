@@ -1,0 +1,237 @@
+"""`eventful-bench controller`: the budget controller on the live server under load steps, against fixed budgets.
+
+One `eventful-serve` process on 127.0.0.1. First, auto mode with a p95 target while paced camera streams of real
+video join and leave in phases (1 -> 4 -> 8 -> 4 -> 1 by default): per phase the steady p95 (server: receive ->
+result sent) against the target, the mean r the controller gave, frames dropped, and how long it took to re-settle
+after the step. Then, in the same run, fixed budgets at and around the r the controller settled on for each stream
+count, and the dense budget: the largest fixed r that meets the target is the yardstick for the controller's r.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.live_server import live_server
+from clients.loadgen import LoadConfig, StreamReport, load_frames, run_stream
+
+
+@dataclass(frozen=True)
+class ControllerBenchConfig:
+    model: str
+    videos: list[str]
+    phases: tuple[int, ...] = (1, 4, 8, 4, 1)  # streams per phase
+    phase_s: float = 10.0
+    target_ms: float = 150.0
+    fps: float = 15.0  # per stream, paced like a camera
+    min_tokens: int = 4  # the controller's floor
+    fixed_factors: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.25)  # fixed r = factor * the controller's r
+    fixed_s: float = 8.0
+    settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long after it began
+    size: int | None = None
+    labels: str | None = None
+    server_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One result: when it arrived (client clock), the server's latency, the tokens it used (None if dense)."""
+
+    at: float
+    latency_s: float
+    tokens: int | None
+
+
+def p95(values: list[float]) -> float | None:
+    return float(np.percentile(values, 95)) if values else None
+
+
+def settle_time(samples: list[Sample], step_at: float, end: float, target_s: float, bin_s: float = 0.5) -> float:
+    """Seconds after step_at from which, at every bin_s, the p95 latency of the last second stays under 1.1 * target
+    and the bin's mean r within 15 % of the steady mean (the last 60 % of [step_at, end])."""
+    steady_from = end - 0.6 * (end - step_at)
+    steady = [s.tokens for s in samples if steady_from <= s.at < end and s.tokens is not None]
+    if not steady:
+        return end - step_at
+    steady_mean = statistics.mean(steady)
+    last_bad = -1
+    for i in range(int((end - step_at) / bin_s)):
+        start, stop = step_at + i * bin_s, step_at + (i + 1) * bin_s
+        recent = [s.latency_s for s in samples if max(step_at, stop - 1.0) <= s.at < stop]
+        tokens = [s.tokens for s in samples if start <= s.at < stop and s.tokens is not None]
+        if not recent:
+            continue
+        late = p95(recent) > 1.1 * target_s
+        off = bool(tokens) and abs(statistics.mean(tokens) / max(steady_mean, 1e-9) - 1) > 0.15
+        if late or off:
+            last_bad = i
+    return (last_bad + 1) * bin_s
+
+
+def samples_of(reports: list[StreamReport]) -> list[Sample]:
+    """Every result of these streams; a stream's first frame (dense by protocol) carries no budget choice."""
+    out = []
+    for report in reports:
+        for i, (at, latency, budget) in enumerate(zip(report.result_at, report.server_ms, report.budgets, strict=True)):
+            out.append(Sample(at, latency / 1000, None if i == 0 else budget))
+    return sorted(out, key=lambda s: s.at)
+
+
+def window_stats(samples: list[Sample], reports: list[StreamReport], start: float, end: float) -> dict[str, Any]:
+    mine = [s for s in samples if start <= s.at < end]
+    tokens = [s.tokens for s in mine if s.tokens is not None]
+    dropped = sum(1 for r in reports for t in r.dropped_at if start <= t < end)
+    latency = p95([s.latency_s for s in mine])
+    return {
+        "p95_ms": None if latency is None else 1000 * latency,
+        "mean_r": statistics.mean(tokens) if tokens else None,
+        "results": len(mine),
+        "fps": len(mine) / (end - start) if end > start else 0.0,
+        "dropped": dropped,
+    }
+
+
+async def _phased_load(load: LoadConfig, frames: list[list[bytes]], phases: tuple[int, ...], phase_s: float,
+                       t0: float) -> list[StreamReport]:
+    """Stream k is live while the phase has more than k streams (one connection per contiguous stretch)."""
+
+    async def stretch(k: int, start: float, end: float) -> StreamReport:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        return await run_stream(load, k, frames[k % len(frames)], end)
+
+    tasks = []
+    for k in range(max(phases)):
+        begin = None
+        for i, n in enumerate([*phases, 0]):
+            if n > k and begin is None:
+                begin = i
+            elif n <= k and begin is not None:
+                tasks.append(stretch(k, t0 + begin * phase_s, t0 + i * phase_s))
+                begin = None
+    return list(await asyncio.gather(*tasks))
+
+
+def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = None, progress=print) -> dict:
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eventful-bench-controller-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--model", config.model, "--stream-ttl-s", "0", "--max-streams", str(max(config.phases) + 2),
+            "--target-latency-ms", str(config.target_ms), "--log-level", "warning", *config.server_args]
+    if config.labels:
+        args += ["--labels", config.labels]
+    base_load = LoadConfig(server="http://x", streams=max(config.phases), videos=list(config.videos),
+                           fps=config.fps, duration_s=config.phase_s, size=config.size)
+    encoded = load_frames(base_load)
+    frames = [encoded[v] for v in config.videos]
+    target_s = config.target_ms / 1000
+    with live_server(args, log_dir / "server.log") as base, httpx.Client(base_url=base, trust_env=False) as http:
+        num_patches = http.get("/v1/budget").json()["num_patches"]
+        # ---- auto mode under load steps
+        http.put("/v1/budget", json={"mode": "auto", "target_latency_ms": config.target_ms,
+                                     "min_tokens": config.min_tokens}).raise_for_status()
+        t0 = time.perf_counter() + 0.5
+        load = replace(base_load, server=base, stream_prefix="auto")
+        reports = asyncio.run(_phased_load(load, frames, config.phases, config.phase_s, t0))
+        samples = samples_of(reports)
+        phases = []
+        for i, n in enumerate(config.phases):
+            start, end = t0 + i * config.phase_s, t0 + (i + 1) * config.phase_s
+            row = {"phase": i, "streams": n, **window_stats(samples, reports, start + config.settle_after_s, end)}
+            row["settle_s"] = settle_time(samples, start, end, target_s) if i > 0 else None
+            row["within_target"] = row["p95_ms"] is not None and row["p95_ms"] <= 1.1 * config.target_ms
+            phases.append(row)
+            progress(f"auto  phase {i} streams {n}: p95 {row['p95_ms'] or 0:.1f} ms (target {config.target_ms:.0f}), "
+                     f"mean r {row['mean_r'] or 0:.1f}, dropped {row['dropped']}, settled in {row['settle_s']} s")
+        controller_state = http.get("/v1/budget").json().get("controller")
+        # ---- fixed budgets around the controller's r, and dense, per stream count
+        fixed = []
+        for n in sorted(set(config.phases)):
+            means = [p["mean_r"] for p in phases if p["streams"] == n and p["mean_r"] is not None]
+            chosen = statistics.mean(means) if means else float(num_patches)
+            budgets = sorted({min(num_patches, max(1, round(f * chosen))) for f in config.fixed_factors}
+                             | {num_patches})
+            for tokens in budgets:
+                http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
+                run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
+                              stream_prefix=f"fixed{len(fixed)}")
+                start = time.perf_counter()
+                got = asyncio.run(_phased_load(run, frames, (n,), config.fixed_s, start))
+                row = {"streams": n, "tokens": tokens, "dense": tokens == num_patches,
+                       **window_stats(samples_of(got), got, start + config.settle_after_s, start + config.fixed_s)}
+                row["meets_target"] = row["p95_ms"] is not None and row["p95_ms"] <= config.target_ms
+                fixed.append(row)
+                progress(f"fixed streams {n} r={tokens:3d}: p95 {row['p95_ms'] or 0:.1f} ms, "
+                         f"{row['fps']:.1f} frames/s, dropped {row['dropped']}")
+    return summarize(config, phases, fixed, controller_state, num_patches)
+
+
+def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dict], controller_state: dict | None,
+              num_patches: int) -> dict[str, Any]:
+    comparison = []
+    for n in sorted(set(config.phases)):
+        means = [p["mean_r"] for p in phases if p["streams"] == n and p["mean_r"] is not None]
+        passing = [f["tokens"] for f in fixed if f["streams"] == n and f["meets_target"]]
+        dense = next((f for f in fixed if f["streams"] == n and f["dense"]), None)
+        controller_r = statistics.mean(means) if means else None
+        best = max(passing) if passing else None
+        comparison.append({
+            "streams": n, "controller_r": controller_r, "largest_fixed_r_meeting_target": best,
+            "ratio": controller_r / best if controller_r and best else None,
+            "dense_p95_ms": dense["p95_ms"] if dense else None, "dense_fps": dense["fps"] if dense else None,
+        })
+    steady_ok = all(p["within_target"] for p in phases)
+    settled = [p["settle_s"] for p in phases if p["settle_s"] is not None]
+    ratios = [c["ratio"] for c in comparison if c["ratio"] is not None]
+    return {
+        "config": asdict(config), "num_patches": num_patches, "phases": phases, "fixed": fixed,
+        "comparison": comparison, "controller": controller_state,
+        "targets": {
+            "p95_within_10pct_every_phase": steady_ok,
+            "max_settle_s": max(settled) if settled else None,
+            "settled_within_2s": bool(settled) and max(settled) <= 2.0,
+            "min_r_ratio": min(ratios) if ratios else None,
+            "r_within_10pct_of_best_fixed": bool(ratios) and min(ratios) >= 0.9,
+        },
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [f"auto mode, target p95 {cfg['target_ms']:.0f} ms, {cfg['fps']} fps per stream, "
+             f"{cfg['phase_s']:.0f} s phases (steady part: after {cfg['settle_after_s']:.0f} s):"]
+    head = f"{'phase':>5}{'streams':>8}{'p95 ms':>9}{'mean r':>8}{'frames/s':>10}{'dropped':>9}{'settle s':>9}"
+    lines += [head, "-" * len(head)]
+    for p in report["phases"]:
+        settle = "" if p["settle_s"] is None else f"{p['settle_s']:.1f}"
+        lines.append(f"{p['phase']:>5}{p['streams']:>8}{p['p95_ms'] or 0:9.1f}{p['mean_r'] or 0:8.1f}"
+                     f"{p['fps']:10.1f}{p['dropped']:>9}{settle:>9}")
+    lines += ["", "fixed budgets (same server, same load):"]
+    head = f"{'streams':>7}{'r':>6}{'p95 ms':>9}{'frames/s':>10}{'dropped':>9}  meets target"
+    lines += [head, "-" * len(head)]
+    for f in report["fixed"]:
+        label = " (dense)" if f["dense"] else ""
+        lines.append(f"{f['streams']:>7}{f['tokens']:>6}{f['p95_ms'] or 0:9.1f}{f['fps']:10.1f}{f['dropped']:>9}  "
+                     f"{'yes' if f['meets_target'] else 'no'}{label}")
+    lines += ["", "controller r vs the largest fixed r that meets the target:"]
+    for c in report["comparison"]:
+        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        lines.append(f"  {c['streams']} streams: controller {c['controller_r'] or 0:.1f}, best fixed "
+                     f"{c['largest_fixed_r_meeting_target']}, ratio {ratio}")
+    t = report["targets"]
+    lines.append(f"targets: p95 within +10% every phase: {t['p95_within_10pct_every_phase']}; re-settled within 2 s: "
+                 f"{t['settled_within_2s']} (max {t['max_settle_s']}); r within 10% of best fixed: "
+                 f"{t['r_within_10pct_of_best_fixed']} (min ratio {t['min_r_ratio']})")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))

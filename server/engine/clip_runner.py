@@ -1,0 +1,139 @@
+"""The clip runner: VideoMAE with Run-Length Tokenization behind the ModelRunner interface (stream mode).
+
+Each stream's state is a sliding window of its last num_frames preprocessed frames (a fixed ring buffer). Every
+frame goes into the window; once the window is full, every `stride`-th frame classifies it: the due clips of all
+streams in a step run as one packed batch (RLT drops repeated tubelets, clips keep different token counts, no
+padding). Other frames answer with the window fill.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.rlt import DEFAULT_TAU, classify_clips, clip_macs
+from model.videomae import VideoMAE
+from server.engine.decode import FrameLimits
+from server.engine.runner import FrameOutput, ModelRunner, StepResult
+from server.engine.scheduler import StepPlan
+
+
+@dataclass
+class ClipWindow:
+    """One stream's last frames: a ring buffer [T, 3, H, W] written in place, and how many frames it has seen."""
+
+    frames: torch.Tensor  # [T, 3, H, W] model-input frames, slot i % T holds frame i
+    seen: int = 0  # frames pushed since the last flush
+
+    @classmethod
+    def create(cls, num_frames: int, image_size: tuple[int, int], device=None, dtype=torch.float32) -> ClipWindow:
+        return cls(torch.zeros(num_frames, 3, *image_size, device=device, dtype=dtype))
+
+    @property
+    def capacity(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def filled(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def push(self, image: torch.Tensor) -> None:
+        self.frames[self.seen % self.capacity].copy_(image)
+        self.seen += 1
+
+    def clip(self) -> torch.Tensor:
+        """The window oldest first: [T, 3, H, W]."""
+        start = self.seen % self.capacity
+        return torch.cat([self.frames[start:], self.frames[:start]]) if start else self.frames
+
+    def flush(self) -> None:
+        """Forget the past frames (e.g. the frame size changed): the window fills again."""
+        self.seen = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.frames.numel() * self.frames.element_size()
+
+
+class ClipRunner:
+    """A VideoMAE clip classifier with RLT; outputs {"action": {"label", "score"}, "top": [...]} every stride frames
+    once the window is full, {"window": n, "of": T} otherwise."""
+
+    prepare = ModelRunner.prepare  # the same decode + per-frame preprocessing (checks the input size)
+
+    def __init__(
+        self, model: VideoMAE, tau: float = DEFAULT_TAU, stride: int = 8, top_k: int = 5,
+        limits: FrameLimits | None = None,
+    ):  # fmt: skip
+        from model.preprocess import Preprocessor
+
+        if stride < 1:
+            raise ValueError("stride must be >= 1")
+        self.model = model
+        self.config = model.config
+        self.tau = tau
+        self.stride = stride
+        self.preprocessor = Preprocessor(self.config.preprocess)
+        self.limits = limits or FrameLimits()
+        self.top_k = min(top_k, self.config.num_classes)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        names = self.config.label_names
+        self.labels = list(names) if names else [f"class_{i}" for i in range(self.config.num_classes)]
+        self._dense_macs = clip_macs(self.config, self.config.num_patches)
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens of one clip without RLT (budgets do not apply in clip mode: tau decides what is dropped)."""
+        return self.config.num_patches
+
+    def new_state(self) -> ClipWindow:
+        return ClipWindow.create(self.config.num_frames, self.config.image_size, self.device, self.dtype)
+
+    def _due(self, window: ClipWindow) -> bool:
+        return window.seen >= window.capacity and (window.seen - window.capacity) % self.stride == 0
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Push every planned frame into its stream's window; classify the full windows that are due, packed."""
+        start = time.perf_counter()
+        due = []
+        for j, planned in enumerate(plan.frames):
+            window: ClipWindow = planned.state
+            if planned.flush:
+                window.flush()
+            window.push(planned.image.to(self.device, self.dtype))
+            if self._due(window):
+                due.append(j)
+        predictions = {}
+        if due:
+            clips = torch.stack([plan.frames[j].state.clip() for j in due])  # [b, T, 3, H, W]
+            out = classify_clips(self.model, clips, self.tau)
+            probs = out.logits.float().softmax(dim=-1)
+            scores, indices = probs.topk(self.top_k, dim=-1)
+            for row, j in enumerate(due):
+                top = [
+                    {"label": self.labels[i], "index": i, "score": s}
+                    for s, i in zip(scores[row].tolist(), indices[row].tolist(), strict=True)
+                ]
+                result = {
+                    "action": {"label": top[0]["label"], "score": top[0]["score"]}, "top": top,
+                    "tokens_kept": out.tokens_kept[row], "tokens": out.num_tokens,
+                }  # fmt: skip
+                predictions[j] = (result, out.kept_fraction[row], out.macs[row])
+        outputs = []
+        for j, planned in enumerate(plan.frames):
+            if j in predictions:
+                result, kept, macs = predictions[j]
+                outputs.append(FrameOutput(self.num_patches, False, kept, macs, result))
+            else:
+                window = planned.state
+                outputs.append(FrameOutput(0, False, 0.0, 0, {"window": window.filled, "of": window.capacity}))
+        return StepResult(outputs, start, time.perf_counter() - start, self._dense_macs)
+
+    def warmup(self) -> None:
+        """One packed forward pass on a blank clip (first-call allocations, kernel selection)."""
+        h, w = self.config.image_size
+        clip = torch.zeros(1, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
+        classify_clips(self.model, clip, 0.0)
