@@ -32,10 +32,10 @@ class ControllerBenchConfig:
     phases: tuple[int, ...] = (1, 4, 8, 4, 1)  # streams per phase
     phase_s: float = 10.0
     target_ms: float = 150.0
-    fps: float = 15.0  # per stream, paced like a camera
+    fps: float = 10.0  # per stream, paced like a camera
     min_tokens: int = 4  # the controller's floor
     fixed_factors: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.25)  # fixed r = factor * the controller's r
-    fixed_s: float = 8.0
+    fixed_s: float = 10.0
     settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long after it began
     size: int | None = None
     labels: str | None = None
@@ -55,26 +55,40 @@ def p95(values: list[float]) -> float | None:
     return float(np.percentile(values, 95)) if values else None
 
 
+def _recent(samples: list[Sample], since: float, stop: float) -> tuple[list[float], list[int]]:
+    mine = [s for s in samples if since <= s.at < stop]
+    return [s.latency_s for s in mine], [s.tokens for s in mine if s.tokens is not None]
+
+
 def settle_time(samples: list[Sample], step_at: float, end: float, target_s: float, bin_s: float = 0.5) -> float:
-    """Seconds after step_at from which, at every bin_s, the p95 latency of the last second stays under 1.1 * target
-    and the bin's mean r within 15 % of the steady mean (the last 60 % of [step_at, end])."""
-    steady_from = end - 0.6 * (end - step_at)
-    steady = [s.tokens for s in samples if steady_from <= s.at < end and s.tokens is not None]
+    """Seconds after step_at from which, at every bin_s, the last second's p95 latency stays under 1.1 * target and
+    its mean r within 15 % of the steady mean (the last 60 % of [step_at, end])."""
+    _, steady = _recent(samples, end - 0.6 * (end - step_at), end)
     if not steady:
         return end - step_at
     steady_mean = statistics.mean(steady)
     last_bad = -1
     for i in range(int((end - step_at) / bin_s)):
-        start, stop = step_at + i * bin_s, step_at + (i + 1) * bin_s
-        recent = [s.latency_s for s in samples if max(step_at, stop - 1.0) <= s.at < stop]
-        tokens = [s.tokens for s in samples if start <= s.at < stop and s.tokens is not None]
-        if not recent:
+        stop = step_at + (i + 1) * bin_s
+        latencies, tokens = _recent(samples, max(step_at, stop - 1.0), stop)
+        if not latencies:
             continue
-        late = p95(recent) > 1.1 * target_s
+        late = p95(latencies) > 1.1 * target_s
         off = bool(tokens) and abs(statistics.mean(tokens) / max(steady_mean, 1e-9) - 1) > 0.15
         if late or off:
             last_bad = i
     return (last_bad + 1) * bin_s
+
+
+def timeline(samples: list[Sample], start: float, end: float, bin_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every bin_s: the last second's p95 latency and mean r (time from start)."""
+    out = []
+    for i in range(int((end - start) / bin_s)):
+        stop = start + (i + 1) * bin_s
+        latencies, tokens = _recent(samples, max(start, stop - 1.0), stop)
+        out.append({"t_s": round(stop - start, 2), "p95_ms": None if not latencies else 1000 * p95(latencies),
+                    "mean_r": statistics.mean(tokens) if tokens else None})
+    return out
 
 
 def samples_of(reports: list[StreamReport]) -> list[Sample]:
@@ -151,6 +165,7 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
             progress(f"auto  phase {i} streams {n}: p95 {row['p95_ms'] or 0:.1f} ms (target {config.target_ms:.0f}), "
                      f"mean r {row['mean_r'] or 0:.1f}, dropped {row['dropped']}, settled in {row['settle_s']} s")
         controller_state = http.get("/v1/budget").json().get("controller")
+        trace = timeline(samples, t0, t0 + len(config.phases) * config.phase_s)
         # ---- fixed budgets around the controller's r, and dense, per stream count
         fixed = []
         for n in sorted(set(config.phases)):
@@ -170,11 +185,11 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                 fixed.append(row)
                 progress(f"fixed streams {n} r={tokens:3d}: p95 {row['p95_ms'] or 0:.1f} ms, "
                          f"{row['fps']:.1f} frames/s, dropped {row['dropped']}")
-    return summarize(config, phases, fixed, controller_state, num_patches)
+    return summarize(config, phases, fixed, controller_state, num_patches, trace)
 
 
 def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dict], controller_state: dict | None,
-              num_patches: int) -> dict[str, Any]:
+              num_patches: int, trace: list[dict] | None = None) -> dict[str, Any]:
     comparison = []
     for n in sorted(set(config.phases)):
         means = [p["mean_r"] for p in phases if p["streams"] == n and p["mean_r"] is not None]
@@ -192,7 +207,7 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
     ratios = [c["ratio"] for c in comparison if c["ratio"] is not None]
     return {
         "config": asdict(config), "num_patches": num_patches, "phases": phases, "fixed": fixed,
-        "comparison": comparison, "controller": controller_state,
+        "comparison": comparison, "controller": controller_state, "timeline": trace or [],
         "targets": {
             "p95_within_10pct_every_phase": steady_ok,
             "max_settle_s": max(settled) if settled else None,

@@ -81,7 +81,8 @@ def backoff_delays(initial_s: float = 0.2, max_s: float = 5.0, factor: float = 2
 
 
 def describe_outputs(outputs: dict[str, Any] | None) -> str:
-    """One short line for a result's outputs: an action, a detection count, or the top-1 class and score."""
+    """One short line for a result's outputs: an action, a clip window's fill, a detection count, or the top-1 class
+    and score."""
     outputs = outputs or {}
     action = outputs.get("action")
     if action:
@@ -89,6 +90,8 @@ def describe_outputs(outputs: dict[str, Any] | None) -> str:
             score = action.get("score")
             return f"action: {action.get('label', '?')}" + (f" {score:.2f}" if isinstance(score, float) else "")
         return f"action: {action}"
+    if "window" in outputs:  # a clip model filling its window (no action label on this frame)
+        return f"clip window {outputs.get('window')}/{outputs.get('of', '?')}"
     if "boxes" in outputs:
         boxes = outputs.get("boxes") or []
         return f"{len(boxes)} detection{'s' if len(boxes) != 1 else ''}"
@@ -366,6 +369,20 @@ class AnnotationQueue:
         self._pending: deque[tuple[int, Image.Image, float]] = deque()  # (seq, image, added at)
         self._answers: dict[int, dict[str, Any] | None] = {}
         self._last_result: dict[str, Any] | None = None
+        self._last_action: Any = None
+
+    def _hold_action(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A clip model labels its full window every stride frames and answers the frames between with the window
+        fill only: those frames are drawn with the latest action (until the window starts over)."""
+        outputs = result.get("outputs") or {}
+        if outputs.get("action"):
+            self._last_action = outputs["action"]
+        elif "window" in outputs:
+            if outputs.get("window") != outputs.get("of"):
+                self._last_action = None  # the window was flushed: filling again
+            elif self._last_action is not None:
+                return {**result, "outputs": {**outputs, "action": self._last_action}}
+        return result
 
     def add(self, seq: int, image: Image.Image, now: float) -> None:
         self._pending.append((seq, image, now))
@@ -387,6 +404,7 @@ class AnnotationQueue:
             self._pending.popleft()
             own = self._answers.pop(seq, None)
             if own is not None:
+                own = self._hold_action(own)
                 self._last_result = own
                 out.append((image, own, False))
             else:

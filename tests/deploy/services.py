@@ -24,7 +24,7 @@ RULE_FILES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "eventful.json"
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 
-# Series the budget controller adds (issue 4). Expressions that use them return data once the server exports them.
+# Series of the budget controller (server/engine/controller.py); the server exports them in every mode.
 CONTROLLER_METRICS = frozenset({
     "eventful_target_latency_seconds", "eventful_measured_p95_latency_seconds", "eventful_stream_budget_tokens",
     "eventful_controller_saturated",

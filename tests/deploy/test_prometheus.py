@@ -8,7 +8,6 @@ import asyncio
 import math
 import shutil
 import subprocess
-import warnings
 
 import httpx
 import yaml
@@ -32,8 +31,9 @@ from tests.deploy.services import (
     with_bool_comparisons,
 )
 
-SERVER_ARGS = ["--model", "deit-tiny-patch16-224", "--threads", "1", "--budget-tokens", "50", "--decode-threads", "1",
-               "--stream-ttl-s", "5", "--log-level", "warning"]
+SERVER_ARGS = ["--model", "deit-tiny-patch16-224", "--threads", "1", "--budget-mode", "auto", "--target-latency-ms",
+               "200", "--budget-min-tokens", "8", "--decode-threads", "1", "--stream-ttl-s", "5", "--log-level",
+               "warning"]
 
 
 def test_promtool_accepts_the_config_and_the_rules(tmp_path):
@@ -53,17 +53,6 @@ def query(http: httpx.Client, promql: str) -> list[dict]:
     answer = http.get("/api/v1/query", params={"query": promql}).json()
     assert answer["status"] == "success", f"{promql}: {answer}"
     return answer["data"]["result"]
-
-
-def pending_names(names: set[str], exported: set[str], records: dict[str, str]) -> set[str]:
-    """Controller series an expression needs (directly or through recording rules) that the server lacks."""
-    missing = set()
-    for name in names:
-        if name in records:
-            missing |= pending_names(metric_names(records[name]), exported, {})
-        elif name in CONTROLLER_METRICS and name not in exported:
-            missing.add(name)
-    return missing
 
 
 def test_every_dashboard_and_rule_expression_returns_data(tmp_path, real_video):
@@ -89,20 +78,14 @@ def test_every_dashboard_and_rule_expression_returns_data(tmp_path, real_video):
                      30, "recorded frame rate")
             exported = exported_names(httpx.get(f"{base}/metrics", trust_env=False).text)
 
-            empty, pending = [], {}
+            assert CONTROLLER_METRICS <= exported, CONTROLLER_METRICS - exported
+            empty = []
             for expression in all_expressions():
                 promql = with_bool_comparisons(expression.promql) if expression.alert else expression.promql
                 names = metric_names(expression.promql)
-                unknown = {n for n in names
-                           if n not in records and n not in PROMETHEUS_SERIES and n not in CONTROLLER_METRICS
-                           and n not in exported}
+                unknown = {n for n in names if n not in records and n not in PROMETHEUS_SERIES and n not in exported}
                 assert not unknown, f"{expression.source} reads series nobody makes: {unknown}"
-                if query(http, promql):
-                    continue
-                missing = pending_names(names, exported, records)
-                if missing:
-                    pending[expression.source] = missing
-                else:
+                if not query(http, promql):
                     empty.append(f"{expression.source}: {promql}")
             assert not empty, "expressions without data:\n" + "\n".join(empty)
 
@@ -113,12 +96,12 @@ def test_every_dashboard_and_rule_expression_returns_data(tmp_path, real_video):
                 assert math.isfinite(value) and value > 0, (name, value)
             up = query(http, 'up{job="eventful"}')
             assert [s["value"][1] for s in up] == ["1"]
+            # the controller ran: its target and a measured p95 reached Prometheus
+            assert float(query(http, "eventful_target_latency_seconds")[0]["value"][1]) == 0.2
+            p95 = float(query(http, "max_over_time(eventful_measured_p95_latency_seconds[1m])")[0]["value"][1])
+            assert math.isfinite(p95) and p95 > 0
             # every rule evaluated without error
             groups = http.get("/api/v1/rules").json()["data"]["groups"]
             health = {r["name"]: (r["health"], r.get("lastError")) for g in groups for r in g["rules"]}
             assert len(health) == sum(not e.source.startswith("dashboard") for e in all_expressions())
             assert all(h == "ok" for h, _ in health.values()), health
-    if pending:
-        # the controller (issue 4) adds these series; until then only expressions that need them may be empty
-        warnings.warn(f"controller series not exported yet, {len(pending)} expressions pending: {pending}",
-                      stacklevel=1)

@@ -1,0 +1,64 @@
+"""`eventful-bench controller`: the settling measure on known samples, and the command end to end on a real server
+(random DeiT-Tiny weights, short phases): auto mode per phase, fixed budgets around the controller's r, dense."""
+
+from __future__ import annotations
+
+import json
+
+from bench.cli import main
+from bench.controller_bench import Sample, settle_time, timeline
+
+
+def _samples(spec: list[tuple[float, float, float, int]]) -> list[Sample]:
+    """(from, to, latency_s, tokens): one sample every 10 ms."""
+    out = []
+    for start, stop, latency, tokens in spec:
+        t = start
+        while t < stop:
+            out.append(Sample(t, latency, tokens))
+            t += 0.01
+    return out
+
+
+def test_settle_time_waits_for_latency_and_budget():
+    target = 0.150
+    # late until 1.2 s after the step, then on target with a steady r
+    samples = _samples([(0.0, 1.2, 0.300, 30), (1.2, 10.0, 0.120, 30)])
+    assert 1.5 <= settle_time(samples, 0.0, 10.0, target) <= 2.5  # the 1-s p95 window clears 1 s after the fault
+    # on time at once, but r still climbing to its steady level until 3 s
+    samples = _samples([(0.0, 3.0, 0.100, 10), (3.0, 10.0, 0.120, 40)])
+    assert 3.0 <= settle_time(samples, 0.0, 10.0, target) <= 4.0
+    # settled from the start
+    assert settle_time(_samples([(0.0, 10.0, 0.1, 40)]), 0.0, 10.0, target) == 0.0
+
+
+def test_timeline_bins():
+    points = timeline(_samples([(0.0, 2.0, 0.1, 20)]), 0.0, 2.0)
+    assert [p["t_s"] for p in points] == [0.5, 1.0, 1.5, 2.0]
+    assert all(abs(p["p95_ms"] - 100) < 1e-6 and p["mean_r"] == 20 for p in points)
+
+
+def test_controller_bench_end_to_end(real_video, tmp_path, capsys):
+    out = tmp_path / "controller.json"
+    code = main(["controller", "--model", "deit-tiny-patch16-224", "--video", str(real_video), "--phases", "1,2",
+                 "--phase-s", "3", "--fixed-s", "2", "--fps", "8", "--target-ms", "400", "--size", "160",
+                 "--server-arg=--threads=1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [p["streams"] for p in report["phases"]] == [1, 2]
+    for phase in report["phases"]:
+        assert phase["results"] > 0 and phase["mean_r"] is not None and phase["p95_ms"] > 0
+    assert report["phases"][0]["settle_s"] is None and report["phases"][1]["settle_s"] is not None
+    fixed = report["fixed"]
+    assert {f["streams"] for f in fixed} == {1, 2} and any(f["dense"] for f in fixed)
+    assert all(f["results"] > 0 for f in fixed)
+    assert [c["streams"] for c in report["comparison"]] == [1, 2]
+    assert report["controller"]["target_latency_ms"] == 400
+    assert report["timeline"] and set(report["targets"]) >= {"settled_within_2s", "r_within_10pct_of_best_fixed"}
+    assert "controller r vs the largest fixed r" in capsys.readouterr().out
+
+
+def test_controller_bench_rejects_bad_arguments(real_video):
+    assert main(["controller", "--model", "deit-tiny-patch16-224", "--video", str(real_video), "--phases", "0"]) == 2
+    assert main(["controller", "--model", "deit-tiny-patch16-224", "--video", "/no/such.mp4"]) == 2
+    assert main(["controller", "--model", "deit-tiny-patch16-224", "--video", str(real_video), "--phases", "a"]) == 2
