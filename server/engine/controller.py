@@ -376,15 +376,21 @@ class BudgetController:
             self._rise_credit -= step
 
     def _now_vs_window(self, now: float, window_s: float | None = None) -> float:
-        """Predicted step at the operating point in effect / mean predicted step of the window's steps."""
+        """How much longer the window's steps would take with the tokens per stream in effect now (the cost model
+        replays each step's own batch size: at light load batches hold fewer streams than are active)."""
         if self._operating_point is None:
             return 1.0
         since = max(now - (self.config.window_s if window_s is None else window_s), self._forget_before)
-        past = [self.model.predict(b, t) for end, _, b, t in self._steps if end >= since]
-        if not past:
+        batch, total = self._operating_point
+        per_stream = total / max(batch, 1)
+        then, later = 0.0, 0.0
+        for end, _, b, t in self._steps:
+            if end >= since:
+                then += self.model.predict(b, t)
+                later += self.model.predict(b, b * per_stream)
+        if then <= 0:
             return 1.0
-        ratio = self.model.predict(*self._operating_point) / (sum(past) / len(past))
-        return min(max(ratio, 0.25), 4.0)
+        return min(max(later / then, 0.25), 4.0)
 
     # ---- views -----------------------------------------------------------------------------
 
