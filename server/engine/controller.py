@@ -47,7 +47,8 @@ class ControllerConfig:
     u_rise_per_s: float = 1.2  # the integrator rises at most this much (log units) per second
     hold_s: float = 0.5  # after streams join or leave: feed-forward only, latencies before then are forgotten
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
-    jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames), at most once per window_s / 2
+    jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
+    jump_every_s: float = 0.5  # ... at most this often
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
     u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
@@ -263,15 +264,15 @@ class BudgetController:
             self._u = max([self._u] + [u for t, u in self._u_history if t >= now - self.config.window_s])
 
     def p95(self, now: float, window_s: float | None = None, min_samples: int | None = None,
-            q: float = 0.95) -> float | None:
+            q: float = 0.95, fresh: bool = True) -> float | None:
         """p95 (or the q-quantile) end-to-end latency of the frames of the last window (at least min_samples, up
-        to 4 windows back)."""
+        to 4 windows back). fresh: only frames since the load or the device last changed (what feedback uses)."""
         window = self.config.window_s if window_s is None else window_s
         need = self.config.min_samples if min_samples is None else min_samples
-        since = max(now - window, self._forget_before)
-        recent = [s for t, s in self._latencies if t >= since]
+        floor = self._forget_before if fresh else -math.inf
+        recent = [s for t, s in self._latencies if t >= max(now - window, floor)]
         if len(recent) < need:
-            older = [s for t, s in self._latencies if t >= max(now - 4 * window, self._forget_before)]
+            older = [s for t, s in self._latencies if t >= max(now - 4 * window, floor)]
             recent = older[-need:]
         if len(recent) < need:
             return None
@@ -346,7 +347,7 @@ class BudgetController:
         recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
         recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
         if (recent is not None and recent > cfg.jump_factor * cfg.target_s
-                and now - self._last_jump >= cfg.window_s / 2):
+                and now - self._last_jump >= cfg.jump_every_s):
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
@@ -404,7 +405,7 @@ class BudgetController:
         a, b, c = (float(v) for v in self.model.theta)
         return ControllerState(
             target_s=self.config.target_s,
-            measured_p95_s=self.p95(now),
+            measured_p95_s=self.p95(now, fresh=False),
             step_budget_s=last.step_budget_s if last else self.config.target_s * math.exp(self._u),
             predicted_step_s=last.predicted_step_s if last else 0.0,
             level=round(self._level),

@@ -34,6 +34,8 @@ class SimConfig:
     noise: float = 0.08  # lognormal sigma of the step time
     overhead_s: float = 0.004  # decode + protocol, per frame
     max_batch: int = 8
+    spike_prob: float = 0.0  # a frame's latency gets an extra U(0, spike_s) with this probability (OS/GIL jitter)
+    spike_s: float = 0.1
     seed: int = 0
 
 
@@ -144,6 +146,8 @@ def simulate(
         observe_step(end, len(batch), sum(tokens), step)
         for s, r in zip(batch, tokens, strict=True):
             latency = end - pending.pop(s) + sim.overhead_s
+            if sim.spike_prob and rng.random() < sim.spike_prob:
+                latency += float(rng.uniform(0, sim.spike_s))
             seen.add(s)
             served_at[s] = end
             trace.completed.append(Completed(end, s, latency, r))
