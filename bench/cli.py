@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--fps", type=float, default=10.0, help="frames/s per stream (paced, like a camera)")
     k.add_argument("--min-tokens", type=int, default=4, help="the controller's floor")
     k.add_argument("--fixed-s", type=float, default=10.0, help="seconds per fixed-budget run")
+    k.add_argument("--repeats", type=int, default=2, help="interleaved runs per fixed budget (median p95)")
     k.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
     k.add_argument("--server-arg", action="append", default=[], help="extra eventful-serve flag (repeatable)")
     k.add_argument("--json", dest="json_path", default=None, help="write the report here")
@@ -122,15 +123,16 @@ def run_controller(args: argparse.Namespace) -> int:
     from bench.controller_bench import ControllerBenchConfig, format_table, run_controller_bench, write_json
 
     phases = tuple(int(v) for v in args.phases.split(",") if v.strip())  # ValueError -> exit 2
-    if not phases or min(phases) < 1 or args.phase_s <= 0 or args.fps <= 0 or args.target_ms <= 0:
-        print("error: --phases must be >= 1 each, --phase-s, --fps and --target-ms > 0", file=sys.stderr)
+    if not phases or min(phases) < 1 or min(args.phase_s, args.fps, args.target_ms, args.repeats) <= 0:
+        print("error: --phases must be >= 1 each, --phase-s, --fps, --target-ms and --repeats > 0", file=sys.stderr)
         return 2
     for video in args.video:
         with open(video, "rb"):  # a missing video: FileNotFoundError -> exit 2
             pass
     config = ControllerBenchConfig(
         model=args.model, videos=args.video, phases=phases, phase_s=args.phase_s, target_ms=args.target_ms,
-        fps=args.fps, min_tokens=args.min_tokens, fixed_s=args.fixed_s, size=args.size, labels=args.labels,
+        fps=args.fps, min_tokens=args.min_tokens, fixed_s=args.fixed_s, repeats=args.repeats, size=args.size,
+        labels=args.labels,
         server_args=tuple(args.server_arg),
     )
     report = run_controller_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))

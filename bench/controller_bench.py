@@ -4,7 +4,8 @@ One `eventful-serve` process on 127.0.0.1. First, auto mode with a p95 target wh
 video join and leave in phases (1 -> 4 -> 8 -> 4 -> 1 by default): per phase the steady p95 (server: receive ->
 result sent) against the target, the mean r the controller gave, frames dropped, and how long it took to re-settle
 after the step. Then, in the same run, fixed budgets at and around the r the controller settled on for each stream
-count, and the dense budget: the largest fixed r that meets the target is the yardstick for the controller's r.
+count, and the dense budget (each `repeats` times, interleaved; median p95): the largest fixed r that meets the
+target is the yardstick for the controller's r.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class ControllerBenchConfig:
     min_tokens: int = 4  # the controller's floor
     fixed_factors: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.25)  # fixed r = factor * the controller's r
     fixed_s: float = 10.0
-    settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long after it began
+    repeats: int = 2  # fixed-budget runs per r, interleaved (medians): this machine is shared and noisy
+    settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long (at most half) after it began
     size: int | None = None
     labels: str | None = None
     server_args: tuple[str, ...] = ()
@@ -60,9 +62,10 @@ def _recent(samples: list[Sample], since: float, stop: float) -> tuple[list[floa
     return [s.latency_s for s in mine], [s.tokens for s in mine if s.tokens is not None]
 
 
-def settle_time(samples: list[Sample], step_at: float, end: float, target_s: float, bin_s: float = 0.5) -> float:
+def settle_time(samples: list[Sample], step_at: float, end: float, target_s: float, bin_s: float = 0.5,
+                with_budget: bool = True) -> float:
     """Seconds after step_at from which, at every bin_s, the last second's p95 latency stays under 1.1 * target and
-    its mean r within 15 % of the steady mean (the last 60 % of [step_at, end])."""
+    (with_budget) its mean r within 15 % of the steady mean (the last 60 % of [step_at, end])."""
     _, steady = _recent(samples, end - 0.6 * (end - step_at), end)
     if not steady:
         return end - step_at
@@ -74,7 +77,7 @@ def settle_time(samples: list[Sample], step_at: float, end: float, target_s: flo
         if not latencies:
             continue
         late = p95(latencies) > 1.1 * target_s
-        off = bool(tokens) and abs(statistics.mean(tokens) / max(steady_mean, 1e-9) - 1) > 0.15
+        off = with_budget and bool(tokens) and abs(statistics.mean(tokens) / max(steady_mean, 1e-9) - 1) > 0.15
         if late or off:
             last_bad = i
     return (last_bad + 1) * bin_s
@@ -158,12 +161,16 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
         phases = []
         for i, n in enumerate(config.phases):
             start, end = t0 + i * config.phase_s, t0 + (i + 1) * config.phase_s
-            row = {"phase": i, "streams": n, **window_stats(samples, reports, start + config.settle_after_s, end)}
-            row["settle_s"] = settle_time(samples, start, end, target_s) if i > 0 else None
+            steady_from = start + min(config.settle_after_s, config.phase_s / 2)
+            row = {"phase": i, "streams": n, **window_stats(samples, reports, steady_from, end)}
+            # settled: the latency back within +10 % of the target for good; and (stricter) r steady as well
+            row["settle_s"] = settle_time(samples, start, end, target_s, with_budget=False) if i > 0 else None
+            row["settle_r_s"] = settle_time(samples, start, end, target_s) if i > 0 else None
             row["within_target"] = row["p95_ms"] is not None and row["p95_ms"] <= 1.1 * config.target_ms
             phases.append(row)
             progress(f"auto  phase {i} streams {n}: p95 {row['p95_ms'] or 0:.1f} ms (target {config.target_ms:.0f}), "
-                     f"mean r {row['mean_r'] or 0:.1f}, dropped {row['dropped']}, settled in {row['settle_s']} s")
+                     f"mean r {row['mean_r'] or 0:.1f}, dropped {row['dropped']}, settled in {row['settle_s']} s "
+                     f"(r steady: {row['settle_r_s']} s)")
         controller_state = http.get("/v1/budget").json().get("controller")
         trace = timeline(samples, t0, t0 + len(config.phases) * config.phase_s)
         # ---- fixed budgets around the controller's r, and dense, per stream count
@@ -173,18 +180,32 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
             chosen = statistics.mean(means) if means else float(num_patches)
             budgets = sorted({min(num_patches, max(1, round(f * chosen))) for f in config.fixed_factors}
                              | {num_patches})
+            runs: dict[int, list[dict[str, Any]]] = {tokens: [] for tokens in budgets}
+            for rep in range(config.repeats):
+                order = budgets if rep % 2 == 0 else list(reversed(budgets))
+                for tokens in order:
+                    http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
+                    run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
+                                  stream_prefix=f"fixed{n}-{tokens}-{rep}")
+                    start = time.perf_counter()
+                    got = asyncio.run(_phased_load(run, frames, (n,), config.fixed_s, start))
+                    stats = window_stats(samples_of(got), got, start + min(config.settle_after_s, config.fixed_s / 2),
+                                         start + config.fixed_s)
+                    runs[tokens].append(stats)
+                    progress(f"fixed streams {n} r={tokens:3d} (run {rep + 1}): p95 {stats['p95_ms'] or 0:.1f} ms, "
+                             f"{stats['fps']:.1f} frames/s, dropped {stats['dropped']}")
             for tokens in budgets:
-                http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
-                run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
-                              stream_prefix=f"fixed{len(fixed)}")
-                start = time.perf_counter()
-                got = asyncio.run(_phased_load(run, frames, (n,), config.fixed_s, start))
+                mine = runs[tokens]
+                p95s = [r["p95_ms"] for r in mine if r["p95_ms"] is not None]
                 row = {"streams": n, "tokens": tokens, "dense": tokens == num_patches,
-                       **window_stats(samples_of(got), got, start + config.settle_after_s, start + config.fixed_s)}
+                       "p95_ms": statistics.median(p95s) if p95s else None,
+                       "p95_ms_runs": p95s,
+                       "mean_r": statistics.median([r["mean_r"] for r in mine if r["mean_r"] is not None] or [0]),
+                       "results": sum(r["results"] for r in mine),
+                       "fps": statistics.median([r["fps"] for r in mine]),
+                       "dropped": sum(r["dropped"] for r in mine)}
                 row["meets_target"] = row["p95_ms"] is not None and row["p95_ms"] <= config.target_ms
                 fixed.append(row)
-                progress(f"fixed streams {n} r={tokens:3d}: p95 {row['p95_ms'] or 0:.1f} ms, "
-                         f"{row['fps']:.1f} frames/s, dropped {row['dropped']}")
     return summarize(config, phases, fixed, controller_state, num_patches, trace)
 
 
@@ -204,6 +225,7 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
         })
     steady_ok = all(p["within_target"] for p in phases)
     settled = [p["settle_s"] for p in phases if p["settle_s"] is not None]
+    steady = [p["settle_r_s"] for p in phases if p.get("settle_r_s") is not None]
     ratios = [c["ratio"] for c in comparison if c["ratio"] is not None]
     return {
         "config": asdict(config), "num_patches": num_patches, "phases": phases, "fixed": fixed,
@@ -212,6 +234,7 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
             "p95_within_10pct_every_phase": steady_ok,
             "max_settle_s": max(settled) if settled else None,
             "settled_within_2s": bool(settled) and max(settled) <= 2.0,
+            "max_settle_r_s": max(steady) if steady else None,
             "min_r_ratio": min(ratios) if ratios else None,
             "r_within_10pct_of_best_fixed": bool(ratios) and min(ratios) >= 0.9,
         },
@@ -222,13 +245,15 @@ def format_table(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [f"auto mode, target p95 {cfg['target_ms']:.0f} ms, {cfg['fps']} fps per stream, "
              f"{cfg['phase_s']:.0f} s phases (steady part: after {cfg['settle_after_s']:.0f} s):"]
-    head = f"{'phase':>5}{'streams':>8}{'p95 ms':>9}{'mean r':>8}{'frames/s':>10}{'dropped':>9}{'settle s':>9}"
+    head = (f"{'phase':>5}{'streams':>8}{'p95 ms':>9}{'mean r':>8}{'frames/s':>10}{'dropped':>9}{'settle s':>9}"
+            f"{'r steady s':>11}")
     lines += [head, "-" * len(head)]
     for p in report["phases"]:
         settle = "" if p["settle_s"] is None else f"{p['settle_s']:.1f}"
+        steady = "" if p.get("settle_r_s") is None else f"{p['settle_r_s']:.1f}"
         lines.append(f"{p['phase']:>5}{p['streams']:>8}{p['p95_ms'] or 0:9.1f}{p['mean_r'] or 0:8.1f}"
-                     f"{p['fps']:10.1f}{p['dropped']:>9}{settle:>9}")
-    lines += ["", "fixed budgets (same server, same load):"]
+                     f"{p['fps']:10.1f}{p['dropped']:>9}{settle:>9}{steady:>11}")
+    lines += ["", f"fixed budgets (same server, same load; median p95 of {cfg['repeats']} interleaved runs):"]
     head = f"{'streams':>7}{'r':>6}{'p95 ms':>9}{'frames/s':>10}{'dropped':>9}  meets target"
     lines += [head, "-" * len(head)]
     for f in report["fixed"]:

@@ -41,8 +41,8 @@ def test_timeline_bins():
 def test_controller_bench_end_to_end(real_video, tmp_path, capsys):
     out = tmp_path / "controller.json"
     code = main(["controller", "--model", "deit-tiny-patch16-224", "--video", str(real_video), "--phases", "1,2",
-                 "--phase-s", "3", "--fixed-s", "2", "--fps", "8", "--target-ms", "400", "--size", "160",
-                 "--server-arg=--threads=1", "--json", str(out)])
+                 "--phase-s", "3", "--fixed-s", "2", "--repeats", "1", "--fps", "8", "--target-ms", "400",
+                 "--size", "160", "--server-arg=--threads=1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert [p["streams"] for p in report["phases"]] == [1, 2]
