@@ -250,12 +250,20 @@ class BudgetController:
 
     def observe_latency(self, now: float, seconds: float) -> None:
         self._latencies.append((now, seconds))
+        self._prune(self._latencies, now)
+
+    def _prune(self, history: deque, now: float) -> None:
+        """Keep 4 windows of history: every round reads it, so it must stay short."""
+        horizon = now - 4 * self.config.window_s - 1.0
+        while history and history[0][0] < horizon:
+            history.popleft()
 
     def observe_step(self, now: float, batch: int, tokens: float, seconds: float) -> None:
         """A step that ended at `now`: `batch` frames, `tokens` patch tokens per gate over all of them."""
         shifts = self.model.shifts
         self.model.observe(batch, tokens, seconds)
         self._steps.append((now, seconds, batch, tokens))
+        self._prune(self._steps, now)
         if self.model.shifts != shifts:
             # the device got slower or faster: the feed-forward has followed it; latencies from before are stale
             self._hold_until = now + self.config.hold_s
@@ -270,9 +278,10 @@ class BudgetController:
         window = self.config.window_s if window_s is None else window_s
         need = self.config.min_samples if min_samples is None else min_samples
         floor = self._forget_before if fresh else -math.inf
-        recent = [s for t, s in self._latencies if t >= max(now - window, floor)]
+        since, earliest = max(now - window, floor), max(now - 4 * window, floor)
+        recent = [s for t, s in self._latencies if t >= since]
         if len(recent) < need:
-            older = [s for t, s in self._latencies if t >= max(now - 4 * window, floor)]
+            older = [s for t, s in self._latencies if t >= earliest]
             recent = older[-need:]
         if len(recent) < need:
             return None
@@ -384,11 +393,12 @@ class BudgetController:
         since = max(now - (self.config.window_s if window_s is None else window_s), self._forget_before)
         batch, total = self._operating_point
         per_stream = total / max(batch, 1)
-        then, later = 0.0, 0.0
-        for end, _, b, t in self._steps:
-            if end >= since:
-                then += self.model.predict(b, t)
-                later += self.model.predict(b, b * per_stream)
+        past = np.array([(b, t) for end, _, b, t in self._steps if end >= since], dtype=np.float64).reshape(-1, 2)
+        if not len(past):
+            return 1.0
+        a, b, c = self.model.theta
+        then = float(np.sum(a + b * past[:, 0] + c * past[:, 1] / self.model.num_patches))
+        later = float(np.sum(a + b * past[:, 0] + c * past[:, 0] * per_stream / self.model.num_patches))
         if then <= 0:
             return 1.0
         return min(max(later / then, 0.25), 4.0)
