@@ -14,6 +14,7 @@ import asyncio
 import json
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -137,6 +138,18 @@ async def _phased_load(load: LoadConfig, frames: list[list[bytes]], phases: tupl
     return list(await asyncio.gather(*tasks))
 
 
+def _poll_controller(base: str, t0: float, out: list[dict[str, Any]], stop: threading.Event) -> None:
+    with httpx.Client(base_url=base, trust_env=False, timeout=5) as http:
+        while not stop.wait(0.5):
+            try:
+                state = http.get("/v1/budget").json().get("controller") or {}
+            except httpx.HTTPError:
+                continue
+            keep = ("measured_p95_ms", "step_budget_ms", "predicted_step_ms", "level_tokens", "streams",
+                    "saturated", "max_batch", "busy_fraction")
+            out.append({"t_s": round(time.perf_counter() - t0, 2), **{k: state.get(k) for k in keep}})
+
+
 def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = None, progress=print) -> dict:
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eventful-bench-controller-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +169,15 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                                      "min_tokens": config.min_tokens}).raise_for_status()
         t0 = time.perf_counter() + 0.5
         load = replace(base_load, server=base, stream_prefix="auto")
-        reports = asyncio.run(_phased_load(load, frames, config.phases, config.phase_s, t0))
+        states: list[dict[str, Any]] = []  # the controller's own view every 0.5 s (what it measured and chose)
+        stop = threading.Event()
+        poller = threading.Thread(target=_poll_controller, args=(base, t0, states, stop), daemon=True)
+        poller.start()
+        try:
+            reports = asyncio.run(_phased_load(load, frames, config.phases, config.phase_s, t0))
+        finally:
+            stop.set()
+            poller.join(5)
         samples = samples_of(reports)
         phases = []
         for i, n in enumerate(config.phases):
@@ -206,11 +227,12 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                        "dropped": sum(r["dropped"] for r in mine)}
                 row["meets_target"] = row["p95_ms"] is not None and row["p95_ms"] <= config.target_ms
                 fixed.append(row)
-    return summarize(config, phases, fixed, controller_state, num_patches, trace)
+    return summarize(config, phases, fixed, controller_state, num_patches, trace, states)
 
 
 def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dict], controller_state: dict | None,
-              num_patches: int, trace: list[dict] | None = None) -> dict[str, Any]:
+              num_patches: int, trace: list[dict] | None = None,
+              controller_trace: list[dict] | None = None) -> dict[str, Any]:
     comparison = []
     for n in sorted(set(config.phases)):
         means = [p["mean_r"] for p in phases if p["streams"] == n and p["mean_r"] is not None]
@@ -230,6 +252,7 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
     return {
         "config": asdict(config), "num_patches": num_patches, "phases": phases, "fixed": fixed,
         "comparison": comparison, "controller": controller_state, "timeline": trace or [],
+        "controller_timeline": controller_trace or [],
         "targets": {
             "p95_within_10pct_every_phase": steady_ok,
             "max_settle_s": max(settled) if settled else None,
