@@ -301,6 +301,10 @@ class BudgetController:
         if streams != self._streams:
             # the load changed: the feed-forward answers it now; the latencies measured so far belong to the old
             # load (and the joiners' dense first frames to none), so feedback waits for fresh ones
+            if len(streams) < len(self._streams):
+                # fewer streams: cuts made under the heavier load (down to shedding frames, which holds the measured
+                # latency near the target and so hides the room the lighter load has) no longer apply
+                self._u = max(self._u, cfg.u_initial)
             self._streams = streams
             self._hold_until = now + cfg.hold_s
             self._forget_before = self._hold_until

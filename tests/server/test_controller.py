@@ -273,3 +273,20 @@ def test_fixed_overrides_and_caps_hold_in_auto_mode(make_client):
             ra, rb = _stream(a, video, 1)[0], _stream(b, video, 1)[0]
     assert (ra["budget"], rb["budget"]) == (7, 3)
     assert client.get("/v1/streams/capped/budget").json()["source"] == "cap"
+
+
+def test_fewer_streams_release_the_cuts_made_under_heavier_load():
+    """Shedding holds the measured latency near the target, so after a heavy phase the feedback alone would see
+    little error and climb back slowly (seen live: 8 s at the floor after 8 -> 4 streams)."""
+    controller = BudgetController(ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4), initial_tokens=40)
+    eight = [StreamDemand(f"s{i}") for i in range(8)]
+    now = 0.0
+    for _ in range(400):  # a slow device under 8 streams: every latency at twice the target
+        now += 0.05
+        controller.observe_step(now, 8, 32, 0.2)
+        for _ in range(8):
+            controller.observe_latency(now, 0.3)
+        cut = controller.decide(now, eight)
+    assert cut.saturated and cut.step_budget_s < 0.3 * 0.15
+    after = controller.decide(now + 0.05, eight[:4])
+    assert after.step_budget_s >= 0.45 * 0.15 * 0.99  # back to the neutral start, the feed-forward takes it from there
