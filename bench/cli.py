@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from bench.report import write_json
+
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:
     if text is None:
@@ -28,6 +30,30 @@ def _parse_budgets(text: str) -> list[float]:
     if not values or any(not (0 <= v < float("inf")) for v in values):
         raise argparse.ArgumentTypeError(f"budgets must be non-negative numbers, got {text!r}")
     return values
+
+
+def _check_readable(paths: list[str]) -> None:
+    """Raise FileNotFoundError (exit 2) for the first path that cannot be opened, before any work starts."""
+    for path in paths:
+        with open(path, "rb"):
+            pass
+
+
+def _torch_threads(threads: int | None) -> None:
+    """Intra-op threads (default: torch's choice); denormals flushed (denormal GELU tails cost 3x on some CPUs,
+    and every path measured gets the same setting)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+def _finish(table: str, report, json_path: str | None) -> int:
+    """Print the table; write the JSON when asked."""
+    print(table)
+    if json_path:
+        write_json(report, json_path)
+        print(f"wrote {json_path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,24 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
 def run_clip(args: argparse.Namespace) -> int:
     from bench.clips import StaticClipSpec, make_static_clip
 
-    for path in [args.background, *args.sprite]:
-        with open(path, "rb"):  # a missing image: FileNotFoundError -> exit 2
-            pass
+    _check_readable([args.background, *args.sprite])  # a missing file: FileNotFoundError -> exit 2
     spec = StaticClipSpec(frames=args.frames, noise_std=args.noise, crf=args.crf)
     print(f"wrote {make_static_clip(args.out, args.background, args.sprite, spec)}")
     return 0
 
 
 def run_controller(args: argparse.Namespace) -> int:
-    from bench.controller_bench import ControllerBenchConfig, format_table, run_controller_bench, write_json
+    from bench.controller_bench import ControllerBenchConfig, format_table, run_controller_bench
 
     phases = tuple(int(v) for v in args.phases.split(",") if v.strip())  # ValueError -> exit 2
     if not phases or min(phases) < 1 or min(args.phase_s, args.fps, args.target_ms, args.repeats) <= 0:
         print("error: --phases must be >= 1 each, --phase-s, --fps, --target-ms and --repeats > 0", file=sys.stderr)
         return 2
-    for video in args.video:
-        with open(video, "rb"):  # a missing video: FileNotFoundError -> exit 2
-            pass
+    _check_readable(args.video)  # a missing file: FileNotFoundError -> exit 2
     config = ControllerBenchConfig(
         model=args.model, videos=args.video, phases=phases, phase_s=args.phase_s, target_ms=args.target_ms,
         fps=args.fps, min_tokens=args.min_tokens, fixed_s=args.fixed_s, repeats=args.repeats, size=args.size,
@@ -136,14 +158,11 @@ def run_controller(args: argparse.Namespace) -> int:
         server_args=tuple(args.server_arg),
     )
     report = run_controller_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(report))
-    if args.json_path:
-        write_json(report, args.json_path)
-    return 0
+    return _finish(format_table(report), report, args.json_path)
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from bench.server_bench import ServerBenchConfig, format_table, run_server_bench, write_json
+    from bench.server_bench import ServerBenchConfig, format_table, run_server_bench
 
     try:
         streams = [int(v) for v in args.streams.split(",") if v.strip()]
@@ -153,9 +172,7 @@ def run_server(args: argparse.Namespace) -> int:
     if not streams or min(streams) < 1 or args.repeats < 1 or args.duration <= 0:
         print("error: --streams must be >= 1, --repeats >= 1, --duration > 0", file=sys.stderr)
         return 2
-    for video in args.video:
-        with open(video, "rb"):  # a missing video: FileNotFoundError -> exit 2
-            pass
+    _check_readable(args.video)  # a missing file: FileNotFoundError -> exit 2
     config = ServerBenchConfig(
         model=args.model, videos=args.video, streams=streams, budget_tokens=args.budget_tokens,
         duration_s=args.duration, repeats=args.repeats, fps=args.fps, in_flight=args.in_flight, size=args.size,
@@ -163,22 +180,16 @@ def run_server(args: argparse.Namespace) -> int:
         server_args=tuple(args.server_arg),
     )
     report = run_server_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(report))
-    if args.json_path:
-        write_json(report, args.json_path)
-        print(f"wrote {args.json_path}")
-    return 0
+    return _finish(format_table(report), report, args.json_path)
 
 
 def run_model(args: argparse.Namespace) -> int:
-    from bench.model_bench import print_table, run_model_bench, write_json
+    from bench.model_bench import print_table, run_model_bench
     from model.eventful import EventfulConfig
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormal GELU tails cost 3x on some CPUs; both paths get the same setting
+    _torch_threads(args.threads)
     if args.frames < 2:
         print("error: --frames must be at least 2", file=sys.stderr)
         return 2
@@ -200,23 +211,17 @@ def run_model(args: argparse.Namespace) -> int:
     )
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    print(print_table(report))
-    if args.json_path:
-        write_json(report, args.json_path)
-        print(f"wrote {args.json_path}")
-    return 0
+    return _finish(print_table(report), report, args.json_path)
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from bench.detect_bench import format_table, run_detect_bench, write_json
+    from bench.detect_bench import format_table, run_detect_bench
     from model.eventful import EventfulConfig
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
     from model.yolos import YolosDetector
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    _torch_threads(args.threads)
     if args.frames < 2 or args.top_k < 1:
         print("error: --frames must be at least 2 and --top-k at least 1", file=sys.stderr)
         return 2
@@ -237,22 +242,16 @@ def run_detect(args: argparse.Namespace) -> int:
         model, images, frame_size, budgets, model_name=args.model, video_name=args.video,
         eventful=EventfulConfig(level=args.level), threshold=args.threshold, top_k=args.top_k,
     )
-    print(format_table(report))
-    if args.json_path:
-        write_json(report, args.json_path)
-        print(f"wrote {args.json_path}")
-    return 0
+    return _finish(format_table(report), report, args.json_path)
 
 
 def run_rlt(args: argparse.Namespace) -> int:
-    from bench.rlt_bench import format_table, run_rlt_bench, video_clips, write_json
+    from bench.rlt_bench import format_table, run_rlt_bench, video_clips
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
     from model.videomae import VideoMAE
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    _torch_threads(args.threads)
     if args.clips < 1:
         print("error: --clips must be at least 1", file=sys.stderr)
         return 2
@@ -265,11 +264,7 @@ def run_rlt(args: argparse.Namespace) -> int:
     frames = read_video_frames(args.video, max_frames=num_frames + stride * (args.clips - 1))
     clips = video_clips(Preprocessor(model.config.preprocess)(frames), num_frames, args.clips, stride)
     report = run_rlt_bench(model, clips, args.tau, model_name=args.model, video_name=args.video)
-    print(format_table(report))
-    if args.json_path:
-        write_json(report, args.json_path)
-        print(f"wrote {args.json_path}")
-    return 0
+    return _finish(format_table(report), report, args.json_path)
 
 
 def main(argv: list[str] | None = None) -> int:

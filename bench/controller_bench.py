@@ -11,7 +11,6 @@ target is the yardstick for the controller's r.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import tempfile
 import threading
@@ -293,8 +292,3 @@ def format_table(report: dict[str, Any]) -> str:
                  f"{t['settled_within_2s']} (max {t['max_settle_s']}); r within 10% of best fixed: "
                  f"{t['r_within_10pct_of_best_fixed']} (min ratio {t['min_r_ratio']})")
     return "\n".join(lines)
-
-
-def write_json(report: dict[str, Any], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))

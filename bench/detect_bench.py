@@ -8,11 +8,9 @@ independent of thresholds and labels, the mean IoU between each detection token'
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -186,8 +184,3 @@ def format_table(report: DetectBenchReport) -> str:
             f"{_pct(r.recall):>8} {miou:>6} {r.token_box_iou:6.3f} {r.boxes_per_frame:6.1f}"
         )
     return "\n".join(lines)
-
-
-def write_json(report: DetectBenchReport, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")

@@ -7,12 +7,10 @@ model's output on the same frame, and compared with frame skipping at the same c
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -194,8 +192,3 @@ def print_table(report: ModelBenchReport) -> str:
         breakdown = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in report.results[0].state_breakdown.items())
         lines.append(f"state per stream (MB): {breakdown}")
     return "\n".join(lines)
-
-
-def write_json(report: ModelBenchReport, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(asdict(report), indent=2))

@@ -8,11 +8,9 @@ batch without padding, are timed too (`batch_ms`: the whole batch, median over r
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -140,8 +138,3 @@ def format_table(report: RltBenchReport) -> str:
             f"{r.batch_speedup:7.2f}x {r.mac_ratio:5.2f}x {100 * r.agreement:6.1f} {r.rel_l2:6.3f}"
         )
     return "\n".join(lines)
-
-
-def write_json(report: RltBenchReport, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")

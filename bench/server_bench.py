@@ -9,7 +9,6 @@ decode, queue wait, model step and the rest (protocol, scheduling, hand-offs bet
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -179,8 +178,3 @@ def format_table(report: dict[str, Any]) -> str:
         f"latency, {100 * b['overhead_fraction_client']:.1f}% of the client round trip"
     )
     return "\n".join(lines)
-
-
-def write_json(report: dict[str, Any], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))

@@ -971,8 +971,8 @@ def main(argv: list[str] | None = None) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     loop.add_signal_handler(sig, client.stop)
-                except (NotImplementedError, RuntimeError):
-                    pass
+                except (NotImplementedError, RuntimeError):  # no loop signal handlers (Windows): a plain one
+                    signal.signal(sig, lambda *_: loop.call_soon_threadsafe(client.stop))
         return await client.run()
 
     try:

@@ -351,49 +351,24 @@ def config_from_hf(
     state_dict_keys decide the distillation token and whether there is a classifier at all (ViTModel has
     none); without them a "deit" model is assumed to have the token and every model a classifier.
     """
-    model_type = config_json.get("model_type")
-    if model_type not in ("vit", "deit"):
-        raise CheckpointError(f"unsupported Hugging Face model_type {model_type!r}; supported: 'vit', 'deit'")
-    act = config_json.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"unsupported hidden_act {act!r}: the model uses exact (erf) GELU, 'gelu'")
+    common = _hf_common(config_json, ("vit", "deit"))
+    model_type = config_json["model_type"]
     image_size = _hf_hw(config_json.get("image_size", 224), "image_size")
-    patch = config_json.get("patch_size", 16)
-    if not isinstance(patch, int):
-        ph, pw = _hf_hw(patch, "patch_size")
-        if ph != pw:
-            raise CheckpointError(f"non-square patches {patch} are not supported")
-        patch = ph
-    id2label = config_json.get("id2label") or {}
-    num_labels = len(id2label) or int(config_json.get("num_labels", 2))
     keys = None if state_dict_keys is None else set(state_dict_keys)
     if keys is None:
         distill, has_head = model_type == "deit", True
     else:
         distill = any(k.endswith("embeddings.distillation_token") for k in keys)
         has_head = bool(keys & {"classifier.weight", "cls_classifier.weight"})
-    labels = None
-    if has_head and id2label:
-        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
-    hidden = int(config_json.get("hidden_size", 768))
-    heads = int(config_json.get("num_attention_heads", 12))
-    if hidden % heads:
-        raise CheckpointError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    if not has_head:  # a bare ViTModel / DeiTModel: features only
+        common.update(num_classes=0, label_names=None)
     return ViTConfig(
         image_size=image_size,
-        patch_size=patch,
-        in_chans=int(config_json.get("num_channels", 3)),
-        embed_dim=hidden,
-        depth=int(config_json.get("num_hidden_layers", 12)),
-        num_heads=heads,
-        mlp_dim=int(config_json.get("intermediate_size", 3072)),
         qkv_bias=bool(config_json.get("qkv_bias", True)),
-        layer_norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
         class_token=True,
         distill_token=distill,
-        num_classes=num_labels if has_head else 0,
-        label_names=labels,
         preprocess=_preprocess_from_hf(preprocessor_json, model_type, image_size),
+        **common,
     )
 
 

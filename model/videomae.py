@@ -15,7 +15,7 @@ from torch import nn
 
 from model.config import VideoConfig
 from model.kernels import linear
-from model.vit import Block
+from model.vit import Block, init_random_weights
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -75,15 +75,8 @@ class VideoMAE(nn.Module):
         self.head = nn.Linear(c, config.num_classes) if config.num_classes else nn.Identity()
         self.init_random_weights()
 
-    @torch.no_grad()
     def init_random_weights(self, seed: int = 0) -> None:
-        """Deterministic truncated-normal init (for named architectures without a checkpoint)."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.fill_(1.0 if ("norm" in name and name.endswith("weight")) else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
+        init_random_weights(self, seed)
 
     def embed(self, clips: torch.Tensor) -> torch.Tensor:
         # clips: [B, T, 3, H, W] -> tokens: [B, N, C] (no length embedding: every run has length 1)

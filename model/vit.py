@@ -73,6 +73,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@torch.no_grad()
+def init_random_weights(module: nn.Module, seed: int = 0) -> None:
+    """Deterministic truncated-normal init of a module's weights, unit norms, zero biases (for named architectures
+    without a checkpoint)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            p.fill_(1.0 if ("norm" in name and name.endswith("weight")) else 0.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
+
+
 class VisionTransformer(nn.Module):
     """ViT/DeiT classifier. Holds weights only; per-stream state lives in model.state."""
 
@@ -94,15 +106,12 @@ class VisionTransformer(nn.Module):
         )
         self.init_random_weights()
 
-    @torch.no_grad()
     def init_random_weights(self, seed: int = 0) -> None:
-        """Deterministic truncated-normal init (for named architectures without a checkpoint)."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.fill_(1.0 if ("norm" in name and name.endswith("weight")) else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
+        init_random_weights(self, seed)
+
+    def prefix_tokens(self) -> list[torch.Tensor]:
+        """The learned tokens before the patches, each [1, n, C] (class, then distillation when present)."""
+        return [t for t in (self.cls_token, self.dist_token) if t is not None]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens: [B, N, C] (prefix tokens first)
@@ -113,7 +122,7 @@ class VisionTransformer(nn.Module):
                 f"{self.config.image_size} ({self.config.num_patches} patches)"
             )
         b = patches.shape[0]
-        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        prefix = [t.expand(b, -1, -1) for t in self.prefix_tokens()]
         return torch.cat([*prefix, patches], dim=1) + self.pos_embed
 
     def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:

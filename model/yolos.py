@@ -55,17 +55,9 @@ class YolosDetector(VisionTransformer):
         self.box_head = MlpHead(c, c, 4)
         self.init_random_weights()
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        # images: [B, 3, H, W] -> tokens: [B, 1 + D + Np, C]
-        patches = self.patch_embed(images)
-        if patches.shape[1] != self.config.num_patches:
-            raise ValueError(
-                f"input {tuple(images.shape[-2:])} gives {patches.shape[1]} patches; the model was built for "
-                f"{self.config.image_size} ({self.config.num_patches} patches)"
-            )
-        b = patches.shape[0]
-        prefix = [self.cls_token.expand(b, -1, -1), self.det_token.expand(b, -1, -1)]
-        return torch.cat([*prefix, patches], dim=1) + self.pos_embed
+    def prefix_tokens(self) -> list[torch.Tensor]:
+        """[cls, det_1 .. det_D]: embed() gives [B, 1 + D + Np, C]."""
+        return [self.cls_token, self.det_token]
 
     def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if self.mid_pos_embed is not None and index < self.config.depth - 1:

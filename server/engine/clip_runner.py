@@ -16,7 +16,7 @@ import torch
 from model.rlt import DEFAULT_TAU, classify_clips, clip_macs
 from model.videomae import VideoMAE
 from server.engine.decode import FrameLimits
-from server.engine.runner import FrameOutput, ModelRunner, StepResult
+from server.engine.runner import FrameOutput, FrameRunner, StepResult
 from server.engine.scheduler import StepPlan
 
 
@@ -57,37 +57,22 @@ class ClipWindow:
         return self.frames.numel() * self.frames.element_size()
 
 
-class ClipRunner:
+class ClipRunner(FrameRunner):
     """A VideoMAE clip classifier with RLT; outputs {"action": {"label", "score"}, "top": [...]} every stride frames
     once the window is full, {"window": n, "of": T} otherwise."""
-
-    prepare = ModelRunner.prepare  # the same decode + per-frame preprocessing (checks the input size)
 
     def __init__(
         self, model: VideoMAE, tau: float = DEFAULT_TAU, stride: int = 8, top_k: int = 5,
         limits: FrameLimits | None = None,
     ):  # fmt: skip
-        from model.preprocess import Preprocessor
-
         if stride < 1:
             raise ValueError("stride must be >= 1")
-        self.model = model
-        self.config = model.config
+        super().__init__(model, top_k, limits)  # per-frame decode and preprocessing, as for single frames
         self.tau = tau
         self.stride = stride
-        self.preprocessor = Preprocessor(self.config.preprocess)
-        self.limits = limits or FrameLimits()
-        self.top_k = min(top_k, self.config.num_classes)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        names = self.config.label_names
-        self.labels = list(names) if names else [f"class_{i}" for i in range(self.config.num_classes)]
         self._dense_macs = clip_macs(self.config, self.config.num_patches)
 
-    @property
-    def num_patches(self) -> int:
-        """Tokens of one clip without RLT (budgets do not apply in clip mode: tau decides what is dropped)."""
-        return self.config.num_patches
+    # num_patches: the tokens of one clip without RLT (budgets do not apply in clip mode: tau decides what is dropped)
 
     def new_state(self) -> ClipWindow:
         return ClipWindow.create(self.config.num_frames, self.config.image_size, self.device, self.dtype)

@@ -6,14 +6,14 @@ frame. Frames are resized whole to the model input, so normalised boxes scale st
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 import torch
 
-from model.eventful import EventfulConfig
+from model.eventful import EventfulConfig, StepOutput
 from model.yolos import YolosDetector, postprocess_detections
 from server.engine.decode import FrameLimits
-from server.engine.runner import FrameOutput, ModelRunner, StepResult
+from server.engine.runner import ModelRunner
 from server.engine.scheduler import PlannedFrame, StepPlan
 
 
@@ -32,23 +32,10 @@ class DetectRunner(ModelRunner):
         """The decoded (height, width) of a planned frame (the model input size if the plan does not say)."""
         return tuple(planned.frame_size) if planned.frame_size is not None else tuple(self.config.image_size)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        """One batched eventful step over the plan's streams, then the detection heads and post-processing."""
-        start = time.perf_counter()
-        for planned in plan.frames:
-            if planned.flush:
-                planned.state.flush()
-        images = torch.stack([p.image for p in plan.frames]).to(self.device, self.dtype)  # [B, 3, H, W]
-        out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames])
+    def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:
+        """Per frame, the detection heads on its detection tokens, post-processed to boxes in frame pixels."""
         with torch.inference_mode():
             boxes = self.model.forward_boxes(out.tokens)  # [B, D, 4]
         sizes = [self._frame_size(p) for p in plan.frames]
         detections = postprocess_detections(out.logits, boxes, sizes, self.threshold, self.max_boxes)
-        fractions = out.updated_fraction.tolist()
-        outputs = []
-        for j, planned in enumerate(plan.frames):
-            tokens = planned.budget.tokens
-            used = self.num_patches if out.dense_frame[j] or tokens is None else min(tokens, self.num_patches)
-            result = {"boxes": detections[j].to_list(self.labels)}
-            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], result))
-        return StepResult(outputs, start, time.perf_counter() - start, out.dense_macs)
+        return [{"boxes": d.to_list(self.labels)} for d in detections]

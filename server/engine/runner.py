@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from model.eventful import EventfulConfig, EventfulViT
+from model.eventful import EventfulConfig, EventfulViT, StepOutput
 from model.policy import StreamBudget
 from model.preprocess import Preprocessor
 from model.state import StreamState
@@ -46,16 +47,12 @@ class StepResult:
     dense_macs: int  # of one frame
 
 
-class ModelRunner:
-    """A VisionTransformer behind EventfulViT, its preprocessing, and the classifier read-out (top-k)."""
+class FrameRunner:
+    """What every runner shares: the model's preprocessing behind frame limits, its device, dtype and labels."""
 
-    def __init__(
-        self, model: VisionTransformer, eventful: EventfulConfig | None = None, top_k: int = 5,
-        limits: FrameLimits | None = None,
-    ):
+    def __init__(self, model: nn.Module, top_k: int = 5, limits: FrameLimits | None = None):
         self.model = model
         self.config = model.config
-        self.eventful = EventfulViT(model, eventful)
         self.preprocessor = Preprocessor(self.config.preprocess)
         self.limits = limits or FrameLimits()
         self.top_k = min(top_k, self.config.num_classes)
@@ -86,30 +83,48 @@ class ModelRunner:
             raise FrameRejected("unsupported_size", str(err)) from None
         return PreparedFrame(image, (height, width), time.perf_counter() - start)
 
+
+
+class ModelRunner(FrameRunner):
+    """A VisionTransformer behind EventfulViT and the classifier read-out (top-k); `read_out` is what other
+    eventful models (detectors) change."""
+
+    def __init__(
+        self, model: VisionTransformer, eventful: EventfulConfig | None = None, top_k: int = 5,
+        limits: FrameLimits | None = None,
+    ):
+        super().__init__(model, top_k, limits)
+        self.eventful = EventfulViT(model, eventful)
+
     def new_state(self) -> StreamState:
         return self.eventful.new_state()
 
     def execute(self, plan: StepPlan) -> StepResult:
-        """One batched eventful step over the plan's streams."""
+        """One batched eventful step over the plan's streams, then the model's read-out per frame."""
         start = time.perf_counter()
         for planned in plan.frames:
             if planned.flush:
                 planned.state.flush()
         images = torch.stack([p.image for p in plan.frames]).to(self.device, self.dtype)  # [B, 3, H, W]
         out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames])
-        probs = out.logits.float().softmax(dim=-1)  # [B, K]
-        scores, indices = probs.topk(self.top_k, dim=-1)  # [B, k]
+        results = self.read_out(out, plan)
         fractions = out.updated_fraction.tolist()
         outputs = []
         for j, planned in enumerate(plan.frames):
-            top = [
-                {"label": self.labels[i], "index": i, "score": s}
-                for s, i in zip(scores[j].tolist(), indices[j].tolist(), strict=True)
-            ]
             tokens = planned.budget.tokens
             used = self.num_patches if out.dense_frame[j] or tokens is None else min(tokens, self.num_patches)
-            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], {"top": top}))
+            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j]))
         return StepResult(outputs, start, time.perf_counter() - start, out.dense_macs)
+
+    def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:
+        """Per frame, the `outputs` of its result: the classifier's top-k classes."""
+        probs = out.logits.float().softmax(dim=-1)  # [B, K]
+        scores, indices = probs.topk(self.top_k, dim=-1)  # [B, k]
+        return [
+            {"top": [{"label": self.labels[i], "index": i, "score": s}
+                     for s, i in zip(scores[j].tolist(), indices[j].tolist(), strict=True)]}
+            for j in range(len(plan.frames))
+        ]
 
     def warmup(self) -> None:
         """One dense step on a blank frame with a throwaway state (first-call allocations, kernel selection)."""
