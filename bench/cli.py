@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-heads", type=int, default=None, help="attention heads (timm files do not record it)")
     m.add_argument("--labels", default=None, help="class names file for timm checkpoints")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--json", dest="json_path", default=None, help="write the report here")
     s = sub.add_parser("server", help="the live server under N streams of real video: eventful vs dense")
@@ -193,12 +194,17 @@ def run_model(args: argparse.Namespace) -> int:
     if args.frames < 2:
         print("error: --frames must be at least 2", file=sys.stderr)
         return 2
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     model = load_model(args.model, image_size=args.image_size, num_heads=args.num_heads, labels_path=args.labels)
+    model = model.to(device)
     frames = read_video_frames(args.video, max_frames=args.frames)
     if len(frames) < 2:
         print(f"error: {args.video} has fewer than 2 decodable frames", file=sys.stderr)
         return 2
-    images = Preprocessor(model.config.preprocess)(frames)
+    images = Preprocessor(model.config.preprocess)(frames).to(device)
     eventful = EventfulConfig(level=args.level, gate_position=args.gate_position, refresh_interval=args.refresh)
 
     def progress(done: int, total: int) -> None:

@@ -34,7 +34,9 @@ def live_server(
     it in a test). The server is stopped on exit; an exit while in use raises with its log."""
     port = port or free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EVENTFUL_")}
-    environment.update(PYTHONPATH=str(REPO_ROOT), **(env or {}))
+    # the repository first, then whatever the caller's PYTHONPATH holds (packages installed to a folder of their own)
+    python_path = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    environment.update(PYTHONPATH=os.pathsep.join(python_path), **(env or {}))
     command = [sys.executable, "-m", "server.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)

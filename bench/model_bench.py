@@ -54,7 +54,15 @@ class ModelBenchReport:
     dense_gmacs: float
     dense_consecutive_top1_stability: float  # how often the dense top-1 stays the same frame to frame
     threads: int
+    device: str = "cpu"
     results: list[BudgetResult] = field(default_factory=list)
+
+
+def _clock(device: torch.device) -> float:
+    """time.perf_counter once the device has finished what was queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,8 +114,9 @@ def run_model_bench(
     warmup: int = 2,
     progress=None,
 ) -> ModelBenchReport:
-    """images: [T, 3, H, W] preprocessed frames. Returns the report (also see print_table / to_json)."""
+    """images: [T, 3, H, W] preprocessed frames, on the model's device. Returns the report (see print_table)."""
     t_frames = images.shape[0]
+    device = images.device
     runners = [EventfulViT(model, eventful) for _ in budgets]
     states = [runner.new_state() for runner in runners]
     stream_budgets = [_budget(policy, value) for value in budgets]
@@ -129,15 +138,15 @@ def run_model_bench(
         frame = images[t : t + 1]
         rotation = t % len(order)
         for j in order[rotation:] + order[:rotation]:
-            start = time.perf_counter()
+            start = _clock(device)
             if j < 0:
                 logits = model(frame)
-                dense_ms.append((time.perf_counter() - start) * 1e3)
-                dense_logits.append(logits[0])
+                dense_ms.append((_clock(device) - start) * 1e3)
+                dense_logits.append(logits[0].cpu())
                 continue
             out = runners[j].step(frame, [states[j]], [stream_budgets[j]])
-            ev_ms[j].append((time.perf_counter() - start) * 1e3)
-            ev_logits[j].append(out.logits[0])
+            ev_ms[j].append((_clock(device) - start) * 1e3)
+            ev_logits[j].append(out.logits[0].cpu())
             ev_macs[j].append(out.macs[0])
             ev_fraction[j].append(float(out.updated_fraction[0]))
             dense_macs = out.dense_macs
@@ -153,6 +162,7 @@ def run_model_bench(
         gate_position=eventful.gate_position, refresh_interval=eventful.refresh_interval,
         image_size=tuple(model.config.image_size), tokens=model.config.num_tokens, dense_ms=dense_med,
         dense_gmacs=dense_macs / 1e9, dense_consecutive_top1_stability=stability, threads=torch.get_num_threads(),
+        device=str(device),
     )
     for j, value in enumerate(budgets):
         outputs = torch.stack(ev_logits[j]).float()
@@ -175,7 +185,8 @@ def print_table(report: ModelBenchReport) -> str:
     lines = [
         f"model {report.model}  video {report.video}  frames {report.frames}  {report.image_size[0]}x"
         f"{report.image_size[1]} ({report.tokens} tokens)  level {report.level}  policy {report.policy}  "
-        f"gate {report.gate_position}  refresh {report.refresh_interval}  threads {report.threads}",
+        f"gate {report.gate_position}  refresh {report.refresh_interval}  threads {report.threads}  "
+        f"device {report.device}",
         f"dense: {report.dense_ms:.1f} ms/frame median, {report.dense_gmacs:.2f} GMAC; dense top-1 stable on "
         f"{100 * report.dense_consecutive_top1_stability:.0f}% of consecutive frames",
         f"{'budget':>8} {'ms':>8} {'speedup':>8} {'MACx':>6} {'eff':>5} {'upd%':>5} {'top1%':>6} {'in-top5%':>8} "

@@ -15,7 +15,16 @@ Two loops, one actuator (a water level L: the r every controlled stream gets unl
   inside a deadband are ignored.
 
 r moves only when the wanted change leaves a hysteresis band, and rises at a bounded rate from where it was last
-set. When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and limits the batch
+set, slower as the latency nears the aim (what is measured lags r by about a window). While that bound holds r
+back, the integrator does not rise (anti-windup).
+
+Near the knee (the device nearly always busy, the p95 steep in r and noisy) three memories keep r off the cliff:
+- the aim is lowered by the spread of the window p95s measured lately (a noisy p95 needs a wider margin);
+- after the p95 went clearly over the target, r rises at most to 92 % of the highest r of that window, a ceiling
+  that creeps up 2 %/s and is dropped when the latency is far under the aim;
+- per stream count, the integrator last used (while regulating) is restored when that load comes back.
+
+When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and limits the batch
 size, so that the engine drops frames instead of letting latency grow.
 
 Pure: no threads, no clock, no torch. The engine feeds it observations and asks for a Decision every round.
@@ -37,18 +46,26 @@ class ControllerConfig:
     num_patches: int  # the dense budget
     min_tokens: int = 0  # global floor of r for controlled streams
     max_tokens: int | None = None  # global ceiling (None: num_patches)
-    aim: float = 0.97  # hold the measured p95 at this fraction of the target (noise margin)
+    aim: float = 0.97  # hold the measured p95 at this fraction of the target (noise margin) ...
+    aim_noise_gain: float = 0.5  # ... lowered by exp(-this * (sigma - noise_free)), sigma: the spread (std of the log)
+    noise_free: float = 0.04  # of the window p95s measured lately: a noisy p95 needs a wider margin to stay under
     window_s: float = 1.0  # p95 over the frames of this window (at least min_samples, from at most 4 windows back)
     min_samples: int = 8
     kp: float = 0.3  # proportional gain on the log error
     ki: float = 1.2  # integral gain, per second
     deadband: float = 0.04  # |log error| below this counts as on target
-    rise_per_s: float = 0.8  # r rises at most this fraction of itself per second (cuts are not limited)
+    rise_per_s: float = 0.8  # r rises at most this fraction of itself per second (cuts are not limited) ...
+    rise_room: float = 0.25  # ... when the latency is this far (log) under the aim; nearer, proportionally slower ...
+    rise_floor: float = 0.7  # ... but at least this share of the rate
     u_rise_per_s: float = 1.2  # the integrator rises at most this much (log units) per second
     hold_s: float = 0.5  # after streams join or leave: feed-forward only, latencies before then are forgotten
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
     jump_every_s: float = 0.5  # ... at most this often
+    ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
+    ceiling_margin: float = 0.92  # ... to this share of the highest r of the last window (for this many streams);
+    ceiling_creep_per_s: float = 0.02  # the ceiling then creeps up this fast,
+    ceiling_release: float = 0.25  # and is dropped when the latency is this far (log) under the aim
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
     u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
@@ -221,6 +238,8 @@ class BudgetController:
         start = config.top_tokens if initial_tokens is None else initial_tokens
         self._level = float(min(max(start, config.min_tokens), config.top_tokens))  # L in effect
         self._rise_credit = 0.0  # tokens L may still rise by (bounded rise)
+        self._held_back = False  # the bounded rise kept L below what the last round wanted
+        self._raw_error: float | None = None  # the last latency error, deadband or not (None: not measured)
         self._u = config.u_initial
         self._last_decide: float | None = None
         self._last_jump = -math.inf
@@ -234,6 +253,11 @@ class BudgetController:
         self._streams: frozenset[str] = frozenset()
         self._hold_until = -math.inf
         self._forget_before = -math.inf
+        self._levels: deque[tuple[float, float]] = deque(maxlen=256)  # (time, L) of recent rounds
+        # for this many streams: (time, log p95), one a window (how noisy the p95 is)
+        self._p95_samples: dict[int, deque[tuple[float, float]]] = {}
+        self._u_by_streams: dict[int, float] = {}  # the integrator last used with this many streams (after a hold)
+        self._ceilings: dict[int, float] = {}  # for this many streams: the r at which the p95 went over the target
 
     def reconfigure(self, config: ControllerConfig, initial_tokens: int) -> None:
         """A new target or range (or auto mode switched on): start over from initial_tokens, keeping what was
@@ -243,6 +267,9 @@ class BudgetController:
         self._u = config.u_initial
         self._rise_credit = 0.0
         self._streams = frozenset()  # the next decision starts with a hold
+        self._u_by_streams.clear()
+        self._ceilings.clear()
+        self._p95_samples.clear()
         self._last = None
         self._operating_point = None
 
@@ -270,6 +297,7 @@ class BudgetController:
             self._forget_before = now
             # the model explains what the feedback was reacting to since the shift began: undo its cuts
             self._u = max([self._u] + [u for t, u in self._u_history if t >= now - self.config.window_s])
+            self._ceilings.clear()  # r maps to other step times now
 
     def p95(self, now: float, window_s: float | None = None, min_samples: int | None = None,
             q: float = 0.95, fresh: bool = True) -> float | None:
@@ -301,7 +329,10 @@ class BudgetController:
         if streams != self._streams:
             # the load changed: the feed-forward answers it now; the latencies measured so far belong to the old
             # load (and the joiners' dense first frames to none), so feedback waits for fresh ones
-            if len(streams) < len(self._streams):
+            if len(streams) in self._u_by_streams:
+                # a load seen before: what the feedback learned then (the step budget, as a share of the target)
+                self._u = self._u_by_streams[len(streams)]
+            elif len(streams) < len(self._streams):
                 # fewer streams: cuts made under the heavier load (down to shedding frames, which holds the measured
                 # latency near the target and so hides the room the lighter load has) no longer apply
                 self._u = max(self._u, cfg.u_initial)
@@ -315,7 +346,12 @@ class BudgetController:
         wanted = self.model.level_within(budget, batch, fixed, caps) if caps else float(cfg.top_tokens)
         saturated = wanted < cfg.min_tokens
         wanted = min(max(wanted, cfg.min_tokens), cfg.top_tokens)
-        self._move_level(dt, wanted)
+        ceiling = self._ceilings.get(len(streams))
+        if ceiling is not None:
+            self._ceilings[len(streams)] = ceiling * (1 + cfg.ceiling_creep_per_s * dt)
+        self._move_level(dt, wanted, self._raw_error, None if ceiling is None else cfg.ceiling_margin * ceiling)
+        self._levels.append((now, self._level))
+        self._held_back = wanted - self._level >= max(cfg.hysteresis_tokens, cfg.hysteresis_fraction * self._level)
         level = round(self._level)
 
         tokens = {}
@@ -332,10 +368,11 @@ class BudgetController:
             a, b, c = self.model.theta
             fit = (budget - a) / (b + c * per_stream / cfg.num_patches)
             max_batch = max(1, min(batch, math.floor(fit)))
+            measured = "" if self._p95 is None else f", measured p95 {1000 * self._p95:.0f} ms"
             reason = (
                 f"at the minimum budget ({cfg.min_tokens} tokens) a step over {batch} streams is predicted at "
                 f"{1000 * predicted:.1f} ms, over the {1000 * budget:.1f} ms the {1000 * cfg.target_s:.0f} ms target "
-                f"allows: frames are dropped, streams per step limited to {max_batch}"
+                f"allows{measured}: frames are dropped, streams per step limited to {max_batch}"
             )
             if max_batch < batch:
                 predicted = self.model.predict(max_batch, per_stream * max_batch)
@@ -349,13 +386,26 @@ class BudgetController:
         p95 = self.p95(now)
         self._p95 = p95
         self._u_history.append((now, self._u))
+        self._raw_error = None
         if p95 is None or now < self._hold_until:
             self._error = 0.0
             return
         # Latencies measured over the window came from steps at the operating points of their time; the cost model
         # says how the step in effect now compares with them (a Smith predictor: the window's delay is not fed back)
         now_vs_window = self._now_vs_window(now)
-        error = math.log(cfg.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
+        self._sample_p95(now, p95)
+        error = math.log(self.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
+        self._raw_error = error
+        if not at_top:  # at the top u says nothing of what this load needs
+            self._u_by_streams[len(self._streams)] = self._u
+        count = len(self._streams)
+        if p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s and now >= self._hold_until + cfg.window_s:
+            # clearly over the target with a whole window measured since the load changed (not the change's transient):
+            # remember the highest r of the window (what the latency measured comes from)
+            self._ceilings[count] = max(
+                [self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
+        elif error > cfg.ceiling_release and count in self._ceilings:
+            del self._ceilings[count]  # far under the aim at the ceiling: it no longer holds (the device got faster)
         self._error = 0.0 if abs(error) < cfg.deadband else error
         recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
         recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
@@ -364,12 +414,32 @@ class BudgetController:
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
-        elif not (self._error > 0 and at_top):  # anti-windup: no credit for slack nobody can use
+        elif not (self._error > 0 and (at_top or self._held_back)):
+            # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
             du = cfg.ki * self._error * dt
             self._u += min(du, cfg.u_rise_per_s * dt)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
 
-    def _move_level(self, dt: float, wanted: float) -> None:
+    def _sample_p95(self, now: float, p95: float) -> None:
+        """One window p95 per window, once a whole window was measured since the load changed."""
+        if now < self._hold_until + self.config.window_s:
+            return
+        samples = self._p95_samples.setdefault(len(self._streams), deque(maxlen=12))
+        if not samples or now - samples[-1][0] >= self.config.window_s:
+            samples.append((now, math.log(p95)))
+
+    @property
+    def aim(self) -> float:
+        """The share of the target the p95 is held at: cfg.aim, less where the window p95 is noisy."""
+        cfg = self.config
+        samples = self._p95_samples.get(len(self._streams), ())
+        if len(samples) < 5:
+            return cfg.aim
+        sigma = float(np.std([v for _, v in samples]))
+        return cfg.aim * math.exp(-cfg.aim_noise_gain * max(0.0, sigma - cfg.noise_free))
+
+    def _move_level(self, dt: float, wanted: float, now_error: float | None = None,
+                    ceiling: float | None = None) -> None:
         """Hysteresis and the bounded rise: L moves only by a clear step; it falls at once, and rises by a credit
         that grows at rise_per_s of L per second while a rise is wanted (and is forfeited when it is not)."""
         cfg = self.config
@@ -380,10 +450,14 @@ class BudgetController:
             if current - wanted >= band or wanted <= cfg.min_tokens:
                 self._level = wanted
             return
+        if ceiling is not None:
+            wanted = min(wanted, max(current, ceiling))
         if wanted - current < min(band, cfg.top_tokens - current) or current >= cfg.top_tokens:
             self._rise_credit = 0.0
             return
-        self._rise_credit += cfg.rise_per_s * dt * max(current, cfg.hysteresis_tokens / cfg.hysteresis_fraction)
+        # the rise slows as the latency nears the aim: what it measures lags r by about a window
+        room = 1.0 if now_error is None else min(max(now_error / cfg.rise_room, cfg.rise_floor), 1.0)
+        self._rise_credit += room * cfg.rise_per_s * dt * max(current, cfg.hysteresis_tokens / cfg.hysteresis_fraction)
         step = min(wanted - current, self._rise_credit)
         if step >= min(band, cfg.top_tokens - current):
             self._level = current + step

@@ -84,13 +84,14 @@ def test_one_stream_with_slack_gets_the_full_budget_and_no_windup(load_step_runs
 def test_light_load_with_partial_batches_spends_its_slack():
     """10 fps cameras and short steps: batches hold fewer streams than are active. The latency the controller
     feeds back must be judged at those batch sizes, or r stays far below what fits (it stayed at 60 % of the best
-    fixed r before). Latency is steep in r here (one token more: +25 % p95), so r wobbles a little around it."""
+    fixed r before). Latency is steep in r here (one token more: +25 % p95): r wobbles by a token around it, the
+    window p95 with it, and the margin for a noisy p95 costs about a token more (of 15)."""
     sim = SimConfig(fps=10, a=0.010, b=0.006, c=0.20)
     best = largest_fixed_tokens([Phase(0, 4)], 20, TARGET, sim)
     for seed in range(3):
         trace = simulate([Phase(0, 4)], 30, controller_decider(new_controller(TARGET)), replace(sim, seed=seed))
         assert trace.p95(5, 30) <= 1.1 * TARGET
-        assert trace.mean_tokens(5, 30) >= 0.85 * best, (trace.mean_tokens(5, 30), best)
+        assert trace.mean_tokens(5, 30) >= 0.8 * best, (trace.mean_tokens(5, 30), best)
 
 
 def test_device_slowdown_is_followed_within_two_seconds():
@@ -290,3 +291,18 @@ def test_fewer_streams_release_the_cuts_made_under_heavier_load():
     assert cut.saturated and cut.step_budget_s < 0.3 * 0.15
     after = controller.decide(now + 0.05, eight[:4])
     assert after.step_budget_s >= 0.45 * 0.15 * 0.99  # back to the neutral start, the feed-forward takes it from there
+
+
+def test_a_cpu_at_its_knee_holds_the_target_in_every_phase():
+    """The live CPU regime (step-cost terms fitted on the 2-core machine with DeiT-Tiny, 10 fps cameras, OS jitter):
+    with 4 streams the device is ~95 % busy and the p95 is steep in r (r 46 -> 58: +35 %), and it is noisy. Before
+    the ceiling, the per-load memory and the noise margin, r swung over the knee (4-stream phases at 181-189 ms)."""
+    sim = SimConfig(fps=10, a=0.0127, b=0.0126, c=0.0228, noise=0.1, overhead_s=0.008, spike_prob=0.05, spike_s=0.08)
+    best = largest_fixed_tokens([Phase(0, 4)], 12, TARGET, sim, settle_s=3)
+    for seed in range(3):
+        controller = new_controller(TARGET, sim, min_tokens=4)
+        trace = simulate(LOAD_STEPS, 50, controller_decider(controller), replace(sim, seed=seed))
+        for phase, start, end in phase_spans(LOAD_STEPS, 50):
+            assert trace.p95(start + STEADY_AFTER_S, end) <= 1.1 * TARGET, (seed, phase)
+            if phase.streams == 4:
+                assert trace.mean_tokens(start + STEADY_AFTER_S, end) >= 0.85 * best, (seed, phase)
