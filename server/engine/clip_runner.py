@@ -117,8 +117,9 @@ class ClipRunner(FrameRunner):
                 outputs.append(FrameOutput(0, False, 0.0, 0, {"window": window.filled, "of": window.capacity}))
         return StepResult(outputs, start, time.perf_counter() - start, self._dense_macs)
 
-    def warmup(self) -> None:
-        """One packed forward pass on a blank clip (first-call allocations, kernel selection)."""
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """One packed forward pass on blank clips per batch size (first-call allocations, kernel selection)."""
         h, w = self.config.image_size
-        clip = torch.zeros(1, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
-        classify_clips(self.model, clip, 0.0)
+        for batch in batch_sizes:
+            clip = torch.zeros(batch, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
+            classify_clips(self.model, clip, 0.0)

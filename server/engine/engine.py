@@ -375,7 +375,9 @@ class Engine:
             torch.set_num_threads(self._torch_threads)
             torch.set_flush_denormal(True)
             runner = self._load_runner()
-            runner.warmup()
+            # on a GPU, kernels are chosen per shape: warm the largest batch too (cheap there)
+            cuda = getattr(runner, "device", torch.device("cpu")).type == "cuda"
+            runner.warmup((1, self.config.max_batch_size) if cuda else (1,))
             policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
             self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
             self._policy = policy

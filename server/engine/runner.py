@@ -126,8 +126,15 @@ class ModelRunner(FrameRunner):
             for j in range(len(plan.frames))
         ]
 
-    def warmup(self) -> None:
-        """One dense step on a blank frame with a throwaway state (first-call allocations, kernel selection)."""
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """A dense then a sparse step (a quarter of the tokens) on blank frames with throwaway states, per batch
+        size: first-call allocations, kernel selection and (on a GPU) lazy kernel loading happen here, not in the
+        first frames served, whose step times would also teach the budget controller a device far slower than
+        it is."""
         h, w = self.config.image_size
-        image = torch.zeros(1, 3, h, w, device=self.device, dtype=self.dtype)
-        self.eventful.step(image, [self.new_state()], [StreamBudget.dense()])
+        sparse = StreamBudget(tokens=max(1, self.num_patches // 4))
+        for batch in batch_sizes:
+            image = torch.rand(batch, 3, h, w, device=self.device, dtype=self.dtype)
+            states = [self.new_state() for _ in range(batch)]
+            self.eventful.step(image, states, [StreamBudget.dense()] * batch)
+            self.eventful.step(image.flip(-1), states, [sparse] * batch)
