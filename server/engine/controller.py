@@ -314,7 +314,9 @@ class BudgetController:
         if len(recent) < need:
             return None
         recent.sort()
-        return recent[min(len(recent) - 1, max(0, math.ceil(q * len(recent)) - 1))]
+        # never the slowest frame alone (of 10 frames, the p95 would be it): one hiccup is not a trend
+        top = len(recent) - 2 if len(recent) >= 3 else len(recent) - 1
+        return recent[min(top, max(0, math.ceil(q * len(recent)) - 1))]
 
     # ---- the decision ----------------------------------------------------------------------
 
