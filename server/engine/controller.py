@@ -308,14 +308,16 @@ class BudgetController:
         floor = self._forget_before if fresh else -math.inf
         since, earliest = max(now - window, floor), max(now - 4 * window, floor)
         recent = [s for t, s in self._latencies if t >= since]
+        # a whole window of a steady load: its p95 is never the slowest frame alone (of a 10 fps camera's 10 frames
+        # it would be), one hiccup is not a trend. Just after a change, the few fresh frames are all there is.
+        steady = since == now - window and len(recent) >= max(need, 3)
         if len(recent) < need:
             older = [s for t, s in self._latencies if t >= earliest]
             recent = older[-need:]
         if len(recent) < need:
             return None
         recent.sort()
-        # never the slowest frame alone (of 10 frames, the p95 would be it): one hiccup is not a trend
-        top = len(recent) - 2 if len(recent) >= 3 else len(recent) - 1
+        top = len(recent) - 2 if steady else len(recent) - 1
         return recent[min(top, max(0, math.ceil(q * len(recent)) - 1))]
 
     # ---- the decision ----------------------------------------------------------------------
@@ -406,7 +408,8 @@ class BudgetController:
             # remember the highest r of the window (what the latency measured comes from)
             self._ceilings[count] = max(
                 [self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
-        elif error > cfg.ceiling_release and count in self._ceilings:
+        elif (error > cfg.ceiling_release and count in self._ceilings
+              and self._level >= 0.95 * cfg.ceiling_margin * self._ceilings[count]):
             del self._ceilings[count]  # far under the aim at the ceiling: it no longer holds (the device got faster)
         self._error = 0.0 if abs(error) < cfg.deadband else error
         recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
