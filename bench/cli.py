@@ -56,6 +56,17 @@ def _finish(table: str, report, json_path: str | None) -> int:
     return 0
 
 
+def _live_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every benchmark of a live `eventful-serve` takes: the model, the videos, the client and the report."""
+    parser.add_argument("--model", required=True, help="as for `eventful-serve --model`")
+    parser.add_argument("--labels", default=None, help="class names file for timm checkpoints")
+    parser.add_argument("--video", nargs="+", required=True, help="video files; stream i plays video i mod count")
+    parser.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra eventful-serve flag, e.g. --server-arg=--threads=1 (repeatable)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the report here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eventful-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,19 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--json", dest="json_path", default=None, help="write the report here")
     s = sub.add_parser("server", help="the live server under N streams of real video: eventful vs dense")
-    s.add_argument("--model", required=True, help="as for `eventful-serve --model`")
-    s.add_argument("--labels", default=None, help="class names file for timm checkpoints")
-    s.add_argument("--video", nargs="+", required=True, help="video files; stream i plays video i mod count")
+    _live_server_arguments(s)
     s.add_argument("--streams", default="1,4", help="stream counts, comma-separated")
     s.add_argument("--budget-tokens", type=int, default=50, help="the eventful budget (dense: every patch token)")
     s.add_argument("--duration", type=float, default=8.0, help="seconds per run")
     s.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)")
     s.add_argument("--fps", type=float, default=0.0, help="frames/s per stream; 0 = closed loop (capacity)")
     s.add_argument("--in-flight", type=int, default=2, help="closed loop: unanswered frames per stream")
-    s.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
-    s.add_argument("--server-arg", action="append", default=[],
-                   help="extra eventful-serve flag, e.g. --server-arg=--threads=1 (repeatable)")
-    s.add_argument("--json", dest="json_path", default=None, help="write the report here")
     d = sub.add_parser("detect", help="dense vs eventful YOLOS at several budgets on a video (box agreement)")
     d.add_argument("--model", required=True, help="HF YOLOS directory or id, or a named architecture (yolos-tiny)")
     d.add_argument("--video", required=True, help="any video file PyAV can decode")
@@ -112,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--json", dest="json_path", default=None, help="write the report here")
     k = sub.add_parser("controller", help="the budget controller on the live server under load steps vs fixed r")
-    k.add_argument("--model", required=True, help="as for `eventful-serve --model`")
-    k.add_argument("--labels", default=None, help="class names file for timm checkpoints")
-    k.add_argument("--video", nargs="+", required=True, help="video files; stream i plays video i mod count")
+    _live_server_arguments(k)
     k.add_argument("--phases", default="1,4,8,4,1", help="streams per phase, comma-separated")
     k.add_argument("--phase-s", type=float, default=10.0, help="seconds per phase")
     k.add_argument("--target-ms", type=float, default=150.0, help="the p95 latency target")
@@ -122,9 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--min-tokens", type=int, default=4, help="the controller's floor")
     k.add_argument("--fixed-s", type=float, default=10.0, help="seconds per fixed-budget run")
     k.add_argument("--repeats", type=int, default=2, help="interleaved runs per fixed budget (median p95)")
-    k.add_argument("--size", type=int, default=None, help="client-side resize: short side in pixels")
-    k.add_argument("--server-arg", action="append", default=[], help="extra eventful-serve flag (repeatable)")
-    k.add_argument("--json", dest="json_path", default=None, help="write the report here")
     c = sub.add_parser("clip", help="compose a static-camera H.264 clip from real photographs")
     c.add_argument("--background", required=True, help="image used as the fixed scene")
     c.add_argument("--sprite", action="append", default=[], help="image that moves over the scene (repeatable)")

@@ -21,7 +21,7 @@ back, the integrator does not rise (anti-windup).
 Near the knee (the device nearly always busy, the p95 steep in r and noisy) three memories keep r off the cliff:
 - the aim is lowered by the spread of the window p95s measured lately (a noisy p95 needs a wider margin);
 - after the p95 went clearly over the target, r rises at most to 92 % of the highest r of that window, a ceiling
-  that creeps up 2 %/s and is dropped when the latency is far under the aim;
+  that creeps up 2 %/s and is dropped when r stands at it with the latency far under the aim;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
 When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and limits the batch
@@ -65,7 +65,7 @@ class ControllerConfig:
     ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
     ceiling_margin: float = 0.92  # ... to this share of the highest r of the last window (for this many streams);
     ceiling_creep_per_s: float = 0.02  # the ceiling then creeps up this fast,
-    ceiling_release: float = 0.25  # and is dropped when the latency is this far (log) under the aim
+    ceiling_release: float = 0.25  # and is dropped when r stands at it and the latency is this far (log) under the aim
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
     u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
@@ -256,7 +256,7 @@ class BudgetController:
         self._levels: deque[tuple[float, float]] = deque(maxlen=256)  # (time, L) of recent rounds
         # for this many streams: (time, log p95), one a window (how noisy the p95 is)
         self._p95_samples: dict[int, deque[tuple[float, float]]] = {}
-        self._u_by_streams: dict[int, float] = {}  # the integrator last used with this many streams (after a hold)
+        self._u_by_streams: dict[int, float] = {}  # the integrator last used with this many streams (regulating)
         self._ceilings: dict[int, float] = {}  # for this many streams: the r at which the p95 went over the target
 
     def reconfigure(self, config: ControllerConfig, initial_tokens: int) -> None:
@@ -400,9 +400,9 @@ class BudgetController:
         self._sample_p95(now, p95)
         error = math.log(self.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
         self._raw_error = error
-        if not at_top:  # at the top u says nothing of what this load needs
-            self._u_by_streams[len(self._streams)] = self._u
         count = len(self._streams)
+        if not at_top:  # at the top u says nothing of what this load needs
+            self._u_by_streams[count] = self._u
         if p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s and now >= self._hold_until + cfg.window_s:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
             # remember the highest r of the window (what the latency measured comes from)
