@@ -626,6 +626,9 @@ class CameraClient:
         self._ws = None
         self._in_flight: dict[int, tuple[int, float]] = {}  # connection frame index -> (source seq, sent at)
         self._next_index = 0
+        self._sending: int | None = None  # connection frame index whose ws.send() is awaited right now
+        self._send_orphaned = False  # that frame was unanswered when its connection closed mid-send
+        self._send_answered = False  # that frame's answer came before ws.send() returned
         self._connected: asyncio.Event | None = None  # created in run() (needs the running loop)
         self._answered: asyncio.Event | None = None
         self._failure: str | None = None
@@ -728,6 +731,8 @@ class CameraClient:
 
     def _on_disconnected(self) -> None:
         self._ws = None
+        if self._sending is not None and self._in_flight.pop(self._sending, None) is not None:
+            self._send_orphaned = True  # counted by _send once ws.send() returns: sent, or lost in the gap
         unanswered = len(self._in_flight)
         for seq, _ in self._in_flight.values():
             self._annotations.answer(seq, None)
@@ -754,6 +759,8 @@ class CameraClient:
             entry = self._in_flight.pop(message["frame"], None)
             if entry is None:
                 continue
+            if message["frame"] == self._sending:
+                self._send_answered = True
             seq, sent_at = entry
             if kind == "result":
                 self.stats.on_result(message, 1000 * (now - sent_at), now)
@@ -776,13 +783,24 @@ class CameraClient:
             return False
         index = self._next_index
         self._next_index += 1
-        self._in_flight[index] = (seq, self.clock())
+        self._in_flight[index] = (seq, self.clock())  # before the await: its answer may come before send returns
+        self._sending, self._send_orphaned, self._send_answered = index, False, False
         try:
             await ws.send(jpeg)
         except ConnectionClosed:
-            self._in_flight.pop(index, None)
-            return False
+            if not self._send_answered:  # (an answered frame did leave, whatever the close says)
+                if self._ws is ws:
+                    self._in_flight.pop(index, None)
+                return False
+        finally:
+            self._sending = None
         self.stats.on_sent(self.clock())
+        if self._send_orphaned:  # the connection closed while this frame was written: it left, its answer can't come
+            if self._stop.is_set():
+                self.stats.unanswered += 1
+            else:
+                self.stats.unanswered_at_disconnect += 1
+            self._annotations.answer(seq, None)
         return True
 
     async def _write_ready(self, flush: bool = False) -> None:

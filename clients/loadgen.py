@@ -255,8 +255,12 @@ async def run_stream(config: LoadConfig, index: int, frames: list[bytes], deadli
                     await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
                     next_send += period
                 frame_index = report.frames_sent
-                sent_at[frame_index] = time.perf_counter()
-                await ws.send(frames[next(order)])
+                sent_at[frame_index] = time.perf_counter()  # before the await: the answer may beat send's return
+                try:
+                    await ws.send(frames[next(order)])
+                except Exception:
+                    sent_at.pop(frame_index, None)  # never left: neither sent nor unanswered
+                    raise
                 report.frames_sent += 1
                 if not period and not await _until_fewer_in_flight(sent_at, config.in_flight, answered, deadline):
                     break

@@ -121,6 +121,59 @@ def test_stats_summary_and_gap_accounting():
     assert "budget 47" in line and "cockatoo 0.91" in line and "DISCONNECTED" not in line
 
 
+class _SlowSocket:
+    """A socket whose send() waits until the test lets it finish (or fail), so things can happen meanwhile."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def send(self, data: bytes) -> None:
+        from websockets.exceptions import ConnectionClosedError
+
+        await self.release.wait()
+        if self.fail:
+            raise ConnectionClosedError(None, None)
+
+
+@pytest.mark.parametrize("during_send, send_fails, expect", [
+    ("disconnect", True, {"frames_sent": 0, "frames_lost_in_gaps": 1, "unanswered_at_disconnect": 0, "results": 0}),
+    ("disconnect", False, {"frames_sent": 1, "frames_lost_in_gaps": 0, "unanswered_at_disconnect": 1, "results": 0}),
+    ("answer then disconnect", True,
+     {"frames_sent": 1, "frames_lost_in_gaps": 0, "unanswered_at_disconnect": 0, "results": 1}),
+])
+def test_a_connection_closing_while_a_frame_is_written_counts_that_frame_once(during_send, send_fails, expect):
+    """Every frame read is sent or lost, and every frame sent is answered or unanswered, exactly once, even when the
+    connection closes (or the answer comes) while ws.send() is still awaited. (CI once counted one frame as both lost
+    in the gap and unanswered at the disconnect.)"""
+
+    async def scenario() -> dict:
+        client = CameraClient(CameraConfig(server="ws://127.0.0.1:1", source="pattern"), log=lambda _: None)
+        socket = _SlowSocket()
+        client._ws = socket
+        client.stats.start(0.0)
+        client.stats.on_connected(0.0)
+        client.stats.frames_read += 1
+        sending = asyncio.create_task(client._send(0, b"jpeg"))
+        await asyncio.sleep(0)  # the send is now waiting on the socket
+        if during_send.startswith("answer"):
+            async def one_answer():
+                yield json.dumps(result(0))
+            await client._receive(one_answer())
+        client._on_disconnected()
+        socket.fail = send_fails
+        socket.release.set()
+        if not await sending:
+            client.stats.frames_lost_in_gaps += 1
+        return client.stats.summary(1.0)
+
+    summary = asyncio.run(scenario())
+    assert {key: summary[key] for key in expect} == expect
+    assert summary["frames_read"] == summary["frames_sent"] + summary["frames_lost_in_gaps"]
+    answered = summary["results"] + summary["dropped"] + summary["errors"]
+    assert answered + summary["unanswered_at_disconnect"] + summary["unanswered"] == summary["frames_sent"]
+
+
 def test_open_gap_counts_up_to_now():
     stats = CameraStats()
     stats.on_disconnected(0.5, unanswered=0)  # before the first connection: start-up, not a gap
