@@ -25,7 +25,8 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thre
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
 When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and limits the batch
-size, so that the engine drops frames instead of letting latency grow.
+size, so that the engine drops frames instead of letting latency grow; while saturated and late, the integrator
+falls faster (shedding has one coarse actuator, the batch limit, and the load that saturated it is new).
 
 Pure: no threads, no clock, no torch. The engine feeds it observations and asks for a Decision every round.
 """
@@ -58,6 +59,7 @@ class ControllerConfig:
     rise_room: float = 0.25  # ... when the latency is this far (log) under the aim; nearer, proportionally slower ...
     rise_floor: float = 0.7  # ... but at least this share of the rate
     u_rise_per_s: float = 1.2  # the integrator rises at most this much (log units) per second
+    shed_gain: float = 1.0  # saturated and over the aim: u falls (1 + this) times as fast (the batch limit is coarse)
     hold_s: float = 0.5  # after streams join or leave: feed-forward only, latencies before then are forgotten
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
@@ -422,6 +424,8 @@ class BudgetController:
         elif not (self._error > 0 and (at_top or self._held_back)):
             # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
             du = cfg.ki * self._error * dt
+            if self._error < 0 and self._last is not None and self._last.saturated:
+                du *= 1 + cfg.shed_gain
             self._u += min(du, cfg.u_rise_per_s * dt)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
 

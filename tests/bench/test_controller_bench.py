@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bench.cli import main
-from bench.controller_bench import Sample, settle_time, timeline
+from bench.controller_bench import Sample, recovery_time, settle_time, timeline
 
 
 def _samples(spec: list[tuple[float, float, float, int]]) -> list[Sample]:
@@ -30,6 +30,22 @@ def test_settle_time_waits_for_latency_and_budget():
     assert 3.0 <= settle_time(samples, 0.0, 10.0, target) <= 4.0
     # settled from the start
     assert settle_time(_samples([(0.0, 10.0, 0.1, 40)]), 0.0, 10.0, target) == 0.0
+
+
+def test_recovery_time_is_the_return_for_two_seconds_not_the_last_blip():
+    """The step's transient ends when the latency is back under 1.1 x the target for 2 s; one noisy window later
+    (which a fixed budget at the right r has too) moves the strict settle_time, not the recovery."""
+    target = 0.150
+    late_then_blip = _samples([(0.0, 1.2, 0.300, 30), (1.2, 6.0, 0.120, 30), (6.0, 6.2, 0.400, 30),
+                               (6.2, 10.0, 0.120, 30)])
+    assert 1.5 <= recovery_time(late_then_blip, 0.0, 10.0, target) <= 2.5
+    assert settle_time(late_then_blip, 0.0, 10.0, target, with_budget=False) >= 7.0
+    # back for only 1.5 s, then late again until 5 s: the 2-s dwell starts after that
+    relapse = _samples([(0.0, 1.0, 0.300, 30), (1.0, 3.0, 0.120, 30), (3.0, 5.0, 0.300, 30), (5.0, 10.0, 0.12, 30)])
+    assert 5.5 <= recovery_time(relapse, 0.0, 10.0, target) <= 6.5
+    # never back: the whole stretch
+    assert recovery_time(_samples([(0.0, 10.0, 0.3, 30)]), 0.0, 10.0, target) == 10.0
+    assert recovery_time(_samples([(0.0, 10.0, 0.1, 30)]), 0.0, 10.0, target) == 0.0
 
 
 def test_timeline_bins():
