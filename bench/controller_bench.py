@@ -297,6 +297,8 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
     steady = [p["settle_r_s"] for p in phases if p.get("settle_r_s") is not None]
     last_over = [p["last_over_s"] for p in phases if p.get("last_over_s") is not None]
     ratios = [c["ratio"] for c in comparison if c["ratio"] is not None]
+    # no fixed r met the target at these stream counts: the controller's r has no yardstick there (not a pass)
+    uncompared = [c["streams"] for c in comparison if c["ratio"] is None]
     return {
         "config": asdict(config), "num_patches": num_patches, "phases": phases, "fixed": fixed,
         "comparison": comparison, "controller": controller_state, "timeline": trace or [],
@@ -309,6 +311,7 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
             "max_settle_r_s": max(steady) if steady else None,
             "min_r_ratio": min(ratios) if ratios else None,
             "r_within_10pct_of_best_fixed": bool(ratios) and min(ratios) >= 0.9,
+            "r_not_compared_streams": uncompared,
         },
     }
 
@@ -358,5 +361,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"targets: p95 within +10% every phase: {t['p95_within_10pct_every_phase']}; re-settled within 2 s: "
                  f"{t['settled_within_2s']} (max {t['max_settle_s']}; last excursion {t['max_last_over_s']}); "
                  f"r within 10% of best fixed: "
-                 f"{t['r_within_10pct_of_best_fixed']} (min ratio {t['min_r_ratio']})")
+                 f"{t['r_within_10pct_of_best_fixed']} (min ratio {t['min_r_ratio']}"
+                 + (f"; not compared at {', '.join(map(str, t['r_not_compared_streams']))} streams: no fixed r met "
+                    f"the target" if t.get("r_not_compared_streams") else "") + ")")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bench.cli import main
-from bench.controller_bench import Sample, recovery_time, settle_time, timeline
+from bench.controller_bench import ControllerBenchConfig, Sample, recovery_time, settle_time, summarize, timeline
 
 
 def _samples(spec: list[tuple[float, float, float, int]]) -> list[Sample]:
@@ -46,6 +46,22 @@ def test_recovery_time_is_the_return_for_two_seconds_not_the_last_blip():
     # never back: the whole stretch
     assert recovery_time(_samples([(0.0, 10.0, 0.3, 30)]), 0.0, 10.0, target) == 10.0
     assert recovery_time(_samples([(0.0, 10.0, 0.1, 30)]), 0.0, 10.0, target) == 0.0
+
+
+def test_a_stream_count_where_no_fixed_r_met_the_target_is_not_counted_as_a_pass():
+    """r within 10 % of the best fixed r is only judged where some fixed r met the target; elsewhere it is listed
+    as not compared (a noisy fixed part once made "True" out of the one stream count left)."""
+    config = ControllerBenchConfig(model="m", videos=["v"], phases=(1, 4))
+    phases = [{"streams": n, "mean_r": r, "within_target": True, "settle_s": 0.5, "last_over_s": 1.0,
+               "settle_r_s": 1.0} for n, r in ((1, 196.0), (4, 50.0))]
+    fixed = [{"streams": n, "tokens": t, "dense": t == 196, "meets_target": ok, "p95_ms": 100.0, "fps": 10.0,
+              "settle_s": 0.0, "last_over_s": 0.0, "over_share": 0.0}
+             for n, t, ok in ((1, 196, True), (4, 45, False), (4, 55, False), (4, 196, False))]
+    targets = summarize(config, phases, fixed, None, 196)["targets"]
+    assert targets["r_not_compared_streams"] == [4] and targets["min_r_ratio"] == 1.0
+    fixed[1]["meets_target"] = True
+    report = summarize(config, phases, fixed, None, 196)
+    assert report["targets"]["r_not_compared_streams"] == [] and report["comparison"][1]["ratio"] == 50.0 / 45
 
 
 def test_timeline_bins():
