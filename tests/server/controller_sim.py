@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench.controller_bench import Sample, recovery_time
 from server.engine.controller import BudgetController, ControllerConfig, Decision, StreamDemand
 
 
@@ -83,20 +84,11 @@ class SimTrace:
                 last_bad = i
         return (last_bad + 1) * bin_s
 
-    def recovery_time(self, step_at: float, end: float, target: float, dwell_s: float = 2.0,
-                      bin_s: float = 0.5) -> float:
-        """Seconds after step_at until the p95 of the last second is under 1.1 * target at every bin_s for dwell_s
-        (the step's transient is over; later noise excursions are what settle_time also counts)."""
-        entered = None
-        for i in range(int((end - step_at) / bin_s)):
-            stop = step_at + (i + 1) * bin_s
-            if self.window(max(step_at, stop - 1.0), stop) and self.p95(max(step_at, stop - 1.0), stop) > 1.1 * target:
-                entered = None
-                continue
-            entered = stop - bin_s if entered is None else entered
-            if stop - entered >= dwell_s - 1e-9:
-                return entered - step_at
-        return end - step_at
+    def recovery_time(self, step_at: float, end: float, target: float, dwell_s: float = 2.0) -> float:
+        """Seconds after step_at until the last second's p95 is back under 1.1 * target for dwell_s: the measure
+        `eventful-bench controller` reports live, on the simulated results."""
+        samples = [Sample(c.time, c.latency, c.tokens) for c in self.window(step_at, end)]
+        return recovery_time(samples, step_at, end, target, dwell_s)
 
     def overshoot(self, step_at: float, end: float, target: float, bin_s: float = 0.25) -> float:
         """Largest p95 of a bin_s-wide window after step_at, over the target."""

@@ -304,8 +304,9 @@ def test_a_cpu_at_its_knee_holds_the_target_in_every_phase():
         trace = simulate(LOAD_STEPS, 50, controller_decider(controller), replace(sim, seed=seed))
         for phase, start, end in phase_spans(LOAD_STEPS, 50):
             assert trace.p95(start + STEADY_AFTER_S, end) <= 1.1 * TARGET, (seed, phase)
-            # back under 1.1 x the target for good 2 s within 2 s of every step; over ten seeds 39 of 40 steps were,
-            # the 4 -> 8 step (shedding) in 1.5-2 s (3.5 s before the integrator fell twice as fast at saturation)
+            # back under 1.1 x the target for 2 s within 2 s of every step (measured as the live bench does): over
+            # ten seeds all 40 steps were, the 4 -> 8 step (shedding) in 1.5-2 s (up to 3.5 s before the integrator
+            # fell twice as fast at saturation)
             assert trace.recovery_time(start, end, TARGET) <= 2.0, (seed, phase)
             if phase.streams == 4:
                 # noisy near the knee: over ten seeds the phases' mean r spreads 0.80-1.06 of the best fixed r
