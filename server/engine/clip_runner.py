@@ -117,9 +117,11 @@ class ClipRunner(FrameRunner):
                 outputs.append(FrameOutput(0, False, 0.0, 0, {"window": window.filled, "of": window.capacity}))
         return StepResult(outputs, start, time.perf_counter() - start, self._dense_macs)
 
-    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """One packed forward pass on blank clips per batch size (first-call allocations, kernel selection)."""
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> dict[int, float]:
+        """One packed forward pass on blank clips per batch size (first-call allocations, kernel selection). No plain
+        dense step to time: a clip step's cost is its kept tubelets."""
         h, w = self.config.image_size
         for batch in batch_sizes:
             clip = torch.zeros(batch, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
             classify_clips(self.model, clip, 0.0)
+        return {}

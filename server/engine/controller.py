@@ -70,6 +70,7 @@ class ControllerConfig:
     ceiling_release: float = 0.25  # and is dropped when r stands at it and the latency is this far (log) under the aim
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
+    dense_hysteresis: float = 0.1  # at the full budget (the plain dense step) r stays until it misses S by this share
     u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
     u_max: float = 0.0
     u_initial: float = math.log(0.45)  # about two steps (the one a frame waits for, its own) plus overhead
@@ -217,6 +218,37 @@ class StepCostModel:
         return water_level(room, caps)
 
 
+class DenseStepModel:
+    """The plain dense step (every stream at the full budget runs the unmodified model): seconds per batch size.
+
+    Not the eventful model at full tokens: that pays gathers, scatters and reference updates on every token and
+    costs more than the plain model (on this CPU, r = 182 of 196 takes 1.4x the dense step; on a GPU, DeiT-Tiny's
+    dense step is cheaper than any eventful one). A moving mean per batch size seen; an unseen size is scaled from
+    the nearest smaller one (every part of the step proportional to the batch: an over-estimate) or taken from the
+    nearest larger one (an over-estimate too)."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, batch: int, seconds: float) -> None:
+        if batch < 1 or not seconds > 0:
+            return
+        old = self._seconds.get(batch)
+        self._seconds[batch] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def predict(self, batch: int) -> float | None:
+        """None until a dense step was seen."""
+        if batch in self._seconds:
+            return self._seconds[batch]
+        smaller = [b for b in self._seconds if b < batch]
+        if smaller:
+            b = max(smaller)
+            return self._seconds[b] * batch / b
+        larger = [b for b in self._seconds if b > batch]
+        return self._seconds[min(larger)] if larger else None
+
+
 def water_level(total: float, caps: Sequence[float]) -> float:
     """L with sum(min(cap_i, L)) == total (caps may be inf); total / n when nothing is capped, inf if all are
     capped below it, negative when total < 0."""
@@ -237,6 +269,7 @@ class BudgetController:
     def __init__(self, config: ControllerConfig, initial_tokens: int | None = None):
         self.config = config
         self.model = StepCostModel(config.num_patches)
+        self.dense_model = DenseStepModel()
         start = config.top_tokens if initial_tokens is None else initial_tokens
         self._level = float(min(max(start, config.min_tokens), config.top_tokens))  # L in effect
         self._rise_credit = 0.0  # tokens L may still rise by (bounded rise)
@@ -247,8 +280,13 @@ class BudgetController:
         self._last_jump = -math.inf
         self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
         self._latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, seconds)
-        self._steps: deque[tuple[float, float, int, float]] = deque(maxlen=4096)  # (end, seconds, batch, tokens)
-        self._operating_point: tuple[int, float] | None = None  # (batch, tokens) of the decision in effect
+        # (end, seconds, batch, tokens, plain dense)
+        self._steps: deque[tuple[float, float, int, float, bool]] = deque(maxlen=4096)
+        self._arrival_gaps: dict[str, tuple[float, float]] = {}  # stream -> (last arrival, moving mean gap)
+        self._after_seeding = False  # the last step seeded streams (their first frames, computed densely)
+        # (batch, tokens, plain dense) of the decision in effect
+        self._operating_point: tuple[int, float, bool] | None = None
+        self._shed_floor_u: float | None = None  # while shedding: u below which a smaller batch gains nothing
         self._last: Decision | None = None
         self._p95: float | None = None
         self._error = 0.0
@@ -287,12 +325,37 @@ class BudgetController:
         while history and history[0][0] < horizon:
             history.popleft()
 
-    def observe_step(self, now: float, batch: int, tokens: float, seconds: float) -> None:
-        """A step that ended at `now`: `batch` frames, `tokens` patch tokens per gate over all of them."""
+    def observe_arrival(self, now: float, stream_id: str) -> None:
+        """A frame of this stream was received (how often tells how old its newest frame can be)."""
+        last = self._arrival_gaps.get(stream_id)
+        if last is None:
+            self._arrival_gaps[stream_id] = (now, math.inf)
+            return
+        gap = now - last[0]
+        mean = gap if math.isinf(last[1]) else last[1] + 0.2 * (gap - last[1])
+        self._arrival_gaps[stream_id] = (now, mean)
+
+    def observe_step(self, now: float, batch: int, tokens: float, seconds: float, plain_dense: bool = False,
+                     seeded: int = 0) -> None:
+        """A step that ended at `now`: `batch` frames, `tokens` patch tokens per gate over all of them. plain_dense:
+        every stream was at the full budget and the plain model ran; seeded: frames that seeded a stream's state
+        (its first frame, or the first after dense steps), computed densely through the eventful path."""
+        self._steps.append((now, seconds, batch, tokens, plain_dense))
+        self._prune(self._steps, now)
+        if plain_dense:
+            self.dense_model.observe(batch, seconds)
+            return
+        if seeded:
+            # a one-off (a joiner's first frame costs several sparse ones): not the operating point, and the frames
+            # that wait for it are late through no fault of r. Feedback resumes with the frames after the next step.
+            self._after_seeding = True
+            return
+        if self._after_seeding:
+            self._after_seeding = False
+            self._forget_before = max(self._forget_before, now)
+            self._hold_until = max(self._hold_until, now)
         shifts = self.model.shifts
         self.model.observe(batch, tokens, seconds)
-        self._steps.append((now, seconds, batch, tokens))
-        self._prune(self._steps, now)
         if self.model.shifts != shifts:
             # the device got slower or faster: the feed-forward has followed it; latencies from before are stale
             self._hold_until = now + self.config.hold_s
@@ -345,6 +408,9 @@ class BudgetController:
             self._streams = streams
             self._hold_until = now + cfg.hold_s
             self._forget_before = self._hold_until
+            self._shed_floor_u = None
+            for gone in [i for i, (t, _) in self._arrival_gaps.items() if i not in streams and t < now - 10.0]:
+                del self._arrival_gaps[gone]  # streams long gone
         at_top = self._level >= cfg.top_tokens or all(c <= self._level for c in caps)
         self._feedback(now, dt, at_top=at_top and bool(demands))
         budget = cfg.target_s * math.exp(min(self._u + cfg.kp * self._error, cfg.u_max))
@@ -355,7 +421,17 @@ class BudgetController:
         ceiling = self._ceilings.get(len(streams))
         if ceiling is not None:
             self._ceilings[len(streams)] = ceiling * (1 + cfg.ceiling_creep_per_s * dt)
-        self._move_level(dt, wanted, self._raw_error, None if ceiling is None else cfg.ceiling_margin * ceiling)
+        ceiling_level = None if ceiling is None else cfg.ceiling_margin * ceiling
+        dense_step = self._dense_step(batch, demands, caps)
+        # hysteresis: leaving dense costs a seeding step per stream, so it takes a clear miss
+        dense_room = budget * (1 + cfg.dense_hysteresis if self._level >= cfg.top_tokens else 1.0)
+        dense_fits = dense_step is not None and dense_step <= dense_room
+        if dense_fits and (ceiling_level is None or ceiling_level >= cfg.top_tokens):
+            # the plain dense step fits: the most tokens there are, and cheaper than the eventful levels just below
+            # (which a bounded rise would have to climb through): go there at once
+            self._level, self._rise_credit, wanted = float(cfg.top_tokens), 0.0, float(cfg.top_tokens)
+        else:
+            self._move_level(dt, wanted, self._raw_error, ceiling_level)
         self._levels.append((now, self._level))
         self._held_back = wanted - self._level >= max(cfg.hysteresis_tokens, cfg.hysteresis_fraction * self._level)
         level = round(self._level)
@@ -367,24 +443,63 @@ class BudgetController:
             else:
                 tokens[d.stream_id] = level if d.cap_tokens is None else min(level, d.cap_tokens)
         total = fixed + sum(tokens[d.stream_id] for d in demands if d.fixed_tokens is None)
-        predicted = self.model.predict(batch, total)
+        plain_dense = dense_step is not None and level >= cfg.num_patches
+        predicted = dense_step if plain_dense else self.model.predict(batch, total)
         max_batch, reason = None, None
+        self._shed_floor_u = None
         if saturated:
-            per_stream = total / batch
-            a, b, c = self.model.theta
-            fit = (budget - a) / (b + c * per_stream / cfg.num_patches)
-            max_batch = max(1, min(batch, math.floor(fit)))
+            max_batch, floor_s = self._shed_batch([d.stream_id for d in demands], total / batch, budget)
+            self._shed_floor_u = math.log(floor_s / cfg.target_s)
             measured = "" if self._p95 is None else f", measured p95 {1000 * self._p95:.0f} ms"
+            shed = (f"frames are dropped, streams per step limited to {max_batch}" if max_batch < batch else
+                    "a smaller batch would wait longer, not less: latency at its floor")
             reason = (
                 f"at the minimum budget ({cfg.min_tokens} tokens) a step over {batch} streams is predicted at "
                 f"{1000 * predicted:.1f} ms, over the {1000 * budget:.1f} ms the {1000 * cfg.target_s:.0f} ms target "
-                f"allows{measured}: frames are dropped, streams per step limited to {max_batch}"
+                f"allows{measured}: {shed}"
             )
             if max_batch < batch:
-                predicted = self.model.predict(max_batch, per_stream * max_batch)
-        self._operating_point = (min(batch, max_batch or batch), total * min(batch, max_batch or batch) / batch)
+                predicted = self.model.predict(max_batch, total / batch * max_batch)
+        served = min(batch, max_batch or batch)
+        self._operating_point = (served, total * served / batch, plain_dense)
         self._last = Decision(tokens, level, budget, predicted, max_batch, saturated, reason)
         return self._last
+
+    def _dense_step(self, batch: int, demands: Sequence[StreamDemand], caps: Sequence[float]) -> float | None:
+        """The predicted plain dense step over the batch, when every stream may have the full budget (else None)."""
+        n = self.config.num_patches
+        if not caps or self.config.top_tokens < n or any(c < n for c in caps):
+            return None
+        if any(d.fixed_tokens is not None and d.fixed_tokens < n for d in demands):
+            return None
+        seen = self.dense_model.predict(batch)
+        return self.model.predict(batch, batch * n) if seen is None else seen
+
+    def frame_period(self, stream_ids: Sequence[str]) -> float:
+        """The median seconds between a stream's frames over these streams (inf: unknown)."""
+        gaps = [self._arrival_gaps[i][1] for i in stream_ids if i in self._arrival_gaps]
+        return float(np.median(gaps)) if gaps else math.inf
+
+    def _shed_batch(self, stream_ids: Sequence[str], per_stream: float, budget: float) -> tuple[int, float]:
+        """At saturation: streams per step, and the least step-equivalent latency any batch limit reaches.
+
+        With m streams per step of S_m seconds and frames every T, a stream is served every ceil(n/m) steps, and the
+        frame it is served with is at most min(T, ceil(n/m) * S_m) old (latest frame wins): p95 latency about
+        0.95 * that + S_m. Its step-equivalent (what S means unsaturated: a full batch that keeps up has latency
+        about 2 * S_n) is half of it. Smaller batches cost more per frame (the fixed part of a step): they help
+        only where frames would otherwise wait a whole period, and they cost frames. The largest m whose
+        equivalent fits the budget; if none does, the largest within 10 % of the least."""
+        batch = len(stream_ids)
+        period = self.frame_period(stream_ids)
+        equivalent = []
+        for m in range(1, batch + 1):
+            step = self.model.predict(m, per_stream * m)
+            equivalent.append((0.95 * min(period, math.ceil(batch / m) * step) + step) / 2)
+        least = min(equivalent)
+        fits = [m for m, e in enumerate(equivalent, 1) if e <= budget]
+        if not fits:
+            fits = [m for m, e in enumerate(equivalent, 1) if e <= 1.1 * least]
+        return max(fits), least
 
     def _feedback(self, now: float, dt: float, at_top: bool) -> None:
         """The PI loop on the log latency error: updates the error and the integrator u."""
@@ -420,12 +535,17 @@ class BudgetController:
                 and now - self._last_jump >= cfg.jump_every_s):
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
+            if self._shed_floor_u is not None:
+                self._u = max(self._u, min(self._shed_floor_u, self._u_history[-1][1]))  # no cut past the floor
             self._last_jump = now
         elif not (self._error > 0 and (at_top or self._held_back)):
             # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
             du = cfg.ki * self._error * dt
             if self._error < 0 and self._last is not None and self._last.saturated:
                 du *= 1 + cfg.shed_gain
+                if self._shed_floor_u is not None:
+                    # anti-windup at the last actuator: below the floor no batch limit is faster, u would only wind
+                    du = max(du, min(0.0, self._shed_floor_u - self._u))
             self._u += min(du, cfg.u_rise_per_s * dt)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
 
@@ -478,14 +598,18 @@ class BudgetController:
         if self._operating_point is None:
             return 1.0
         since = max(now - (self.config.window_s if window_s is None else window_s), self._forget_before)
-        batch, total = self._operating_point
+        batch, total, dense_now = self._operating_point
         per_stream = total / max(batch, 1)
-        past = np.array([(b, t) for end, _, b, t in self._steps if end >= since], dtype=np.float64).reshape(-1, 2)
+        past = np.array([(b, t, d) for end, _, b, t, d in self._steps if end >= since], dtype=np.float64).reshape(-1, 3)
         if not len(past):
             return 1.0
         a, b, c = self.model.theta
-        then = float(np.sum(a + b * past[:, 0] + c * past[:, 1] / self.model.num_patches))
-        later = float(np.sum(a + b * past[:, 0] + c * past[:, 0] * per_stream / self.model.num_patches))
+        eventful_then = a + b * past[:, 0] + c * past[:, 1] / self.model.num_patches
+        eventful_later = a + b * past[:, 0] + c * past[:, 0] * per_stream / self.model.num_patches
+        dense = np.array([self.dense_model.predict(int(k)) or e
+                          for k, e in zip(past[:, 0], eventful_then, strict=True)])
+        then = float(np.sum(np.where(past[:, 2] > 0, dense, eventful_then)))
+        later = float(np.sum(dense if dense_now else eventful_later))
         if then <= 0:
             return 1.0
         return min(max(later / then, 0.25), 4.0)
@@ -494,7 +618,7 @@ class BudgetController:
 
     def busy_fraction(self, now: float) -> float:
         window = self.config.window_s
-        return min(1.0, sum(s for t, s, _, _ in self._steps if t >= now - window) / window)
+        return min(1.0, sum(s for t, s, *_ in self._steps if t >= now - window) / window)
 
     def state(self, now: float) -> ControllerState:
         last = self._last

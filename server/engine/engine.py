@@ -224,6 +224,8 @@ class Engine:
         with self._cond:
             self._count_received(session)
             session.last_received_at = received_at
+            if self._controller is not None:
+                self._controller.observe_arrival(received_at, session.stream_id)
             if session.closed:
                 return
             if not session.decoding:
@@ -377,9 +379,11 @@ class Engine:
             runner = self._load_runner()
             # on a GPU, kernels are chosen per shape: warm the largest batch too (cheap there)
             cuda = getattr(runner, "device", torch.device("cpu")).type == "cuda"
-            runner.warmup((1, self.config.max_batch_size) if cuda else (1,))
+            dense_seconds = runner.warmup((1, self.config.max_batch_size) if cuda else (1,))
             policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
             self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
+            for batch, seconds in (dense_seconds or {}).items():
+                self._controller.dense_model.observe(batch, seconds)
             self._policy = policy
             self._runner = runner
             self._ready.set()
@@ -404,6 +408,10 @@ class Engine:
             plan, batch, records = self._plan(batch)
         if not batch:
             return True
+        # for the controller: the plain dense model runs when every budget is full (a cost of its own); a frame that
+        # seeds its stream's state (its first, or the first after dense steps) is a one-off dense frame
+        plain_dense = all(p.budget.is_dense_for(runner.num_patches) for p in plan.frames)
+        seeding = 0 if plain_dense else sum(1 for p in plan.frames if p.flush or getattr(p.state, "needs_dense", False))
         try:
             result = runner.execute(plan)
         except Exception as err:
@@ -411,7 +419,7 @@ class Engine:
             self._step_failed(batch, records, err)
             return True
         try:
-            self._finish(batch, records, plan, result)
+            self._finish(batch, records, plan, result, plain_dense, seeding)
         except Exception:  # never let bookkeeping take the inference thread down
             log.exception("routing the results of a step failed")
         return True
@@ -503,13 +511,15 @@ class Engine:
             records.append(record)
         return StepPlan(planned), kept, records
 
-    def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult):
+    def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult,
+                plain_dense: bool = False, seeding: int = 0):
         queue_seconds = [max(0.0, result.started_at - p.queued_at) for p in batch]
         self._recent_step_s += 0.2 * (result.step_seconds - self._recent_step_s)
         with self._cond:
             if self._controller is not None:
                 tokens = sum(o.budget_tokens for o in result.outputs)
-                self._controller.observe_step(time.perf_counter(), plan.batch_size, tokens, result.step_seconds)
+                self._controller.observe_step(time.perf_counter(), plan.batch_size, tokens, result.step_seconds,
+                                              plain_dense=plain_dense, seeded=seeding)
             for pending, record, output, queued in zip(batch, records, result.outputs, queue_seconds, strict=True):
                 record.frames_processed += 1
                 record.budget_tokens = output.budget_tokens

@@ -126,15 +126,21 @@ class ModelRunner(FrameRunner):
             for j in range(len(plan.frames))
         ]
 
-    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> dict[int, float]:
         """A dense then a sparse step (a quarter of the tokens) on blank frames with throwaway states, per batch
         size: first-call allocations, kernel selection and (on a GPU) lazy kernel loading happen here, not in the
         first frames served, whose step times would also teach the budget controller a device far slower than
-        it is."""
+        it is. Returns the seconds of one more, warm, plain dense step per batch size (the controller's first
+        figure for the dense step, which it cannot tell from the eventful steps it sees)."""
         h, w = self.config.image_size
         sparse = StreamBudget(tokens=max(1, self.num_patches // 4))
+        dense_seconds = {}
         for batch in batch_sizes:
             image = torch.rand(batch, 3, h, w, device=self.device, dtype=self.dtype)
             states = [self.new_state() for _ in range(batch)]
             self.eventful.step(image, states, [StreamBudget.dense()] * batch)
             self.eventful.step(image.flip(-1), states, [sparse] * batch)
+            start = time.perf_counter()
+            self.eventful.step(image, states, [StreamBudget.dense()] * batch).logits.sum().item()  # .item(): synced
+            dense_seconds[batch] = time.perf_counter() - start
+        return dense_seconds

@@ -1,8 +1,11 @@
 """A simulated engine for the budget controller: cameras, latest-frame-wins, one batched step at a time.
 
 Deterministic (seeded). Step time = speed * (a + b*batch + c*tokens/num_patches) * lognormal noise; a stream's
-first frame is dense. Each stream sends a frame every 1/fps s (random phase); a frame waits for the running step,
-a newer frame of its stream replaces it (dropped). Latency = ready -> step end + overhead (decode, protocol).
+first frame (and its first after plain dense steps) seeds its state, densely through the eventful path, at
+seed_factor times the cost of a dense frame there. With dense_per_frame set, a step whose streams are all at the full
+budget runs the plain dense model instead: speed * (a + dense_per_frame*batch). Each stream sends a frame every
+1/fps s (random phase); a frame waits for the running step, a newer frame of its stream replaces it (dropped).
+Latency = ready -> step end + overhead (decode, protocol).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class SimConfig:
     spike_prob: float = 0.0  # a frame's latency gets an extra U(0, spike_s) with this probability (OS/GIL jitter)
     spike_s: float = 0.1
     seed: int = 0
+    dense_per_frame: float | None = None  # s per frame of the plain dense step (None: no plain path)
+    seed_factor: float = 1.0
 
 
 @dataclass
@@ -105,23 +110,28 @@ class SimTrace:
 Decider = Callable[[float, list[StreamDemand]], Decision]
 
 
-def fixed_decider(tokens: int) -> tuple[Decider, Callable[..., None], Callable[..., None]]:
+Observers = tuple[Decider, Callable[..., None], Callable[..., None], Callable[..., None]]
+
+
+def fixed_decider(tokens: int) -> Observers:
     def decide(now: float, demands: list[StreamDemand]) -> Decision:
         return Decision({d.stream_id: tokens for d in demands}, tokens, 0.0, 0.0, None, False, None)
 
-    return decide, (lambda *a: None), (lambda *a: None)
+    ignore = lambda *a, **k: None  # noqa: E731
+    return decide, ignore, ignore, ignore
 
 
-def controller_decider(controller: BudgetController) -> tuple[Decider, Callable[..., None], Callable[..., None]]:
-    return controller.decide, controller.observe_step, controller.observe_latency
+def controller_decider(controller: BudgetController) -> Observers:
+    """decide, observe_step, observe_latency, observe_arrival."""
+    return controller.decide, controller.observe_step, controller.observe_latency, controller.observe_arrival
 
 
 def simulate(
-    phases: list[Phase], duration_s: float, decider: tuple[Decider, Callable[..., None], Callable[..., None]],
+    phases: list[Phase], duration_s: float, decider: Observers,
     sim: SimConfig = SimConfig(), demand: Callable[[int], StreamDemand] = lambda s: StreamDemand(f"s{s}"),
 ) -> SimTrace:
     """Run the phases for duration_s simulated seconds. demand(i): stream i's demand (overrides, caps)."""
-    decide, observe_step, observe_latency = decider
+    decide, observe_step, observe_latency, observe_arrival = decider
     rng = np.random.default_rng(sim.seed)
     trace = SimTrace()
     period = 1.0 / sim.fps
@@ -132,6 +142,7 @@ def simulate(
     heapq.heapify(events)
     pending: dict[int, float] = {}  # stream -> ready time of its waiting frame
     seen: set[int] = set()
+    flushed: set[int] = set()  # streams whose state a plain dense step left unseeded
     served_at: dict[int, float] = {}
     now, busy_until = 0.0, 0.0
 
@@ -143,14 +154,21 @@ def simulate(
         ready = sorted(pending, key=lambda s: (served_at.get(s, -1.0), pending[s]))
         limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
         batch = ready[:limit]
-        tokens = []
-        for s in batch:
-            r = decision.tokens.get(f"s{s}", decision.level)
-            tokens.append(sim.num_patches if s not in seen else r)
-        cost = phase.speed * (sim.a + sim.b * len(batch) + sim.c * sum(tokens) / sim.num_patches)
+        wanted = [decision.tokens.get(f"s{s}", decision.level) for s in batch]
+        plain = sim.dense_per_frame is not None and all(r >= sim.num_patches for r in wanted)
+        seeding = [s not in seen or s in flushed for s in batch]
+        tokens = [sim.num_patches if new else r for new, r in zip(seeding, wanted, strict=True)]
+        if plain:
+            cost = phase.speed * (sim.a + sim.dense_per_frame * len(batch))
+            flushed.update(batch)
+        else:
+            paid = [sim.seed_factor * sim.num_patches if new else r for new, r in zip(seeding, tokens, strict=True)]
+            eventful = sum(paid)
+            cost = phase.speed * (sim.a + sim.b * len(batch) + sim.c * eventful / sim.num_patches)
+            flushed.difference_update(batch)
         step = cost * float(np.exp(rng.normal(0, sim.noise)))
         end = t + step
-        observe_step(end, len(batch), sum(tokens), step)
+        observe_step(end, len(batch), sum(tokens), step, plain_dense=plain, seeded=0 if plain else sum(seeding))
         for s, r in zip(batch, tokens, strict=True):
             latency = end - pending.pop(s) + sim.overhead_s
             if sim.spike_prob and rng.random() < sim.spike_prob:
@@ -175,6 +193,7 @@ def simulate(
         if stream in pending:
             trace.dropped.append((now, stream))
         pending[stream] = now
+        observe_arrival(now, f"s{stream}")
     return trace
 
 
