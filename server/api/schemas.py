@@ -54,6 +54,8 @@ class ControllerOut(BaseModel):
     saturated: bool = Field(description="the minimum budget cannot meet the target; frames are being shed")
     reason: str | None = Field(description="why it is saturated")
     max_batch: int | None = Field(description="streams per step while shedding load")
+    max_age_ms: float | None = Field(
+        None, description="while shedding with full batches: frames older than this when a step starts are dropped")
     busy_fraction: float = Field(description="share of the last second the model spent in steps")
     cost_model_ms: tuple[float, float, float] = Field(
         description="step_ms = a + b * streams + c * tokens / num_patches: (a, b, c)")

@@ -110,6 +110,7 @@ class Engine:
         self._policy: BudgetPolicy | None = None
         self._controller: BudgetController | None = None  # observes always; decides in auto mode
         self._shed_limit: int | None = None  # streams per step while the controller sheds load
+        self._shed_age: float | None = None  # ... or the age (s) past which a frame is dropped before a step
         self._ready = threading.Event()
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
         self._started = False
@@ -313,7 +314,7 @@ class Engine:
             policy.set_global(budget)
             if self._controller is not None:
                 self._controller.reconfigure(self._controller_config(policy), policy.get_global()[1])
-            self._shed_limit = None
+            self._shed_limit = self._shed_age = None
         return policy.get_global()
 
     def _controller_config(self, policy: BudgetPolicy) -> ControllerConfig:
@@ -433,11 +434,13 @@ class Engine:
             self._registry.reap(now)
             timeout = self._registry.next_expiry(now)
             if not self._paused:
+                if self._shed_age is not None:
+                    self._drop_late(self._scheduler.expire(now - self._shed_age))
                 incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
                 window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
                 due = self._scheduler.next_batch(now, incoming, window, self._shed_limit)
                 if isinstance(due, list):
-                    if self._shed_limit is not None:
+                    if self._shed_limit is not None or self._shed_age is not None:
                         self._shed_late_frames(now)
                     return due
                 if due is not None:
@@ -449,9 +452,12 @@ class Engine:
         step that are already older than the target are dropped (their streams' next frames are served instead of
         results that would come too late). Frames in the batch are always served."""
         target = self._controller.config.target_s if self._controller is not None else None
-        if target is None:
-            return
-        for late in self._scheduler.expire(now - target):
+        if target is not None:
+            self._drop_late(self._scheduler.expire(now - target))
+
+    def _drop_late(self, frames: list[PendingFrame]) -> None:
+        """Under the lock: answer frames taken out for load shedding `dropped`."""
+        for late in frames:
             record = self._registry.records.get(late.stream_id)
             session = record.session if record is not None else None
             if record is not None and session is not None and session.id == late.session:
@@ -463,7 +469,7 @@ class Engine:
         """Under the lock, in auto mode: the controller decides every expected stream's tokens for this round."""
         controller, policy = self._controller, self.policy
         if controller is None or policy.get_global()[0].mode != "auto":
-            self._shed_limit = None
+            self._shed_limit = self._shed_age = None
             return
         ids = [p.stream_id for p in batch]
         seen = set(ids)
@@ -475,6 +481,7 @@ class Engine:
         decision = controller.decide(now, [StreamDemand(i, *policy.terms(i)) for i in ids])
         policy.set_auto(decision.level, decision.tokens)
         self._shed_limit = decision.max_batch
+        self._shed_age = decision.max_age_s
 
     def _expected_soon(self, record: StreamRecord, now: float) -> bool:
         """A stream worth waiting for (within the batch window): no frame ready, but one being decoded, or it sent a
