@@ -434,12 +434,13 @@ class Engine:
             self._registry.reap(now)
             timeout = self._registry.next_expiry(now)
             if not self._paused:
-                if self._shed_age is not None:
-                    self._drop_late(self._scheduler.expire(now - self._shed_age))
                 incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
                 window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
                 due = self._scheduler.next_batch(now, incoming, window, self._shed_limit)
                 if isinstance(due, list):
+                    if self._shed_age is not None:  # full batches, less the frames that would be late
+                        due, late = self._scheduler.split_late(due, now - self._shed_age)
+                        self._drop_late(late)
                     if self._shed_limit is not None or self._shed_age is not None:
                         self._shed_late_frames(now)
                     return due

@@ -151,12 +151,13 @@ def simulate(
         demands = [demand(s) for s in range(phase.streams)]
         decision = decide(t, demands)
         trace.decisions.append((t, decision))
-        if decision.max_age_s is not None:  # shedding with full batches: frames too old to make it are dropped
-            for s in [s for s, ready_at in pending.items() if t - ready_at > decision.max_age_s]:
+        if decision.max_age_s is not None:  # shedding with full batches: frames too old to make it are dropped ...
+            late = [s for s, ready_at in pending.items() if t - ready_at > decision.max_age_s]
+            if len(late) == len(pending):
+                late.remove(max(pending, key=pending.get))  # ... but the youngest is always served (as the engine)
+            for s in late:
                 del pending[s]
                 trace.dropped.append((t, s))
-        if not pending:
-            return t
         ready = sorted(pending, key=lambda s: (served_at.get(s, -1.0), pending[s]))
         limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
         batch = ready[:limit]
