@@ -499,18 +499,19 @@ class BudgetController:
         means unsaturated: a full batch that keeps up has latency about 2 * S_n) for A = 2 * S - S_n. Only the
         frames that would be late are dropped, and the steps stay full: the fixed part of a step (tens of ms on
         this CPU) is paid once for every frame served. The batch limit (steps of fewer streams, round robin) is
-        the fallback where no age works: 2 * S <= S_n (even a fresh frame would be late), or full steps do not keep
-        up with the cameras (S_n >= T: then steps must shrink) or are longer than the target. In simulation with
-        the live CPU's step costs the age limit served 56-71 of 80 frames/s at 8 streams where the batch limit
-        served 22-58 (live: 35) at the same p95. S is not taken below the floor, where neither serves a frame any
-        sooner."""
+        the fallback where no age works: 2 * S <= S_n (even a fresh frame would be late) or a full step alone is
+        longer than the target. Not only where full steps keep up with the cameras (S_n < T): S_n is extrapolated
+        by the cost model, and once in batch-limit mode it sees only small batches (live, it predicted 103 ms for a
+        full batch that took under 100, and held one stream per step: 31 of 80 frames/s). In simulation with the
+        live CPU's step costs the age limit served 56-71 of 80 frames/s at 8 streams where the batch limit served
+        22-58 at the same p95. S is not taken below the floor, where neither serves a frame any sooner."""
         period = self.frame_period(stream_ids)
         reach = min(period, full_step)  # how old a frame can be when a full step starts
         _, least, _ = self._shed_batch(stream_ids, per_stream, budget)
         floor_s = min(least, (full_step + 0.1 * reach) / 2)
         budget = max(budget, floor_s)
         age = 2 * budget - full_step
-        if age > 0 and full_step < min(self.config.target_s, period):
+        if age > 0 and full_step < self.config.target_s:
             return len(stream_ids), age, floor_s, budget
         limit, _, _ = self._shed_batch(stream_ids, per_stream, budget)
         return limit, None, floor_s, budget

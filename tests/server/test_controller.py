@@ -333,6 +333,22 @@ def test_auto_mode_at_an_impossible_target_is_saturated_at_min_tokens(make_clien
     assert "eventful_controller_saturated 0.0" in metrics and "eventful_target_latency_seconds 0.0" in metrics
 
 
+def test_an_age_limit_never_stops_the_engine(make_client):
+    """While the controller sheds with an age limit, the frames of a due batch past it are dropped, but the youngest is
+    always served: a step, and with it the next decision, always happens. Live, an engine that expired frames while
+    they waited ran no step under a small limit, so no decision lifted it, and every frame was dropped."""
+    client = make_client()
+    client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 5000})
+    controller = client.app.state.engine._controller  # noqa: SLF001 (the engine owns it; the test sets its decision)
+    honest = controller.decide
+    controller.decide = lambda now, demands: replace(honest(now, demands), saturated=True, max_age_s=0.0)
+    video = frames(8)
+    with client.websocket_connect("/v1/streams/cam") as ws:
+        answers = _stream(ws, video, 5)  # one stream, one frame at a time: each is the youngest of its batch
+    assert [a["type"] for a in answers] == ["result"] * 5
+    assert client.app.state.engine._shed_age == 0.0  # noqa: SLF001 (the limit was in force throughout)
+
+
 def test_fixed_overrides_and_caps_hold_in_auto_mode(make_client):
     client = make_client()
     client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 5000})
