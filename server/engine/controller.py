@@ -24,9 +24,14 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thre
   that creeps up 2 %/s and is dropped when r stands at it with the latency far under the aim;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
-When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and limits the batch
-size, so that the engine drops frames instead of letting latency grow; while saturated and late, the integrator
-falls faster (shedding has one coarse actuator, the batch limit, and the load that saturated it is new).
+The plain dense step (every stream at the full budget) is a regime of its own, timed at warm-up and on every dense
+step: where it fits S, r goes to the full budget at once (the eventful levels just below cost more). A step that
+seeded streams (a joiner's first frame, dense through the eventful path) is a one-off: feedback resumes after it.
+
+When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and sheds load, so that
+the engine drops frames instead of letting latency grow: full batches with an age limit (frames that would be late
+are dropped before a step), or, where no age works, a batch limit. S does not fall below the point where neither
+serves a frame sooner; while saturated and late, the integrator falls faster (the load that saturated it is new).
 
 Pure: no threads, no clock, no torch. The engine feeds it observations and asks for a Decision every round.
 """
@@ -289,7 +294,7 @@ class BudgetController:
         self._after_seeding = False  # the last step seeded streams (their first frames, computed densely)
         # (batch, tokens, plain dense) of the decision in effect
         self._operating_point: tuple[int, float, bool] | None = None
-        self._shed_floor_u: float | None = None  # while shedding: u below which a smaller batch gains nothing
+        self._shed_floor_u: float | None = None  # while shedding: u below which no way of dropping frames helps
         self._last: Decision | None = None
         self._p95: float | None = None
         self._error = 0.0
@@ -457,7 +462,7 @@ class BudgetController:
             measured = "" if self._p95 is None else f", measured p95 {1000 * self._p95:.0f} ms"
             if max_age is not None:
                 shed = f"frames older than {1000 * max_age:.0f} ms when a step starts are dropped (full batches)"
-            elif max_batch < batch:
+            elif max_batch is not None:
                 shed = f"frames are dropped, streams per step limited to {max_batch}"
             else:
                 shed = "neither a smaller batch nor an age limit would be faster: latency at its floor"
@@ -466,10 +471,8 @@ class BudgetController:
                 f"{1000 * predicted:.1f} ms, over the {1000 * budget:.1f} ms the {1000 * cfg.target_s:.0f} ms target "
                 f"allows{measured}: {shed}"
             )
-            if max_batch < batch:
+            if max_batch is not None:
                 predicted = self.model.predict(max_batch, total / batch * max_batch)
-            else:
-                max_batch = None
         served = min(batch, max_batch or batch)
         self._operating_point = (served, total * served / batch, plain_dense)
         self._last = Decision(tokens, level, budget, predicted, max_batch, saturated, reason, max_age)
@@ -491,53 +494,44 @@ class BudgetController:
         return float(np.median(gaps)) if gaps else math.inf
 
     def _shed(self, stream_ids: Sequence[str], per_stream: float, budget: float,
-              full_step: float) -> tuple[int, float | None, float, float]:
-        """At saturation, how to drop frames: (streams per step, an age limit or None, the floor of S, S).
+              full_step: float) -> tuple[int | None, float | None, float, float]:
+        """At saturation, how to drop frames: (streams per step or None, an age limit or None, the floor of S, S).
 
         Full batches with an age limit: frames older than A when a step starts are dropped (their streams' next
         frames are served instead), so a served frame's latency is at most about A + S_n, which is 2 * S (what S
         means unsaturated: a full batch that keeps up has latency about 2 * S_n) for A = 2 * S - S_n. Only the
         frames that would be late are dropped, and the steps stay full: the fixed part of a step (tens of ms on
-        this CPU) is paid once for every frame served. The batch limit (steps of fewer streams, round robin) is
-        the fallback where no age works: 2 * S <= S_n (even a fresh frame would be late) or a full step alone is
-        longer than the target. Not only where full steps keep up with the cameras (S_n < T): S_n is extrapolated
-        by the cost model, and once in batch-limit mode it sees only small batches (live, it predicted 103 ms for a
-        full batch that took under 100, and held one stream per step: 31 of 80 frames/s). In simulation with the
-        live CPU's step costs the age limit served 56-71 of 80 frames/s at 8 streams where the batch limit served
-        22-58 at the same p95. S is not taken below the floor, where neither serves a frame any sooner."""
-        period = self.frame_period(stream_ids)
-        reach = min(period, full_step)  # how old a frame can be when a full step starts
-        _, least, _ = self._shed_batch(stream_ids, per_stream, budget)
-        floor_s = min(least, (full_step + 0.1 * reach) / 2)
-        budget = max(budget, floor_s)
-        age = 2 * budget - full_step
-        if age > 0 and full_step < self.config.target_s:
-            return len(stream_ids), age, floor_s, budget
-        limit, _, _ = self._shed_batch(stream_ids, per_stream, budget)
-        return limit, None, floor_s, budget
+        this CPU) is paid once for every frame served. Not only where full steps keep up with the cameras: S_n is
+        extrapolated by the cost model, and in batch-limit mode it sees only small batches (live, it predicted 103 ms
+        for a full batch that took under 100, and held one stream per step: 31 of 80 frames/s). In simulation with
+        the live CPU's step costs the age limit served 56-71 of 80 frames/s at 8 streams where the batch limit served
+        22-58 at the same p95.
 
-    def _shed_batch(self, stream_ids: Sequence[str], per_stream: float, budget: float) -> tuple[int, float, bool]:
-        """At saturation: streams per step, and the least step-equivalent latency any batch limit reaches.
+        The batch limit is the fallback where no age works: 2 * S <= S_n (even a fresh frame would be late) or a
+        full step alone is longer than the target. With m streams per step of S_m seconds and frames every T, a
+        stream is served every ceil(n/m) steps, with a frame at most min(T, ceil(n/m) * S_m) old (latest frame
+        wins): p95 latency about 0.95 * that + S_m, whose step-equivalent is half of it. Smaller batches cost more
+        per frame: they help only where frames would otherwise wait a whole period. The largest m whose equivalent
+        fits S; if none does, the largest within shed_tolerance of the least.
 
-        With m streams per step of S_m seconds and frames every T, a stream is served every ceil(n/m) steps, and the
-        frame it is served with is at most min(T, ceil(n/m) * S_m) old (latest frame wins): p95 latency about
-        0.95 * that + S_m. Its step-equivalent (what S means unsaturated: a full batch that keeps up has latency
-        about 2 * S_n) is half of it. Smaller batches cost more per frame (the fixed part of a step): they help
-        only where frames would otherwise wait a whole period, and they cost frames. The largest m whose
-        equivalent fits the budget (True); if none does, the largest within shed_tolerance of the least (False).
-        Returns (m, the least equivalent, whether m fits)."""
+        S is not taken below the floor, where neither way serves a frame any sooner."""
         batch = len(stream_ids)
         period = self.frame_period(stream_ids)
-        equivalent = []
+        equivalent = []  # of m = 1 .. batch streams per step
         for m in range(1, batch + 1):
             step = self.model.predict(m, per_stream * m)
             equivalent.append((0.95 * min(period, math.ceil(batch / m) * step) + step) / 2)
         least = min(equivalent)
+        floor_s = min(least, (full_step + 0.1 * min(period, full_step)) / 2)
+        budget = max(budget, floor_s)
+        age = 2 * budget - full_step
+        if age > 0 and full_step < self.config.target_s:
+            return None, age, floor_s, budget
         fitting = [m for m, e in enumerate(equivalent, 1) if e <= budget]
-        if fitting:
-            return max(fitting), least, True
-        near = [m for m, e in enumerate(equivalent, 1) if e <= (1 + self.config.shed_tolerance) * least]
-        return max(near), least, False
+        if not fitting:
+            fitting = [m for m, e in enumerate(equivalent, 1) if e <= (1 + self.config.shed_tolerance) * least]
+        limit = max(fitting)
+        return (limit if limit < batch else None), None, floor_s, budget
 
     def _feedback(self, now: float, dt: float, at_top: bool) -> None:
         """The PI loop on the log latency error: updates the error and the integrator u."""
@@ -640,12 +634,13 @@ class BudgetController:
         if not len(past):
             return 1.0
         a, b, c = self.model.theta
-        eventful_then = a + b * past[:, 0] + c * past[:, 1] / self.model.num_patches
-        eventful_later = a + b * past[:, 0] + c * past[:, 0] * per_stream / self.model.num_patches
-        dense = np.array([self.dense_model.predict(int(k)) or e
-                          for k, e in zip(past[:, 0], eventful_then, strict=True)])
-        then = float(np.sum(np.where(past[:, 2] > 0, dense, eventful_then)))
-        later = float(np.sum(dense if dense_now else eventful_later))
+        then = a + b * past[:, 0] + c * past[:, 1] / self.model.num_patches
+        later = a + b * past[:, 0] + c * past[:, 0] * per_stream / self.model.num_patches
+        if dense_now or past[:, 2].any():  # plain dense steps cost what the dense model says, not the eventful one
+            dense = np.array([self.dense_model.predict(int(k)) or e for k, e in zip(past[:, 0], then, strict=True)])
+            then = np.where(past[:, 2] > 0, dense, then)
+            later = dense if dense_now else later
+        then, later = float(np.sum(then)), float(np.sum(later))
         if then <= 0:
             return 1.0
         return min(max(later / then, 0.25), 4.0)

@@ -520,7 +520,7 @@ class Engine:
         return StepPlan(planned), kept, records
 
     def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult,
-                plain_dense: bool = False, seeding: int = 0):
+                plain_dense: bool, seeding: int):
         queue_seconds = [max(0.0, result.started_at - p.queued_at) for p in batch]
         self._recent_step_s += 0.2 * (result.step_seconds - self._recent_step_s)
         with self._cond:
