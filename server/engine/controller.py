@@ -18,8 +18,10 @@ r moves only when the wanted change leaves a hysteresis band, and rises at a bou
 set, slower as the latency nears the aim (what is measured lags r by about a window). While that bound holds r
 back, the integrator does not rise (anti-windup).
 
-Near the knee (the device nearly always busy, the p95 steep in r and noisy) three memories keep r off the cliff:
+Near the knee (the device nearly always busy, the p95 steep in r and noisy) these keep r off the cliff:
 - the aim is lowered by the spread of the window p95s measured lately (a noisy p95 needs a wider margin);
+- a window's p95 is capped at what its middle half and the tail of the windows lately say (a host stall makes a
+  burst of frames late that r did not make late);
 - after the p95 went clearly over the target, r rises at most to 92 % of the highest r of that window, a ceiling
   that creeps up 2 %/s and is dropped when r stands at it with the latency far under the aim;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
@@ -57,6 +59,8 @@ class ControllerConfig:
     noise_free: float = 0.04  # of the window p95s measured lately: a noisy p95 needs a wider margin to stay under
     window_s: float = 1.0  # p95 over the frames of this window (at least min_samples, from at most 4 windows back)
     min_samples: int = 8
+    tail_windows: int = 6  # a window's p95 is fed back capped at tail_slack times its middle half's mean times the
+    tail_slack: float = 1.2  # tail (p95 / that mean) of the last this many windows, less the largest (host stalls)
     kp: float = 0.3  # proportional gain on the log error
     ki: float = 1.2  # integral gain, per second
     deadband: float = 0.04  # |log error| below this counts as on target
@@ -271,6 +275,14 @@ def water_level(total: float, caps: Sequence[float]) -> float:
     return math.inf
 
 
+def _quantile(ordered: list[float], steady: bool, q: float) -> float:
+    """The q-quantile of sorted latencies. Of a whole window of a steady load never the slowest frame alone (of a
+    10 fps camera's 10 frames it would be): one hiccup is not a trend. Just after a change, the few fresh frames are
+    all there is."""
+    top = len(ordered) - 2 if steady else len(ordered) - 1
+    return ordered[min(top, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 class BudgetController:
     """Feed it `observe_latency` (every result sent), `observe_step` (every step); ask `decide` every round."""
 
@@ -297,6 +309,8 @@ class BudgetController:
         self._shed_floor_u: float | None = None  # while shedding: u below which no way of dropping frames helps
         self._last: Decision | None = None
         self._p95: float | None = None
+        self._tails: dict[int, deque[float]] = {}  # for this many streams: the last windows' p95 / location
+        self._tail_at = -math.inf
         self._error = 0.0
         self._streams: frozenset[str] = frozenset()
         self._hold_until = -math.inf
@@ -376,13 +390,18 @@ class BudgetController:
             q: float = 0.95, fresh: bool = True) -> float | None:
         """p95 (or the q-quantile) end-to-end latency of the frames of the last window (at least min_samples, up
         to 4 windows back). fresh: only frames since the load or the device last changed (what feedback uses)."""
+        recent = self._recent_latencies(now, window_s, min_samples, fresh)
+        return None if recent is None else _quantile(*recent, q)
+
+    def _recent_latencies(self, now: float, window_s: float | None = None, min_samples: int | None = None,
+                          fresh: bool = True) -> tuple[list[float], bool] | None:
+        """The latencies of the last window, sorted, and whether they are a whole window of a steady load (None:
+        fewer than min_samples)."""
         window = self.config.window_s if window_s is None else window_s
         need = self.config.min_samples if min_samples is None else min_samples
         floor = self._forget_before if fresh else -math.inf
         since, earliest = max(now - window, floor), max(now - 4 * window, floor)
         recent = [s for t, s in self._latencies if t >= since]
-        # a whole window of a steady load: its p95 is never the slowest frame alone (of a 10 fps camera's 10 frames
-        # it would be), one hiccup is not a trend. Just after a change, the few fresh frames are all there is.
         steady = since == now - window and len(recent) >= max(need, 3)
         if len(recent) < need:
             older = [s for t, s in self._latencies if t >= earliest]
@@ -390,8 +409,7 @@ class BudgetController:
         if len(recent) < need:
             return None
         recent.sort()
-        top = len(recent) - 2 if steady else len(recent) - 1
-        return recent[min(top, max(0, math.ceil(q * len(recent)) - 1))]
+        return recent, steady
 
     # ---- the decision ----------------------------------------------------------------------
 
@@ -536,7 +554,8 @@ class BudgetController:
     def _feedback(self, now: float, dt: float, at_top: bool) -> None:
         """The PI loop on the log latency error: updates the error and the integrator u."""
         cfg = self.config
-        p95 = self.p95(now)
+        recent = self._recent_latencies(now)
+        p95 = None if recent is None else _quantile(*recent, 0.95)
         self._p95 = p95
         self._u_history.append((now, self._u))
         self._raw_error = None
@@ -546,7 +565,8 @@ class BudgetController:
         # Latencies measured over the window came from steps at the operating points of their time; the cost model
         # says how the step in effect now compares with them (a Smith predictor: the window's delay is not fed back)
         now_vs_window = self._now_vs_window(now)
-        self._sample_p95(now, p95)
+        self._sample_p95(now, p95)  # the window p95 itself: how far the p95 over a phase may stray from the estimate
+        p95 = self._steady_p95(now, *recent)
         error = math.log(self.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
         self._raw_error = error
         count = len(self._streams)
@@ -578,6 +598,24 @@ class BudgetController:
             # anti-windup at the last actuator: below the floor no way of dropping frames serves any sooner
             self._u = max(self._u, self._shed_floor_u)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
+
+    def _steady_p95(self, now: float, ordered: list[float], steady: bool) -> float:
+        """The p95 to feed back: the window's, capped at what its middle half says with the tail (p95 / the mean of
+        the middle half) of the windows lately. A host stall makes a burst of frames late though r did not change:
+        it moves a 1-s p95 (a few frames' worth) but not the middle half, and one window's tail not the mean of
+        several. Fed back as is, every stall cut r (in simulation with stalls: r 0.73 of the best fixed, 0.80 so)."""
+        cfg = self.config
+        p95 = _quantile(ordered, steady, 0.95)
+        quarter = len(ordered) // 4
+        location = float(np.mean(ordered[quarter:len(ordered) - quarter]))  # the mean of the middle half
+        tail = max(p95 / location, 1.0) if location > 0 else 1.0
+        samples = self._tails.setdefault(len(self._streams), deque(maxlen=cfg.tail_windows))
+        if now >= self._hold_until + cfg.window_s and now - self._tail_at >= cfg.window_s:
+            samples.append(tail)  # one a window, once a whole window was measured since the load changed
+            self._tail_at = now
+        # the mean of the last windows' tails less the largest (one transient or one stall is not the load's shape)
+        mean = None if len(samples) < 2 else (sum(samples) - max(samples)) / (len(samples) - 1)
+        return p95 if mean is None else min(p95, cfg.tail_slack * mean * location)
 
     def _sample_p95(self, now: float, p95: float) -> None:
         """One window p95 per window, once a whole window was measured since the load changed."""

@@ -62,6 +62,10 @@ def test_a_stream_count_where_no_fixed_r_met_the_target_is_not_counted_as_a_pass
     fixed[1]["meets_target"] = True
     report = summarize(config, phases, fixed, None, 196)
     assert report["targets"]["r_not_compared_streams"] == [] and report["comparison"][1]["ratio"] == 50.0 / 45
+    assert not report["comparison"][1]["best_is_top_of_sweep"]  # 55 was tried and missed: 45 is the best
+    fixed[2]["meets_target"] = True  # the largest r tried met the target: the best may be larger still
+    report = summarize(config, phases, fixed, None, 196)
+    assert report["comparison"][1]["best_is_top_of_sweep"] and not report["comparison"][0]["best_is_top_of_sweep"]
 
 
 def test_timeline_bins():

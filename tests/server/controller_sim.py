@@ -3,8 +3,10 @@
 Deterministic (seeded). Step time = speed * (a + b*batch + c*tokens/num_patches) * lognormal noise; a stream's
 first frame (and its first after plain dense steps) seeds its state, densely through the eventful path, at
 seed_factor times the cost of a dense frame there. With dense_per_frame set, a step whose streams are all at the full
-budget runs the plain dense model instead: speed * (a + dense_per_frame*batch). Each stream sends a frame every
-1/fps s (random phase); a frame waits for the running step, a newer frame of its stream replaces it (dropped).
+budget runs the plain dense model instead: speed * (a + dense_per_frame*batch). The host may stall (stall_rate):
+a step running then takes longer (the correlated bursts of late frames seen live, that r did not cause). Each
+stream sends a frame every 1/fps s (random phase); a frame waits for the running step, a newer frame of its stream
+replaces it (dropped).
 Latency = ready -> step end + overhead (decode, protocol).
 """
 
@@ -43,6 +45,8 @@ class SimConfig:
     seed: int = 0
     dense_per_frame: float | None = None  # s per frame of the plain dense step (None: no plain path)
     seed_factor: float = 1.0
+    stall_rate: float = 0.0  # the host stalls (another process takes the CPU) this often per second ...
+    stall_s: float = 0.15  # ... for U(0, stall_s): a step running then takes that much longer
 
 
 @dataclass
@@ -145,6 +149,12 @@ def simulate(
     flushed: set[int] = set()  # streams whose state a plain dense step left unseeded
     served_at: dict[int, float] = {}
     now, busy_until = 0.0, 0.0
+    stall_rng = np.random.default_rng(sim.seed + 7919)  # its own stream: stalls leave the other draws as they were
+    stalls: list[tuple[float, float]] = []  # (start, seconds)
+    at = 0.0
+    while sim.stall_rate > 0 and at < duration_s + 10:
+        at += float(stall_rng.exponential(1 / sim.stall_rate))
+        stalls.append((at, float(stall_rng.uniform(0, sim.stall_s))))
 
     def run_step(t: float) -> float:
         phase = phase_of(t)
@@ -174,6 +184,7 @@ def simulate(
             cost = phase.speed * (sim.a + sim.b * len(batch) + sim.c * eventful / sim.num_patches)
             flushed.difference_update(batch)
         step = cost * float(np.exp(rng.normal(0, sim.noise)))
+        step += sum(seconds for start, seconds in stalls if t <= start < t + step)
         end = t + step
         observe_step(end, len(batch), sum(tokens), step, plain_dense=plain, seeded=0 if plain else sum(seeding))
         for s, r in zip(batch, tokens, strict=True):

@@ -413,3 +413,21 @@ def test_one_late_frame_of_a_slow_camera_does_not_cut_r():
         controller.observe_latency(now, 0.25 if i == 50 else 0.06)
         levels.append(controller.decide(now, demand).level)
     assert min(levels[20:]) == 196, levels
+
+
+def test_host_stalls_that_r_did_not_cause_do_not_swing_r():
+    """The host stalls now and then (live: the load generator and the decoders share the 2 cores with the model): a
+    step takes up to 150 ms longer, a burst of frames is late, and one window's p95 (a few frames' worth) jumps
+    though r did not change. Fed back as is, each burst cut r and the slow rise did not win it back: over 8 seeds the
+    mean r was 0.73 of the best fixed r with stalls as here (0.46 in the worst seed). The estimate fed back caps a
+    window's p95 at what its middle half and the tail of the windows lately say: 0.80 (0.62)."""
+    sim = SimConfig(fps=10, a=0.023, b=0.0032, c=0.050, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
+                    dense_per_frame=0.02, seed_factor=2, stall_rate=0.5, stall_s=0.15)
+    best = largest_fixed_tokens([Phase(0, 4)], 30, TARGET, sim, settle_s=3)
+    means = []
+    for seed in range(8):
+        controller = new_controller(TARGET, sim, min_tokens=4)
+        trace = simulate([Phase(0, 1), Phase(5, 4)], 30, controller_decider(controller), replace(sim, seed=seed))
+        assert trace.p95(8, 30) <= 1.1 * TARGET, seed
+        means.append(trace.mean_tokens(8, 30))
+    assert statistics.mean(means) >= 0.77 * best and min(means) >= 0.55 * best, (means, best)
