@@ -578,8 +578,12 @@ class BudgetController:
             self._ceilings[count] = max(
                 [self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
         elif (error > cfg.ceiling_release and count in self._ceilings
-              and self._level >= 0.95 * cfg.ceiling_margin * self._ceilings[count]):
-            del self._ceilings[count]  # far under the aim at the ceiling: it no longer holds (the device got faster)
+              and min([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s])
+              >= 0.95 * cfg.ceiling_margin * self._ceilings[count]):
+            # far under the aim with r at the ceiling for the whole window measured (not just now, after a deep
+            # cut: live, the latency measured at r 13-23 released a ceiling of 39, and r rose to 51, over the knee):
+            # it no longer holds (the device got faster)
+            del self._ceilings[count]
         self._error = 0.0 if abs(error) < cfg.deadband else error
         recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
         recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
