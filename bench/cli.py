@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--fps", type=float, default=10.0, help="frames/s per stream (paced, like a camera)")
     k.add_argument("--min-tokens", type=int, default=4, help="the controller's floor")
     k.add_argument("--fixed-s", type=float, default=10.0, help="seconds per fixed-budget run")
-    k.add_argument("--repeats", type=int, default=2, help="interleaved runs per fixed budget (median p95)")
+    k.add_argument("--repeats", type=int, default=2,
+                   help="rounds of an auto run and a run per fixed budget, interleaved (medians)")
     c = sub.add_parser("clip", help="compose a static-camera H.264 clip from real photographs")
     c.add_argument("--background", required=True, help="image used as the fixed scene")
     c.add_argument("--sprite", action="append", default=[], help="image that moves over the scene (repeatable)")

@@ -38,7 +38,7 @@ class ControllerBenchConfig:
     # fixed r = factor * the controller's r; up to 1.5x, so that the largest that meets the target is found, not capped
     fixed_factors: tuple[float, ...] = (0.8, 1.0, 1.1, 1.25, 1.5)
     fixed_s: float = 10.0
-    repeats: int = 2  # fixed-budget runs per r, interleaved (medians): this machine is shared and noisy
+    repeats: int = 2  # rounds of an auto run then a run per fixed budget, interleaved (medians): the machine is shared
     settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long (at most half) after it began
     size: int | None = None
     labels: str | None = None
@@ -179,7 +179,65 @@ def _poll_controller(base: str, t0: float, out: list[dict[str, Any]], stop: thre
             out.append({"t_s": round(time.perf_counter() - t0, 2), **{k: state.get(k) for k in keep}})
 
 
+def _auto_run(config: ControllerBenchConfig, http: httpx.Client, base: str, base_load: LoadConfig,
+              frames: list[list[bytes]], run: int, progress) -> dict[str, Any]:
+    """Auto mode under the load steps: per phase the p95, mean r, drops and re-settle times, and the timelines."""
+    target_s = config.target_ms / 1000
+    http.put("/v1/budget", json={"mode": "auto", "target_latency_ms": config.target_ms,
+                                 "min_tokens": config.min_tokens}).raise_for_status()
+    t0 = time.perf_counter() + 0.5
+    load = replace(base_load, server=base, stream_prefix=f"auto{run}")
+    states: list[dict[str, Any]] = []  # the controller's own view every 0.5 s (what it measured and chose)
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_controller, args=(base, t0, states, stop), daemon=True)
+    poller.start()
+    try:
+        reports = asyncio.run(_phased_load(load, frames, config.phases, config.phase_s, t0))
+    finally:
+        stop.set()
+        poller.join(5)
+    samples = samples_of(reports)
+    phases = []
+    for i, n in enumerate(config.phases):
+        start, end = t0 + i * config.phase_s, t0 + (i + 1) * config.phase_s
+        steady_from = start + min(config.settle_after_s, config.phase_s / 2)
+        row = {"phase": i, "streams": n, **window_stats(samples, reports, steady_from, end)}
+        # settled: the latency back within +10 % of the target (for 2 s); stricter: for good (the last
+        # excursion, noise included), and for good with r steady as well
+        row["settle_s"] = recovery_time(samples, start, end, target_s) if i > 0 else None
+        row["last_over_s"] = settle_time(samples, start, end, target_s, with_budget=False) if i > 0 else None
+        row["settle_r_s"] = settle_time(samples, start, end, target_s) if i > 0 else None
+        row["over_share"] = over_share(samples, steady_from, end, 1.1 * target_s)
+        phases.append(row)
+        progress(f"auto  run {run + 1} phase {i} streams {n}: p95 {row['p95_ms'] or 0:.1f} ms (target "
+                 f"{config.target_ms:.0f}), mean r {row['mean_r'] or 0:.1f}, dropped {row['dropped']}, settled in "
+                 f"{row['settle_s']} s (last over 1.1x: {row['last_over_s']} s, r steady: {row['settle_r_s']} s)")
+    timeline_ = timeline(samples, t0, t0 + len(config.phases) * config.phase_s)
+    return {"phases": phases, "timeline": timeline_, "controller_timeline": states}
+
+
+def _median_phases(config: ControllerBenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per phase, the median over the auto runs (as for the fixed budgets: the machine's speed drifts over minutes,
+    so the auto runs are interleaved with the fixed ones), drops summed."""
+    def median(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    merged = []
+    for i, n in enumerate(config.phases):
+        rows = [run["phases"][i] for run in runs]
+        row = {"phase": i, "streams": n, "runs": len(rows), "dropped": sum(r["dropped"] for r in rows),
+               "p95_ms_runs": [r["p95_ms"] for r in rows], "mean_r_runs": [r["mean_r"] for r in rows]}
+        for key in ("p95_ms", "mean_r", "results", "fps", "settle_s", "last_over_s", "settle_r_s", "over_share"):
+            row[key] = median([r[key] for r in rows])
+        row["within_target"] = row["p95_ms"] is not None and row["p95_ms"] <= 1.1 * config.target_ms
+        merged.append(row)
+    return merged
+
+
 def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = None, progress=print) -> dict:
+    """`repeats` rounds, each an auto run under the load steps then every fixed budget (reversed order every other
+    round); the fixed budgets are set around the first auto run's r."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="eventful-bench-controller-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     args = ["--model", config.model, "--stream-ttl-s", "0", "--max-streams", str(max(config.phases) + 2),
@@ -191,52 +249,23 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
     encoded = load_frames(base_load)
     frames = [encoded[v] for v in config.videos]
     target_s = config.target_ms / 1000
+    auto_runs: list[dict[str, Any]] = []
     with live_server(args, log_dir / "server.log") as base, httpx.Client(base_url=base, trust_env=False) as http:
         num_patches = http.get("/v1/budget").json()["num_patches"]
-        # ---- auto mode under load steps
-        http.put("/v1/budget", json={"mode": "auto", "target_latency_ms": config.target_ms,
-                                     "min_tokens": config.min_tokens}).raise_for_status()
-        t0 = time.perf_counter() + 0.5
-        load = replace(base_load, server=base, stream_prefix="auto")
-        states: list[dict[str, Any]] = []  # the controller's own view every 0.5 s (what it measured and chose)
-        stop = threading.Event()
-        poller = threading.Thread(target=_poll_controller, args=(base, t0, states, stop), daemon=True)
-        poller.start()
-        try:
-            reports = asyncio.run(_phased_load(load, frames, config.phases, config.phase_s, t0))
-        finally:
-            stop.set()
-            poller.join(5)
-        samples = samples_of(reports)
-        phases = []
-        for i, n in enumerate(config.phases):
-            start, end = t0 + i * config.phase_s, t0 + (i + 1) * config.phase_s
-            steady_from = start + min(config.settle_after_s, config.phase_s / 2)
-            row = {"phase": i, "streams": n, **window_stats(samples, reports, steady_from, end)}
-            # settled: the latency back within +10 % of the target (for 2 s); stricter: for good (the last
-            # excursion, noise included), and for good with r steady as well
-            row["settle_s"] = recovery_time(samples, start, end, target_s) if i > 0 else None
-            row["last_over_s"] = settle_time(samples, start, end, target_s, with_budget=False) if i > 0 else None
-            row["settle_r_s"] = settle_time(samples, start, end, target_s) if i > 0 else None
-            row["within_target"] = row["p95_ms"] is not None and row["p95_ms"] <= 1.1 * config.target_ms
-            row["over_share"] = over_share(samples, steady_from, end, 1.1 * target_s)
-            phases.append(row)
-            progress(f"auto  phase {i} streams {n}: p95 {row['p95_ms'] or 0:.1f} ms (target {config.target_ms:.0f}), "
-                     f"mean r {row['mean_r'] or 0:.1f}, dropped {row['dropped']}, settled in {row['settle_s']} s "
-                     f"(last over 1.1x: {row['last_over_s']} s, r steady: {row['settle_r_s']} s)")
-        controller_state = http.get("/v1/budget").json().get("controller")
-        trace = timeline(samples, t0, t0 + len(config.phases) * config.phase_s)
-        # ---- fixed budgets around the controller's r, and dense, per stream count
-        fixed = []
-        for n in sorted(set(config.phases)):
-            means = [p["mean_r"] for p in phases if p["streams"] == n and p["mean_r"] is not None]
-            chosen = statistics.mean(means) if means else float(num_patches)
-            budgets = sorted({min(num_patches, max(1, round(f * chosen))) for f in config.fixed_factors}
-                             | {num_patches})
-            runs: dict[int, list[dict[str, Any]]] = {tokens: [] for tokens in budgets}
-            for rep in range(config.repeats):
-                order = budgets if rep % 2 == 0 else list(reversed(budgets))
-                for tokens in order:
+        budgets: dict[int, list[int]] = {}
+        runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for rep in range(config.repeats):
+            auto_runs.append(_auto_run(config, http, base, base_load, frames, rep, progress))
+            if rep == 0:
+                controller_state = http.get("/v1/budget").json().get("controller")
+                # fixed budgets around the controller's r, and dense, per stream count
+                for n in sorted(set(config.phases)):
+                    means = [p["mean_r"] for p in auto_runs[0]["phases"] if p["streams"] == n and p["mean_r"]]
+                    chosen = statistics.mean(means) if means else float(num_patches)
+                    budgets[n] = sorted({min(num_patches, max(1, round(f * chosen))) for f in config.fixed_factors}
+                                        | {num_patches})
+            for n in sorted(set(config.phases)):
+                for tokens in budgets[n] if rep % 2 == 0 else list(reversed(budgets[n])):
                     http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
                     run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
                                   stream_prefix=f"fixed{n}-{tokens}-{rep}")
@@ -251,11 +280,13 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                                                        with_budget=False)
                     stats["over_share"] = over_share(got_samples, steady_from, start + config.fixed_s,
                                                      1.1 * target_s)
-                    runs[tokens].append(stats)
+                    runs.setdefault((n, tokens), []).append(stats)
                     progress(f"fixed streams {n} r={tokens:3d} (run {rep + 1}): p95 {stats['p95_ms'] or 0:.1f} ms, "
                              f"{stats['fps']:.1f} frames/s, dropped {stats['dropped']}")
-            for tokens in budgets:
-                mine = runs[tokens]
+        fixed = []
+        for n in sorted(set(config.phases)):
+            for tokens in budgets[n]:
+                mine = runs[(n, tokens)]
                 p95s = [r["p95_ms"] for r in mine if r["p95_ms"] is not None]
                 row = {"streams": n, "tokens": tokens, "dense": tokens == num_patches,
                        "p95_ms": statistics.median(p95s) if p95s else None,
@@ -270,7 +301,11 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                                                        or [0.0])}
                 row["meets_target"] = row["p95_ms"] is not None and row["p95_ms"] <= config.target_ms
                 fixed.append(row)
-    return summarize(config, phases, fixed, controller_state, num_patches, trace, states)
+    phases = _median_phases(config, auto_runs)
+    report = summarize(config, phases, fixed, controller_state, num_patches, auto_runs[0]["timeline"],
+                       auto_runs[0]["controller_timeline"])
+    report["auto_runs"] = auto_runs
+    return report
 
 
 def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dict], controller_state: dict | None,
@@ -331,15 +366,18 @@ def _seconds(value: float | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [f"auto mode, target p95 {cfg['target_ms']:.0f} ms, {cfg['fps']} fps per stream, "
-             f"{cfg['phase_s']:.0f} s phases (steady part: after {cfg['settle_after_s']:.0f} s):"]
+             f"{cfg['phase_s']:.0f} s phases (steady part: after {cfg['settle_after_s']:.0f} s); median of "
+             f"{cfg['repeats']} runs interleaved with the fixed ones (p95 and r of each run after the median):"]
     head = (f"{'phase':>5}{'streams':>8}{'p95 ms':>9}{'mean r':>8}{'frames/s':>10}{'dropped':>9}{'settle s':>9}"
-            f"{'last over s':>12}{'r steady s':>11}{'over 1.1x':>10}")
+            f"{'last over s':>12}{'r steady s':>11}{'over 1.1x':>10}  runs: p95 ms / r")
     lines += [head, "-" * len(head)]
     for p in report["phases"]:
+        each = ", ".join(f"{q or 0:.0f} / {r or 0:.1f}" for q, r in zip(p.get("p95_ms_runs", []),
+                                                                          p.get("mean_r_runs", []), strict=True))
         lines.append(f"{p['phase']:>5}{p['streams']:>8}{p['p95_ms'] or 0:9.1f}{p['mean_r'] or 0:8.1f}"
-                     f"{p['fps']:10.1f}{p['dropped']:>9}{_seconds(p['settle_s']):>9}"
+                     f"{p['fps'] or 0:10.1f}{p['dropped']:>9}{_seconds(p['settle_s']):>9}"
                      f"{_seconds(p.get('last_over_s')):>12}{_seconds(p.get('settle_r_s')):>11}"
-                     f"{_share(p.get('over_share')):>10}")
+                     f"{_share(p.get('over_share')):>10}  {each}")
     lines += ["", f"fixed budgets (same server, same load; median p95 of {cfg['repeats']} interleaved runs):"]
     head = (f"{'streams':>7}{'r':>6}{'p95 ms':>9}{'frames/s':>10}{'dropped':>9}{'settle s':>9}{'last over s':>12}"
             f"{'over 1.1x':>10}  meets target")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 
 from bench.cli import main
-from bench.controller_bench import ControllerBenchConfig, Sample, recovery_time, settle_time, summarize, timeline
+from bench.controller_bench import (
+    ControllerBenchConfig,
+    Sample,
+    _median_phases,
+    recovery_time,
+    settle_time,
+    summarize,
+    timeline,
+)
 
 
 def _samples(spec: list[tuple[float, float, float, int]]) -> list[Sample]:
@@ -68,6 +76,24 @@ def test_a_stream_count_where_no_fixed_r_met_the_target_is_not_counted_as_a_pass
     assert report["comparison"][1]["best_is_top_of_sweep"] and not report["comparison"][0]["best_is_top_of_sweep"]
 
 
+def test_auto_runs_are_merged_by_their_medians():
+    """The machine's speed drifts over minutes: the auto runs are interleaved with the fixed ones and every phase is
+    judged on the median over them (as a fixed budget is), with the drops summed and each run's figures kept."""
+    config = ControllerBenchConfig(model="m", videos=["v"], phases=(1, 4))
+
+    def run(p95_4: float, r_4: float) -> dict:
+        return {"phases": [
+            {"streams": 1, "p95_ms": 60.0, "mean_r": 196.0, "results": 70, "fps": 10.0, "dropped": 0,
+             "settle_s": None, "last_over_s": None, "settle_r_s": None, "over_share": 0.0},
+            {"streams": 4, "p95_ms": p95_4, "mean_r": r_4, "results": 280, "fps": 40.0, "dropped": 3,
+             "settle_s": 1.0, "last_over_s": 2.0, "settle_r_s": 3.0, "over_share": 0.1}]}
+
+    merged = _median_phases(config, [run(140.0, 30.0), run(180.0, 20.0), run(150.0, 40.0)])
+    assert merged[1]["p95_ms"] == 150.0 and merged[1]["mean_r"] == 30.0 and merged[1]["dropped"] == 9
+    assert merged[1]["p95_ms_runs"] == [140.0, 180.0, 150.0] and merged[1]["within_target"] is True
+    assert merged[0]["settle_s"] is None and merged[0]["mean_r"] == 196.0
+
+
 def test_timeline_bins():
     points = timeline(_samples([(0.0, 2.0, 0.1, 20)]), 0.0, 2.0)
     assert [p["t_s"] for p in points] == [0.5, 1.0, 1.5, 2.0]
@@ -90,6 +116,8 @@ def test_controller_bench_end_to_end(real_video, tmp_path, capsys):
     assert all(f["results"] > 0 for f in fixed)
     assert [c["streams"] for c in report["comparison"]] == [1, 2]
     assert report["controller"]["target_latency_ms"] == 400
+    (only_run,) = report["auto_runs"]
+    assert only_run["phases"][1]["p95_ms"] == report["phases"][1]["p95_ms"]
     assert report["timeline"] and set(report["targets"]) >= {"settled_within_2s", "r_within_10pct_of_best_fixed"}
     assert "controller r vs the largest fixed r" in capsys.readouterr().out
 
