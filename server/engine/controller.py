@@ -77,6 +77,7 @@ class ControllerConfig:
     ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
     ceiling_margin: float = 0.92  # ... to this share of the highest r of the last window (for this many streams);
     ceiling_creep_per_s: float = 0.02  # the ceiling then creeps up this fast,
+    knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
     ceiling_release: float = 0.25  # and is dropped when r stands at it and the latency is this far (log) under the aim
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
@@ -298,6 +299,7 @@ class BudgetController:
         self._u = config.u_initial
         self._last_decide: float | None = None
         self._last_jump = -math.inf
+        self._knee_until = -math.inf  # after a knee cut: feedback does not cut further until then
         self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
         self._latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, seconds)
         # (end, seconds, batch, tokens, plain dense)
@@ -575,8 +577,17 @@ class BudgetController:
         if p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s and now >= self._hold_until + cfg.window_s:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
             # remember the highest r of the window (what the latency measured comes from)
-            self._ceilings[count] = max(
-                [self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
+            top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
+            self._ceilings[count] = top
+            if (cfg.knee_cut and self._level > cfg.ceiling_margin * top and now >= self._knee_until + cfg.window_s
+                    and not (self._last and self._last.saturated)):
+                # r went over the knee: back to the ceiling at once, and let a window measure it before cutting more
+                # (what the window measured came from the r above the knee; the cost model, linear, cannot say how
+                # steep the knee is: live, r 40 -> 46 took the p95 from 113 to 177 ms, and feedback on it cut r to
+                # 13-26, a swing that made the phase's p95)
+                self._level = min(self._level, cfg.ceiling_margin * top)
+                self._rise_credit = 0.0
+                self._knee_until = now + cfg.window_s
         elif (error > cfg.ceiling_release and count in self._ceilings
               and min([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s])
               >= 0.95 * cfg.ceiling_margin * self._ceilings[count]):
@@ -585,9 +596,11 @@ class BudgetController:
             # it no longer holds (the device got faster)
             del self._ceilings[count]
         self._error = 0.0 if abs(error) < cfg.deadband else error
+        if now < self._knee_until:
+            self._error = max(self._error, 0.0)  # the knee cut is waiting for its window
         recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
         recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
-        if (recent is not None and recent > cfg.jump_factor * cfg.target_s
+        if (recent is not None and recent > cfg.jump_factor * cfg.target_s and now >= self._knee_until
                 and now - self._last_jump >= cfg.jump_every_s):
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
