@@ -22,8 +22,9 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thes
 - the aim is lowered by the spread of the window p95s measured lately (a noisy p95 needs a wider margin);
 - a window's p95 is capped at what its middle half and the tail of the windows lately say (a host stall makes a
   burst of frames late that r did not make late);
-- after the p95 went clearly over the target, r rises at most to 92 % of the highest r of that window, a ceiling
-  that creeps up 2 %/s and is dropped when r stands at it with the latency far under the aim;
+- after the p95 went clearly over the target, r is cut to 92 % of the highest r of that window at once (feedback
+  then waits a window: what it measured came from above the knee) and rises at most to there, a ceiling that
+  creeps up 0.5 %/s and is dropped when r stood at it for a window with the latency far under the aim;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
 The plain dense step (every stream at the full budget) is a regime of its own, timed at warm-up and on every dense
@@ -76,7 +77,7 @@ class ControllerConfig:
     jump_every_s: float = 0.5  # ... at most this often
     ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
     ceiling_margin: float = 0.92  # ... to this share of the highest r of the last window (for this many streams);
-    ceiling_creep_per_s: float = 0.02  # the ceiling then creeps up this fast,
+    ceiling_creep_per_s: float = 0.005  # the ceiling then creeps up this fast (live, 2 %/s was back over in 5 s),
     knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
     ceiling_release: float = 0.25  # and is dropped when r stands at it and the latency is this far (log) under the aim
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
