@@ -22,9 +22,9 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thes
 - the aim is lowered by the spread of the window p95s measured lately (a noisy p95 needs a wider margin);
 - a window's p95 is capped at what its middle half and the tail of the windows lately say (a host stall makes a
   burst of frames late that r did not make late);
-- after the p95 went clearly over the target, r is cut to 92 % of the highest r of that window at once (feedback
+- after r rose into a p95 clearly over the target, r is cut to 90 % of the highest r of that window at once (feedback
   then waits a window: what it measured came from above the knee) and rises at most to there, a ceiling that
-  creeps up 0.5 %/s and is dropped when r stood at it for a window with the latency far under the aim;
+  creeps up 1 %/s (2 %/s while the latency is far under the aim) and is dropped when the device gets faster;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
 The plain dense step (every stream at the full budget) is a regime of its own, timed at warm-up and on every dense
@@ -76,10 +76,13 @@ class ControllerConfig:
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
     jump_every_s: float = 0.5  # ... at most this often
     ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
-    ceiling_margin: float = 0.92  # ... to this share of the highest r of the last window (for this many streams);
-    ceiling_creep_per_s: float = 0.005  # the ceiling then creeps up this fast (live, 2 %/s was back over in 5 s),
+    ceiling_margin: float = 0.9  # ... to this share of the highest r of the last window (for this many streams);
+    ceiling_creep_per_s: float = 0.01  # the ceiling then creeps up this fast (live, 2 %/s was back over in 5 s) ...
+    ceiling_creep_fast_per_s: float = 0.02  # ... or this fast while the latency is ceiling_release (log) under the aim
+    ceiling_release: float = 0.25
     knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
-    ceiling_release: float = 0.25  # and is dropped when r stands at it and the latency is this far (log) under the aim
+    knee_rise: float = 0.05  # a knee (ceiling, cut) only where r rose by this much within knee_lookback_s before
+    knee_lookback_s: float = 3.0
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
     dense_hysteresis: float = 0.1  # at the full budget (the plain dense step) r stays until it misses S by this share
@@ -164,6 +167,7 @@ class StepCostModel:
         self.shift_ratio = shift_ratio
         self.observations = 0
         self.shifts = 0  # times the model was rescaled to follow a shift
+        self.last_shift = 1.0  # the factor of the last (> 1: the device got slower)
         self._ratios: deque[float] = deque(maxlen=3)
         self._log_bias = 0.0  # moving mean of log(observed / predicted) ...
         self._log_var = 0.0  # ... and the variance around it: the step time's noise (a bias is not noise)
@@ -191,7 +195,8 @@ class StepCostModel:
         ):
             # follow it now: a slowdown by the median of the three, a speed-up by the least of them (rising is slow)
             slower = self._ratios[0] > 1
-            self.theta *= float(np.median(self._ratios)) if slower else max(self._ratios)
+            self.last_shift = float(np.median(self._ratios)) if slower else max(self._ratios)
+            self.theta *= self.last_shift
             self.shifts += 1
             self._ratios.clear()
             predicted = self.predict(batch, tokens)
@@ -301,6 +306,7 @@ class BudgetController:
         self._last_decide: float | None = None
         self._last_jump = -math.inf
         self._knee_until = -math.inf  # after a knee cut: feedback does not cut further until then
+        self._ceiling_fast = False  # the latency is far under the aim: the ceiling creeps up faster
         self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
         self._latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, seconds)
         # (end, seconds, batch, tokens, plain dense)
@@ -387,7 +393,9 @@ class BudgetController:
             self._forget_before = now
             # the model explains what the feedback was reacting to since the shift began: undo its cuts
             self._u = max([self._u] + [u for t, u in self._u_history if t >= now - self.config.window_s])
-            self._ceilings.clear()  # r maps to other step times now
+            if self.model.last_shift < 1:
+                # faster: a knee found before lies higher now (slower: lower, so the ceilings stay on the safe side)
+                self._ceilings.clear()
 
     def p95(self, now: float, window_s: float | None = None, min_samples: int | None = None,
             q: float = 0.95, fresh: bool = True) -> float | None:
@@ -449,7 +457,8 @@ class BudgetController:
         wanted = min(max(wanted, cfg.min_tokens), cfg.top_tokens)
         ceiling = self._ceilings.get(len(streams))
         if ceiling is not None:
-            self._ceilings[len(streams)] = ceiling * (1 + cfg.ceiling_creep_per_s * dt)
+            creep = cfg.ceiling_creep_fast_per_s if self._ceiling_fast else cfg.ceiling_creep_per_s
+            self._ceilings[len(streams)] = ceiling * (1 + creep * dt)
         ceiling_level = None if ceiling is None else cfg.ceiling_margin * ceiling
         dense_step = self._dense_step(batch, demands, caps)
         # hysteresis: leaving dense costs a seeding step per stream, so it takes a clear miss
@@ -575,34 +584,34 @@ class BudgetController:
         count = len(self._streams)
         if not at_top:  # at the top u says nothing of what this load needs
             self._u_by_streams[count] = self._u
-        if p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s and now >= self._hold_until + cfg.window_s:
+        recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
+        recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
+        jumped = recent is not None and recent > cfg.jump_factor * cfg.target_s
+        over = p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s or jumped
+        if over and now >= self._hold_until + cfg.window_s:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
             # remember the highest r of the window (what the latency measured comes from)
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
-            self._ceilings[count] = top
-            if (cfg.knee_cut and self._level > cfg.ceiling_margin * top and now >= self._knee_until + cfg.window_s
+            low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
+            if top >= (1 + cfg.knee_rise) * low:  # r rose into it: a knee (with r steady, noise or the device)
+                self._ceilings[count] = top
+            if (cfg.knee_cut and top >= (1 + cfg.knee_rise) * low and self._level > cfg.ceiling_margin * top
+                    and now >= self._knee_until + cfg.window_s
                     and not (self._last and self._last.saturated)):
-                # r went over the knee: back to the ceiling at once, and let a window measure it before cutting more
+                # r went over the knee: back under it at once, and let a window measure that before cutting more
                 # (what the window measured came from the r above the knee; the cost model, linear, cannot say how
-                # steep the knee is: live, r 40 -> 46 took the p95 from 113 to 177 ms, and feedback on it cut r to
-                # 13-26, a swing that made the phase's p95)
+                # steep the knee is: live, r 40 -> 46 took the p95 from 113 to 177 ms, and feedback and the fast
+                # cut on it took r to 13-26, a swing that made the phase's p95)
                 self._level = min(self._level, cfg.ceiling_margin * top)
                 self._rise_credit = 0.0
                 self._knee_until = now + cfg.window_s
-        elif (error > cfg.ceiling_release and count in self._ceilings
-              and min([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s])
-              >= 0.95 * cfg.ceiling_margin * self._ceilings[count]):
-            # far under the aim with r at the ceiling for the whole window measured (not just now, after a deep
-            # cut: live, the latency measured at r 13-23 released a ceiling of 39, and r rose to 51, over the knee):
-            # it no longer holds (the device got faster)
-            del self._ceilings[count]
+        # far under the aim, the ceiling creeps up faster (the device may have got faster; dropping it at once undid
+        # it live: just under a sharp knee the latency is far under the aim, and r went straight back over)
+        self._ceiling_fast = error > cfg.ceiling_release
         self._error = 0.0 if abs(error) < cfg.deadband else error
         if now < self._knee_until:
             self._error = max(self._error, 0.0)  # the knee cut is waiting for its window
-        recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
-        recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
-        if (recent is not None and recent > cfg.jump_factor * cfg.target_s and now >= self._knee_until
-                and now - self._last_jump >= cfg.jump_every_s):
+        if jumped and now >= self._knee_until and now - self._last_jump >= cfg.jump_every_s:
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now

@@ -431,3 +431,35 @@ def test_host_stalls_that_r_did_not_cause_do_not_swing_r():
         assert trace.p95(8, 30) <= 1.1 * TARGET, seed
         means.append(trace.mean_tokens(8, 30))
     assert statistics.mean(means) >= 0.77 * best and min(means) >= 0.55 * best, (means, best)
+
+
+def _knee_levels(knee_cut: bool) -> list[int]:
+    """4 streams whose latency jumps from 90 to 200 ms once r passes 45 (a knee as sharp as the 2-core CPU's: live,
+    r 40 -> 46 took the p95 from 113 to 177 ms); the step time itself is linear in r, as the cost model assumes.
+    r every round (20 a second) for 16 s, starting at 30."""
+    config = ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4, knee_cut=knee_cut)
+    controller = BudgetController(config, initial_tokens=30)
+    demands = [StreamDemand(f"s{i}") for i in range(4)]
+    levels = []
+    for i in range(320):
+        now = 0.05 * (i + 1)
+        level = controller.decide(now, demands).level
+        controller.observe_step(now, 4, 4 * level, 0.02 + 4 * 0.003 + 0.05 * 4 * level / 196)
+        for _ in range(2):
+            controller.observe_latency(now, 0.2 if level > 45 else 0.09)
+        levels.append(level)
+    return levels
+
+
+def test_over_a_sharp_knee_r_goes_back_under_the_knee_not_far_below():
+    """Over the knee, what the last window measured came from the r above it: fed back alone (with the fast cut), it
+    cut r far below the knee (live: from 50-65 to 13-26), and the climb back made a swing whose top made the phase's
+    p95. The knee cut takes r back to 90 % of the window's highest r and lets a window measure that before cutting
+    more; the ceiling it leaves creeps up slowly, so r stays under the knee for seconds, not one."""
+    with_cut, without = _knee_levels(True), _knee_levels(False)
+    over = [i for i, level in enumerate(with_cut) if level > 45 and i >= 40]  # after the start (2 s)
+    assert over, with_cut
+    after = with_cut[over[0]:]
+    assert min(after) >= 0.8 * 45, after
+    assert sum(1 for level in with_cut[40:] if level > 45) <= 0.05 * len(with_cut[40:])  # seldom over the knee
+    assert min(without[over[0]:]) < 0.7 * 45  # the path without it, for comparison
