@@ -11,6 +11,7 @@ target is the yardstick for the controller's r.
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import tempfile
 import threading
@@ -37,6 +38,8 @@ class ControllerBenchConfig:
     min_tokens: int = 4  # the controller's floor
     # fixed r = factor * the controller's r; up to 1.5x, so that the largest that meets the target is found, not capped
     fixed_factors: tuple[float, ...] = (0.8, 1.0, 1.1, 1.25, 1.5)
+    extend_sweep: int = 3  # where the largest r tried meets the target, up to this many larger ones ...
+    extend_factor: float = 1.3  # ... each this much larger (first round; the later rounds run them too)
     fixed_s: float = 10.0
     repeats: int = 2  # rounds of an auto run then a run per fixed budget, interleaved (medians): the machine is shared
     settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long (at most half) after it began
@@ -216,6 +219,27 @@ def _auto_run(config: ControllerBenchConfig, http: httpx.Client, base: str, base
     return {"phases": phases, "timeline": timeline_, "controller_timeline": states}
 
 
+def _fixed_run(config: ControllerBenchConfig, http: httpx.Client, base: str, base_load: LoadConfig,
+               frames: list[list[bytes]], n: int, tokens: int, rep: int, progress) -> dict[str, Any]:
+    """n streams at a fixed r from a cold start (a 0 -> n step): the steady p95 and the auto runs' yardsticks."""
+    target_s = config.target_ms / 1000
+    http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
+    run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
+                  stream_prefix=f"fixed{n}-{tokens}-{rep}")
+    start = time.perf_counter()
+    got = asyncio.run(_phased_load(run, frames, (n,), config.fixed_s, start))
+    got_samples = samples_of(got)
+    steady_from = start + min(config.settle_after_s, config.fixed_s / 2)
+    stats = window_stats(got_samples, got, steady_from, start + config.fixed_s)
+    # the same yardsticks as for auto mode: a fixed run starts with a step too (0 -> n streams)
+    stats["settle_s"] = recovery_time(got_samples, start, start + config.fixed_s, target_s)
+    stats["last_over_s"] = settle_time(got_samples, start, start + config.fixed_s, target_s, with_budget=False)
+    stats["over_share"] = over_share(got_samples, steady_from, start + config.fixed_s, 1.1 * target_s)
+    progress(f"fixed streams {n} r={tokens:3d} (run {rep + 1}): p95 {stats['p95_ms'] or 0:.1f} ms, "
+             f"{stats['fps']:.1f} frames/s, dropped {stats['dropped']}")
+    return stats
+
+
 def _median_phases(config: ControllerBenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per phase, the median over the auto runs (as for the fixed budgets: the machine's speed drifts over minutes,
     so the auto runs are interleaved with the fixed ones), drops summed."""
@@ -248,7 +272,6 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                            fps=config.fps, duration_s=config.phase_s, size=config.size)
     encoded = load_frames(base_load)
     frames = [encoded[v] for v in config.videos]
-    target_s = config.target_ms / 1000
     auto_runs: list[dict[str, Any]] = []
     with live_server(args, log_dir / "server.log") as base, httpx.Client(base_url=base, trust_env=False) as http:
         num_patches = http.get("/v1/budget").json()["num_patches"]
@@ -266,23 +289,18 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                                         | {num_patches})
             for n in sorted(set(config.phases)):
                 for tokens in budgets[n] if rep % 2 == 0 else list(reversed(budgets[n])):
-                    http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
-                    run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
-                                  stream_prefix=f"fixed{n}-{tokens}-{rep}")
-                    start = time.perf_counter()
-                    got = asyncio.run(_phased_load(run, frames, (n,), config.fixed_s, start))
-                    got_samples = samples_of(got)
-                    steady_from = start + min(config.settle_after_s, config.fixed_s / 2)
-                    stats = window_stats(got_samples, got, steady_from, start + config.fixed_s)
-                    # the same yardsticks as for auto mode: a fixed run starts with a step too (0 -> n streams)
-                    stats["settle_s"] = recovery_time(got_samples, start, start + config.fixed_s, target_s)
-                    stats["last_over_s"] = settle_time(got_samples, start, start + config.fixed_s, target_s,
-                                                       with_budget=False)
-                    stats["over_share"] = over_share(got_samples, steady_from, start + config.fixed_s,
-                                                     1.1 * target_s)
-                    runs.setdefault((n, tokens), []).append(stats)
-                    progress(f"fixed streams {n} r={tokens:3d} (run {rep + 1}): p95 {stats['p95_ms'] or 0:.1f} ms, "
-                             f"{stats['fps']:.1f} frames/s, dropped {stats['dropped']}")
+                    runs.setdefault((n, tokens), []).append(_fixed_run(config, http, base, base_load, frames, n,
+                                                                       tokens, rep, progress))
+                # the first round: while the largest eventful r tried meets the target, try a larger one (up to
+                # three), so that the best fixed r is found, not the top of the sweep
+                dense_meets = (runs[(n, num_patches)][0]["p95_ms"] or math.inf) <= config.target_ms
+                for _ in range(config.extend_sweep if rep == 0 and not dense_meets else 0):
+                    top = max(t for t in budgets[n] if t < num_patches)
+                    larger = min(num_patches - 1, round(config.extend_factor * top))
+                    if larger <= top or (runs[(n, top)][0]["p95_ms"] or math.inf) > config.target_ms:
+                        break
+                    budgets[n] = sorted(budgets[n] + [larger])
+                    runs[(n, larger)] = [_fixed_run(config, http, base, base_load, frames, n, larger, rep, progress)]
         fixed = []
         for n in sorted(set(config.phases)):
             for tokens in budgets[n]:
