@@ -356,6 +356,8 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
     ratios = [c["ratio"] for c in comparison if c["ratio"] is not None]
     # no fixed r met the target at these stream counts: the controller's r has no yardstick there (not a pass)
     uncompared = [c["streams"] for c in comparison if c["ratio"] is None]
+    # the best fixed r was the largest tried: the ratio is an upper bound, not a pass
+    capped = [c["streams"] for c in comparison if c["best_is_top_of_sweep"]]
     return {
         "config": asdict(config), "num_patches": num_patches, "phases": phases, "fixed": fixed,
         "comparison": comparison, "controller": controller_state, "timeline": trace or [],
@@ -367,7 +369,8 @@ def summarize(config: ControllerBenchConfig, phases: list[dict], fixed: list[dic
             "max_last_over_s": max(last_over) if last_over else None,
             "max_settle_r_s": max(steady) if steady else None,
             "min_r_ratio": min(ratios) if ratios else None,
-            "r_within_10pct_of_best_fixed": bool(ratios) and min(ratios) >= 0.9,
+            "r_within_10pct_of_best_fixed": bool(ratios) and min(ratios) >= 0.9 and not capped,
+            "r_capped_streams": capped,
             "r_not_compared_streams": uncompared,
         },
     }
@@ -424,5 +427,7 @@ def format_table(report: dict[str, Any]) -> str:
                  f"r within 10% of best fixed: "
                  f"{t['r_within_10pct_of_best_fixed']} (min ratio {t['min_r_ratio']}"
                  + (f"; not compared at {', '.join(map(str, t['r_not_compared_streams']))} streams: no fixed r met "
-                    f"the target" if t.get("r_not_compared_streams") else "") + ")")
+                    f"the target" if t.get("r_not_compared_streams") else "")
+                 + (f"; at {', '.join(map(str, t['r_capped_streams']))} streams the best fixed r is the largest "
+                    f"tried: not judged" if t.get("r_capped_streams") else "") + ")")
     return "\n".join(lines)

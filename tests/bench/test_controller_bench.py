@@ -74,6 +74,7 @@ def test_a_stream_count_where_no_fixed_r_met_the_target_is_not_counted_as_a_pass
     fixed[2]["meets_target"] = True  # the largest r tried met the target: the best may be larger still
     report = summarize(config, phases, fixed, None, 196)
     assert report["comparison"][1]["best_is_top_of_sweep"] and not report["comparison"][0]["best_is_top_of_sweep"]
+    assert report["targets"]["r_capped_streams"] == [4] and not report["targets"]["r_within_10pct_of_best_fixed"]
 
 
 def test_auto_runs_are_merged_by_their_medians():

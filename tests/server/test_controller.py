@@ -420,7 +420,7 @@ def test_host_stalls_that_r_did_not_cause_do_not_swing_r():
     step takes up to 150 ms longer, a burst of frames is late, and one window's p95 (a few frames' worth) jumps
     though r did not change. Fed back as is, each burst cut r and the slow rise did not win it back: over 8 seeds the
     mean r was 0.73 of the best fixed r with stalls as here (0.46 in the worst seed). The estimate fed back caps a
-    window's p95 at what its middle half and the tail of the windows lately say: 0.80 (0.62)."""
+    window's p95 at what its middle half and the tail of the windows lately say: 0.80 (0.61)."""
     sim = SimConfig(fps=10, a=0.023, b=0.0032, c=0.050, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
                     dense_per_frame=0.02, seed_factor=2, stall_rate=0.5, stall_s=0.15)
     best = largest_fixed_tokens([Phase(0, 4)], 30, TARGET, sim, settle_s=3)
