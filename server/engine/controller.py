@@ -578,15 +578,15 @@ class BudgetController:
         # says how the step in effect now compares with them (a Smith predictor: the window's delay is not fed back)
         now_vs_window = self._now_vs_window(now)
         self._sample_p95(now, p95)  # the window p95 itself: how far the p95 over a phase may stray from the estimate
-        p95 = self._steady_p95(now, *recent)
+        p95 = self._steady_p95(now, p95, recent[0])
         error = math.log(self.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
         self._raw_error = error
         count = len(self._streams)
         if not at_top:  # at the top u says nothing of what this load needs
             self._u_by_streams[count] = self._u
-        recent = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # a median: noise does not move it, a jump does
-        recent = None if recent is None else recent * self._now_vs_window(now, cfg.jump_window_s)
-        jumped = recent is not None and recent > cfg.jump_factor * cfg.target_s
+        median = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # of the last frames: noise does not move it, a jump does
+        median = None if median is None else median * self._now_vs_window(now, cfg.jump_window_s)
+        jumped = median is not None and median > cfg.jump_factor * cfg.target_s
         over = p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s or jumped
         if over and now >= self._hold_until + cfg.window_s:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
@@ -613,7 +613,7 @@ class BudgetController:
             self._error = max(self._error, 0.0)  # the knee cut is waiting for its window
         if jumped and now >= self._knee_until and now - self._last_jump >= cfg.jump_every_s:
             # fast cut: at most halve at once, then let the window refill before judging again
-            self._u -= min(math.log(recent / (cfg.aim * cfg.target_s)), math.log(2.0))
+            self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
         elif not (self._error > 0 and (at_top or self._held_back)):
             # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
@@ -626,13 +626,12 @@ class BudgetController:
             self._u = max(self._u, self._shed_floor_u)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
 
-    def _steady_p95(self, now: float, ordered: list[float], steady: bool) -> float:
+    def _steady_p95(self, now: float, p95: float, ordered: list[float]) -> float:
         """The p95 to feed back: the window's, capped at what its middle half says with the tail (p95 / the mean of
         the middle half) of the windows lately. A host stall makes a burst of frames late though r did not change:
         it moves a 1-s p95 (a few frames' worth) but not the middle half, and one window's tail not the mean of
         several. Fed back as is, every stall cut r (in simulation with stalls: r 0.73 of the best fixed, 0.80 so)."""
         cfg = self.config
-        p95 = _quantile(ordered, steady, 0.95)
         quarter = len(ordered) // 4
         location = float(np.mean(ordered[quarter:len(ordered) - quarter]))  # the mean of the middle half
         tail = max(p95 / location, 1.0) if location > 0 else 1.0
