@@ -78,8 +78,8 @@ class ControllerConfig:
     ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
     ceiling_margin: float = 0.9  # ... to this share of the highest r of the last window (for this many streams);
     ceiling_creep_per_s: float = 0.01  # the ceiling then creeps up this fast (live, 2 %/s was back over in 5 s) ...
-    ceiling_creep_fast_per_s: float = 0.02  # ... or this fast while the latency is ceiling_release (log) under the aim
-    ceiling_release: float = 0.25
+    ceiling_creep_fast_per_s: float = 0.02  # ... or this fast while the latency is ceiling_far (log) under the aim
+    ceiling_far: float = 0.25
     knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
     knee_rise: float = 0.05  # a knee (ceiling, cut) only where r rose by this much within knee_lookback_s before
     knee_lookback_s: float = 3.0
@@ -593,9 +593,10 @@ class BudgetController:
             # remember the highest r of the window (what the latency measured comes from)
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
             low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
-            if top >= (1 + cfg.knee_rise) * low:  # r rose into it: a knee (with r steady, noise or the device)
+            rose = top >= (1 + cfg.knee_rise) * low  # r rose into it: a knee (with r steady, noise or the device)
+            if rose:
                 self._ceilings[count] = top
-            if (cfg.knee_cut and top >= (1 + cfg.knee_rise) * low and self._level > cfg.ceiling_margin * top
+            if (cfg.knee_cut and rose and self._level > cfg.ceiling_margin * top
                     and now >= self._knee_until + cfg.window_s
                     and not (self._last and self._last.saturated)):
                 # r went over the knee: back under it at once, and let a window measure that before cutting more
@@ -607,7 +608,7 @@ class BudgetController:
                 self._knee_until = now + cfg.window_s
         # far under the aim, the ceiling creeps up faster (the device may have got faster; dropping it at once undid
         # it live: just under a sharp knee the latency is far under the aim, and r went straight back over)
-        self._ceiling_fast = error > cfg.ceiling_release
+        self._ceiling_fast = error > cfg.ceiling_far
         self._error = 0.0 if abs(error) < cfg.deadband else error
         if now < self._knee_until:
             self._error = max(self._error, 0.0)  # the knee cut is waiting for its window

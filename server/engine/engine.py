@@ -383,7 +383,7 @@ class Engine:
             dense_seconds = runner.warmup((1, self.config.max_batch_size) if cuda else (1,))
             policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
             self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
-            for batch, seconds in (dense_seconds or {}).items():
+            for batch, seconds in dense_seconds.items():
                 self._controller.dense_model.observe(batch, seconds)
             self._policy = policy
             self._runner = runner

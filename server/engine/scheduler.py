@@ -98,8 +98,9 @@ class Scheduler:
         they could not make the target), except the youngest, which is always kept (a step, and with it the next
         decision, always happens while frames arrive)."""
         youngest = max(batch, key=lambda f: f.received_at, default=None)
-        late = [f for f in batch if f.received_at < received_before and f is not youngest]
-        kept = [f for f in batch if not any(f is g for g in late)]
+        kept, late = [], []
+        for frame in batch:
+            (late if frame.received_at < received_before and frame is not youngest else kept).append(frame)
         return kept, late
 
     def is_ready(self, stream_id: str) -> bool:
