@@ -16,7 +16,7 @@ import torch
 from model.rlt import DEFAULT_TAU, classify_clips, clip_macs
 from model.videomae import VideoMAE
 from server.engine.decode import FrameLimits
-from server.engine.runner import FrameOutput, FrameRunner, StepResult
+from server.engine.runner import FrameOutput, FrameRunner, StepResult, WarmupTimings
 from server.engine.scheduler import StepPlan
 
 
@@ -117,11 +117,11 @@ class ClipRunner(FrameRunner):
                 outputs.append(FrameOutput(0, False, 0.0, 0, {"window": window.filled, "of": window.capacity}))
         return StepResult(outputs, start, time.perf_counter() - start, self._dense_macs)
 
-    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> dict[int, float]:
-        """One packed forward pass on blank clips per batch size (first-call allocations, kernel selection). No plain
-        dense step to time: a clip step's cost is its kept tubelets."""
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
+        """One packed forward pass on blank clips per batch size (first-call allocations, kernel selection). Nothing
+        timed: a clip step's cost is its kept tubelets, which blank clips do not tell."""
         h, w = self.config.image_size
         for batch in batch_sizes:
             clip = torch.zeros(batch, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
             classify_clips(self.model, clip, 0.0)
-        return {}
+        return WarmupTimings({}, [])

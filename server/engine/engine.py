@@ -378,13 +378,12 @@ class Engine:
             torch.set_num_threads(self._torch_threads)
             torch.set_flush_denormal(True)
             runner = self._load_runner()
-            # on a GPU, kernels are chosen per shape: warm the largest batch too (cheap there)
-            cuda = getattr(runner, "device", torch.device("cpu")).type == "cuda"
-            dense_seconds = runner.warmup((1, self.config.max_batch_size) if cuda else (1,))
+            # two batch sizes: the controller's cost model tells a step's fixed cost from a stream's (and on a GPU,
+            # where kernels are chosen per shape, the largest batch is warmed too)
+            timings = runner.warmup(tuple(sorted({1, self.config.max_batch_size})))
             policy = BudgetPolicy(runner.num_patches, self.config.default_budget)
             self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
-            for batch, seconds in dense_seconds.items():
-                self._controller.dense_model.observe(batch, seconds)
+            self._controller.calibrate(timings.eventful, timings.dense_s)
             self._policy = policy
             self._runner = runner
             self._ready.set()

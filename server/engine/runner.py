@@ -47,6 +47,14 @@ class StepResult:
     dense_macs: int  # of one frame
 
 
+@dataclass(frozen=True)
+class WarmupTimings:
+    """Warm steps timed at start-up: the budget controller's first figures for this model on this device."""
+
+    dense_s: dict[int, float]  # batch size -> seconds of one plain dense step
+    eventful: list[tuple[int, int, float]]  # (batch size, patch tokens per gate over the batch, seconds) of sparse steps
+
+
 class FrameRunner:
     """What every runner shares: the model's preprocessing behind frame limits, its device, dtype and labels."""
 
@@ -126,21 +134,27 @@ class ModelRunner(FrameRunner):
             for j in range(len(plan.frames))
         ]
 
-    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> dict[int, float]:
-        """A dense then a sparse step (a quarter of the tokens) on blank frames with throwaway states, per batch
-        size: first-call allocations, kernel selection and (on a GPU) lazy kernel loading happen here, not in the
-        first frames served, whose step times would also teach the budget controller a device far slower than
-        it is. Returns the seconds of one more, warm, plain dense step per batch size (the controller's first
-        figure for the dense step, which it cannot tell from the eventful steps it sees)."""
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
+        """Per batch size, on blank frames with throwaway states: a dense then a sparse step (first-call allocations,
+        kernel selection and, on a GPU, lazy kernel loading happen here, not in the first frames served), then timed
+        warm steps: sparse ones at an eighth and at half the tokens, and one plain dense step. The controller starts
+        from these figures: a cost model fitted on its prior alone took r = 141 at a 4-stream join on this CPU
+        (predicted 68 ms, live ~300 ms), and first steps timed cold would teach it a device far slower than it is."""
         h, w = self.config.image_size
-        sparse = StreamBudget(tokens=max(1, self.num_patches // 4))
-        dense_seconds = {}
+        n = self.num_patches
+        sparse = StreamBudget(tokens=max(1, n // 4))
+        dense_seconds, eventful = {}, []
         for batch in batch_sizes:
             image = torch.rand(batch, 3, h, w, device=self.device, dtype=self.dtype)
             states = [self.new_state() for _ in range(batch)]
             self.eventful.step(image, states, [StreamBudget.dense()] * batch)
             self.eventful.step(image.flip(-1), states, [sparse] * batch)
+            for k, tokens in enumerate(sorted({max(1, n // 8), max(1, n // 2)})):
+                frame = image.flip(-2) if k % 2 == 0 else image  # every token changed: top-r updates exactly r
+                start = time.perf_counter()
+                self.eventful.step(frame, states, [StreamBudget(tokens=tokens)] * batch).logits.sum().item()
+                eventful.append((batch, batch * tokens, time.perf_counter() - start))
             start = time.perf_counter()
             self.eventful.step(image, states, [StreamBudget.dense()] * batch).logits.sum().item()  # .item(): synced
             dense_seconds[batch] = time.perf_counter() - start
-        return dense_seconds
+        return WarmupTimings(dense_seconds, eventful)

@@ -229,5 +229,19 @@ def largest_fixed_tokens(phases: list[Phase], duration_s: float, target_s: float
     return low
 
 
-def new_controller(target_s: float, sim: SimConfig = SimConfig(), **overrides) -> BudgetController:
-    return BudgetController(ControllerConfig(target_s=target_s, num_patches=sim.num_patches, **overrides))
+def warmup_timings(sim: SimConfig) -> tuple[list[tuple[int, float, float]], dict[int, float]]:
+    """What the engine's warm-up times on this simulated device: sparse steps at an eighth and half the tokens and a
+    plain dense step (where there is one), at one stream and at the largest batch; no noise (a quiet machine)."""
+    n, sizes = sim.num_patches, sorted({1, sim.max_batch})
+    eventful = [(b, b * r, sim.a + sim.b * b + sim.c * b * r / n) for b in sizes for r in (n // 8, n // 2)]
+    dense = {} if sim.dense_per_frame is None else {b: sim.a + sim.dense_per_frame * b for b in sizes}
+    return eventful, dense
+
+
+def new_controller(target_s: float, sim: SimConfig = SimConfig(), warm: bool = False, **overrides) -> BudgetController:
+    """A controller from its prior (the worst start: a runner that times nothing at warm-up, as the clip runner), or
+    as the engine makes one for a frame model (warm): calibrated on the device's warm-up steps."""
+    controller = BudgetController(ControllerConfig(target_s=target_s, num_patches=sim.num_patches, **overrides))
+    if warm:
+        controller.calibrate(*warmup_timings(sim))
+    return controller

@@ -30,6 +30,7 @@ from tests.server.controller_sim import (
     largest_fixed_tokens,
     new_controller,
     simulate,
+    warmup_timings,
 )
 
 TARGET = 0.150
@@ -90,7 +91,7 @@ def test_light_load_with_partial_batches_spends_its_slack():
     sim = SimConfig(fps=10, a=0.010, b=0.006, c=0.20)
     best = largest_fixed_tokens([Phase(0, 4)], 20, TARGET, sim)
     for seed in range(3):
-        trace = simulate([Phase(0, 4)], 30, controller_decider(new_controller(TARGET)), replace(sim, seed=seed))
+        trace = simulate([Phase(0, 4)], 30, controller_decider(new_controller(TARGET, sim)), replace(sim, seed=seed))
         assert trace.p95(5, 30) <= 1.1 * TARGET
         assert trace.mean_tokens(5, 30) >= 0.8 * best, (trace.mean_tokens(5, 30), best)
 
@@ -167,7 +168,7 @@ def test_where_the_plain_dense_step_fits_the_controller_goes_dense_not_to_dearer
     phases = [Phase(0, 1), Phase(10, 3), Phase(20, 1)]
     for seed in range(3):
         controller = new_controller(target, sim)
-        controller.dense_model.observe(1, sim.a + sim.dense_per_frame)  # what the engine times at warm-up
+        controller.dense_model.observe(1, sim.a + sim.dense_per_frame)  # what the engine times at warm-up (dense)
         trace = simulate(phases, 30, controller_decider(controller), replace(sim, seed=seed))
         assert trace.mean_tokens(3, 10) == 196 and trace.p95(3, 10) <= target
         assert trace.mean_tokens(13, 20) < 60  # 3 streams: eventful, far under the top
@@ -258,6 +259,35 @@ def test_cost_model_follows_a_shift_in_three_steps():
     assert model.shifts == 1 and model.predict(4, 200) == pytest.approx(0.16, rel=0.1)
 
 
+def test_calibration_on_warm_up_steps_fits_the_device_where_the_prior_is_far_off():
+    sim = SimConfig(a=0.041, b=0.0043, c=0.053)  # the live CPU's fit
+    calibrated, prior = StepCostModel(196), StepCostModel(196)
+    calibrated.calibrate(warmup_timings(sim)[0])
+    for batch, r in [(1, 11), (4, 20), (4, 60), (8, 8)]:
+        truth = sim.a + sim.b * batch + sim.c * batch * r / 196
+        assert calibrated.predict(batch, batch * r) == pytest.approx(truth, rel=0.01)
+        assert prior.predict(batch, batch * r) < 0.5 * truth
+
+
+def test_a_first_join_after_start_begins_near_what_the_load_sustains():
+    """A single stream runs the plain dense model, so the eventful cost model sees no step before streams join. From
+    its prior, the first join took r = 141 at 4 streams (live: predicted 68 ms, ~300 ms measured, then r = 4 and a
+    climb). Calibrated on the warm-up steps, the first r is at most what the phase settles at."""
+    sim = SimConfig(fps=10, a=0.041, b=0.0043, c=0.053, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
+                    dense_per_frame=0.02, seed_factor=2.0)
+    overshoot = {True: [], False: []}
+    for seed in range(6):
+        for warm in (True, False):
+            controller = new_controller(TARGET, sim, warm=warm, min_tokens=4)
+            controller.dense_model.observe(1, sim.a + sim.dense_per_frame)
+            trace = simulate([Phase(0, 1), Phase(10, 4)], 20, controller_decider(controller), replace(sim, seed=seed))
+            first = next(d.level for t, d in trace.decisions if t >= 10)
+            steady = trace.mean_tokens(14, 20)
+            assert first <= steady if warm else first >= 5 * steady, (warm, first, steady)
+            overshoot[warm].append(trace.overshoot(10, 20, TARGET))
+    assert statistics.mean(overshoot[True]) < statistics.mean(overshoot[False]), overshoot
+
+
 def test_water_level():
     assert water_level(100, [math.inf] * 4) == 25
     assert water_level(100, [10, math.inf, math.inf]) == 45
@@ -314,6 +344,13 @@ def test_auto_mode_spends_slack_on_tokens_and_reports_itself(make_client):
     assert "eventful_target_latency_seconds 5.0" in metrics
     assert 'eventful_stream_budget_tokens{stat="max"} 12.0' in metrics
     assert "eventful_controller_saturated 0.0" in metrics
+
+
+def test_the_engine_calibrates_the_controller_on_its_warm_up(make_client):
+    client = make_client(max_batch_size=3)
+    controller = client.app.state.engine._controller  # noqa: SLF001 (before any frame: what warm-up taught it)
+    assert controller.model.observations == 4  # sparse steps at two budgets, at one stream and at the largest batch
+    assert controller.dense_model.predict(1) is not None and controller.dense_model.predict(3) is not None
 
 
 def test_auto_mode_at_an_impossible_target_is_saturated_at_min_tokens(make_client):

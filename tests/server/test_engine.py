@@ -189,6 +189,24 @@ def test_runner_matches_the_model_called_directly(tiny_model):
             assert entry["score"] == pytest.approx(probs[entry["index"]].item(), abs=1e-5)
 
 
+def test_warmup_times_sparse_steps_per_batch_size_and_leaves_the_model_as_it_was(tiny_model):
+    """The controller's first figures: sparse steps at an eighth and half the tokens, and a plain dense step, at
+    each batch size warmed; the states are thrown away, so serving after it is as without it."""
+    runner = ModelRunner(tiny_model, top_k=10)
+    n = runner.num_patches
+    timings = runner.warmup((1, 3))
+    assert set(timings.dense_s) == {1, 3} and all(s > 0 for s in timings.dense_s.values())
+    assert sorted((b, t) for b, t, _ in timings.eventful) == [(1, n // 8), (1, n // 2), (3, 3 * (n // 8)),
+                                                             (3, 3 * (n // 2))]
+    assert all(s > 0 for *_, s in timings.eventful)
+    state = runner.new_state()
+    image = runner.prepare(encode(frames(1)[0])).image
+    out = runner.execute(StepPlan([PlannedFrame("s", 0, image, state, StreamBudget(tokens=4), False)]))
+    probs = tiny_model(image[None]).softmax(-1)[0]  # a stream's first frame is dense: the model's own answer
+    for entry in out.outputs[0].outputs["top"]:
+        assert entry["score"] == pytest.approx(probs[entry["index"]].item(), abs=1e-5)
+
+
 def test_flush_in_a_plan_makes_the_frame_dense(tiny_model):
     runner = ModelRunner(tiny_model)
     state = runner.new_state()
