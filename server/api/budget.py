@@ -37,6 +37,7 @@ def _budget_out(engine: Engine) -> BudgetOut:
             tokens_max=state.tokens_max, streams=state.streams, saturated=state.saturated, reason=state.reason,
             max_batch=state.max_batch, busy_fraction=state.busy_fraction,
             max_age_ms=None if state.max_age_s is None else 1000 * state.max_age_s,
+            capacity_ms=None if state.capacity_s is None else 1000 * state.capacity_s,
             cost_model_ms=tuple(1000 * v for v in state.cost_model),
         )
     return BudgetOut(

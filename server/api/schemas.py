@@ -56,6 +56,9 @@ class ControllerOut(BaseModel):
     max_batch: int | None = Field(description="streams per step while shedding load")
     max_age_ms: float | None = Field(
         None, description="while shedding with full batches: frames older than this when a step starts are dropped")
+    capacity_ms: float | None = Field(
+        None, description="the step budget held to this share of the cameras' frame period (frames that come together "
+        "must be served before the next ones come); null when the capacity does not limit it")
     busy_fraction: float = Field(description="share of the last second the model spent in steps")
     cost_model_ms: tuple[float, float, float] = Field(
         description="step_ms = a + b * streams + c * tokens / num_patches: (a, b, c)")

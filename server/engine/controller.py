@@ -27,6 +27,12 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thes
   creeps up 1 %/s (2 %/s while the latency is far under the aim) and is dropped when the device gets faster;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
+Where the cameras' frames come together (every step serves nearly all streams) and the target is at most two frame
+periods, S is held within 95 % of the frame period: a step over all streams that outlasts the period makes every
+frame wait for most of another step, and the latency jumps from about one step to two with no warning before it.
+
+The cost model starts from the engine's warm-up steps (`calibrate`), not from its prior.
+
 The plain dense step (every stream at the full budget) is a regime of its own, timed at warm-up and on every dense
 step: where it fits S, r goes to the full budget at once (the eventful levels just below cost more). A step that
 seeded streams (a joiner's first frame, dense through the eventful path) is a one-off: feedback resumes after it.
@@ -83,6 +89,7 @@ class ControllerConfig:
     knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
     knee_rise: float = 0.05  # a knee (ceiling, cut) only where r rose by this much within knee_lookback_s before
     knee_lookback_s: float = 3.0
+    capacity: float | None = 0.95  # where the target is at most 2 frame periods: S at most this share of the period
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
     dense_hysteresis: float = 0.1  # at the full budget (the plain dense step) r stays until it misses S by this share
@@ -143,6 +150,7 @@ class ControllerState:
     busy_fraction: float  # share of the last window the device spent in steps
     cost_model: tuple[float, float, float]  # a (s), b (s per stream), c (s per frame of dense tokens)
     max_age_s: float | None = None  # frames older than this at a step's start are dropped (saturated)
+    capacity_s: float | None = None  # the device's capacity held the step budget down to this (None: it did not)
 
 
 class StepCostModel:
@@ -318,6 +326,8 @@ class BudgetController:
         self._level = float(min(max(start, config.min_tokens), config.top_tokens))  # L in effect
         self._rise_credit = 0.0  # tokens L may still rise by (bounded rise)
         self._held_back = False  # the bounded rise kept L below what the last round wanted
+        self._capped = False  # the device's capacity (a step within the frame period) held S below what u asks
+        self._capacity: float | None = None  # ... down to this
         self._raw_error: float | None = None  # the last latency error, deadband or not (None: not measured)
         self._u = config.u_initial
         self._last_decide: float | None = None
@@ -475,6 +485,10 @@ class BudgetController:
         at_top = self._level >= cfg.top_tokens or all(c <= self._level for c in caps)
         self._feedback(now, dt, at_top=at_top and bool(demands))
         budget = cfg.target_s * math.exp(min(self._u + cfg.kp * self._error, cfg.u_max))
+        capacity = self._capacity_s(now, [d.stream_id for d in demands])
+        self._capped = budget > capacity
+        budget = min(budget, capacity)
+        self._capacity = capacity if self._capped else None
 
         wanted = self.model.level_within(budget, batch, fixed, caps) if caps else float(cfg.top_tokens)
         saturated = wanted < cfg.min_tokens
@@ -541,6 +555,22 @@ class BudgetController:
             return None
         seen = self.dense_model.predict(batch)
         return self.model.predict(batch, batch * n) if seen is None else seen
+
+    def _capacity_s(self, now: float, stream_ids: Sequence[str]) -> float:
+        """The longest step over all streams that keeps up with cameras whose frames come together (every step of
+        the last window had nearly all of them), where the target is at most two frame periods (else inf): a share
+        of the period. Past it each frame waits for most of a step before its own, and the latency jumps from about
+        one step to two, past the target: live, r 26 -> 34 took the p95 from 104 to 197 ms at 4 streams (steps of
+        90 and 100 ms, frames every 100 ms). Where frames come apart, batches are partial and the latency (about two
+        steps already) is the limit; the cost model's full-batch step is an extrapolation there."""
+        cfg = self.config
+        period = self.frame_period(stream_ids)
+        if cfg.capacity is None or not cfg.target_s <= 2 * period:
+            return math.inf
+        batches = [b for end, _, b, _, _ in self._steps if end >= now - cfg.window_s]
+        if not batches or sum(batches) < 0.9 * len(stream_ids) * len(batches):
+            return math.inf
+        return cfg.capacity * period
 
     def frame_period(self, stream_ids: Sequence[str]) -> float:
         """The median seconds between a stream's frames over these streams (inf: unknown)."""
@@ -640,7 +670,7 @@ class BudgetController:
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
-        elif not (self._error > 0 and (at_top or self._held_back)):
+        elif not (self._error > 0 and (at_top or self._held_back or self._capped)):
             # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
             du = cfg.ki * self._error * dt
             if self._error < 0 and self._last is not None and self._last.saturated:
@@ -759,5 +789,6 @@ class BudgetController:
             max_batch=last.max_batch if last else None,
             busy_fraction=self.busy_fraction(now),
             max_age_s=last.max_age_s if last else None,
+            capacity_s=self._capacity,
             cost_model=(a, b, c),
         )

@@ -5,7 +5,7 @@ first frame (and its first after plain dense steps) seeds its state, densely thr
 seed_factor times the cost of a dense frame there. With dense_per_frame set, a step whose streams are all at the full
 budget runs the plain dense model instead: speed * (a + dense_per_frame*batch). The host may stall (stall_rate):
 a step running then takes longer (the correlated bursts of late frames seen live, that r did not cause). Each
-stream sends a frame every 1/fps s (random phase); a frame waits for the running step, a newer frame of its stream
+stream sends a frame every 1/fps s (random phase, or all at once: aligned); a frame waits for the running step, a newer frame of its stream
 replaces it (dropped).
 Latency = ready -> step end + overhead (decode, protocol).
 """
@@ -47,6 +47,10 @@ class SimConfig:
     seed_factor: float = 1.0
     stall_rate: float = 0.0  # the host stalls (another process takes the CPU) this often per second ...
     stall_s: float = 0.15  # ... for U(0, stall_s): a step running then takes that much longer
+    batch_window_s: float = 0.0  # an idle device waits this long after a frame for company (the engine: 5 ms)
+    aligned: bool = False  # every stream sends at the same instants, give or take 1 ms (the load generator's paced
+    # streams start together and keep an absolute schedule: live, a frame then waits for no step below the device's
+    # capacity, and for most of one above it)
 
 
 @dataclass
@@ -143,6 +147,9 @@ def simulate(
     max_streams = max(p.streams for p in phases)
     phase_of = lambda t: [p for p in phases if p.start_s <= t][-1]  # noqa: E731
     events: list[tuple[float, int]] = [(float(rng.uniform(0, period)), i) for i in range(max_streams)]
+    if sim.aligned:
+        events = [(period + abs(float(rng.normal(0, 0.001))), i) for i in range(max_streams)]
+    scheduled = {i: period for i in range(max_streams)}  # aligned: the camera's clock, without the jitter
     heapq.heapify(events)
     pending: dict[int, float] = {}  # stream -> ready time of its waiting frame
     seen: set[int] = set()
@@ -199,12 +206,17 @@ def simulate(
 
     while now < duration_s:
         next_arrival = events[0][0]
-        if pending and busy_until <= next_arrival:
-            now = max(now, busy_until)
+        start = max(busy_until, min(pending.values(), default=now) + sim.batch_window_s)
+        if pending and start <= next_arrival:
+            now = max(now, start)
             busy_until = run_step(now)
             continue
         now, stream = heapq.heappop(events)
-        heapq.heappush(events, (now + period * float(np.exp(rng.normal(0, 0.02))), stream))
+        if sim.aligned:
+            scheduled[stream] += period
+            heapq.heappush(events, (scheduled[stream] + abs(float(rng.normal(0, 0.001))), stream))
+        else:
+            heapq.heappush(events, (now + period * float(np.exp(rng.normal(0, 0.02))), stream))
         if stream >= phase_of(now).streams:
             pending.pop(stream, None)
             continue

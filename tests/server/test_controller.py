@@ -470,6 +470,33 @@ def test_host_stalls_that_r_did_not_cause_do_not_swing_r():
     assert statistics.mean(means) >= 0.77 * best and min(means) >= 0.55 * best, (means, best)
 
 
+def test_cameras_in_step_hold_the_target_at_the_device_capacity():
+    """The load generator's cameras send at the same instants (they start together and keep an absolute schedule):
+    below the device's capacity a frame waits for no step but its own, past it for most of another, and the p95
+    jumps from about one step to two (live: r 26 -> 34 took it from 104 to 197 ms at 4 streams; here r 33 -> 39 takes
+    it from 134 to 205 ms). The latency gives no warning below the jump, so the step budget is held within the frame
+    period where frames come together; without that limit the 4-stream phase (the first after a join) runs over."""
+    sim = SimConfig(fps=10, a=0.041, b=0.0043, c=0.053, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
+                    dense_per_frame=0.02, seed_factor=2.0, aligned=True, batch_window_s=0.005)
+    best = largest_fixed_tokens([Phase(0, 4)], 12, TARGET, sim, settle_s=3)
+    uncapped = []
+    for seed in range(4):
+        controller = new_controller(TARGET, sim, warm=True, min_tokens=4)
+        trace = simulate(LOAD_STEPS, 50, controller_decider(controller), replace(sim, seed=seed))
+        for phase, start, end in phase_spans(LOAD_STEPS, 50):
+            assert trace.p95(start + STEADY_AFTER_S, end) <= 1.05 * TARGET, (seed, phase)
+            assert trace.recovery_time(start, end, TARGET) <= 2.0, (seed, phase)
+            if phase.streams == 4:  # over 6 seeds 0.83-0.95 of the best fixed r
+                assert trace.mean_tokens(start + STEADY_AFTER_S, end) >= 0.8 * best, (seed, phase)
+        budgets = [d.step_budget_s for t, d in trace.decisions if 13 <= t < 20]
+        assert max(budgets) <= 0.95 * 0.1 * 1.02  # within 95 % of the period (the measured one: +-2 %) ...
+        assert sum(b >= 0.95 * 0.1 * 0.98 for b in budgets) >= 0.25 * len(budgets)  # ... where the limit holds it
+        without = new_controller(TARGET, sim, warm=True, min_tokens=4, capacity=None)
+        trace = simulate(LOAD_STEPS, 50, controller_decider(without), replace(sim, seed=seed))
+        uncapped.append(trace.p95(10 + STEADY_AFTER_S, 20))
+    assert statistics.mean(uncapped) > 1.03 * TARGET, uncapped  # over 4 seeds: 147-164 ms
+
+
 def _knee_levels(knee_cut: bool) -> list[int]:
     """4 streams whose latency jumps from 90 to 200 ms once r passes 45 (a knee as sharp as the 2-core CPU's: live,
     r 40 -> 46 took the p95 from 113 to 177 ms); the step time itself is linear in r, as the cost model assumes.
