@@ -22,9 +22,10 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thes
 - the aim is lowered by the spread of the window p95s measured lately (a noisy p95 needs a wider margin);
 - a window's p95 is capped at what its middle half and the tail of the windows lately say (a host stall makes a
   burst of frames late that r did not make late);
-- after r rose into a p95 clearly over the target, r is cut to 90 % of the highest r of that window at once (feedback
-  then waits a window: what it measured came from above the knee) and rises at most to there, a ceiling that
-  creeps up 1 %/s (2 %/s while the latency is far under the aim) and is dropped when the device gets faster;
+- after r rose into a p95 clearly over the target, r is cut at once to where the step is predicted at 95 % of the
+  step at that window's highest r (feedback then waits a window: what it measured came from above the knee) and
+  rises at most to there, a ceiling in step time (a knee is the device's; in r it moves with the device's speed)
+  that creeps up 0.5 %/s (1 %/s while the latency is far under the aim) and is dropped when the device gets faster;
 - per stream count, the integrator last used (while regulating) is restored when that load comes back.
 
 Where the cameras' frames come together (every step serves nearly all streams) and the target is at most two frame
@@ -81,10 +82,10 @@ class ControllerConfig:
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
     jump_every_s: float = 0.5  # ... at most this often
-    ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most ...
-    ceiling_margin: float = 0.9  # ... to this share of the highest r of the last window (for this many streams);
-    ceiling_creep_per_s: float = 0.01  # the ceiling then creeps up this fast (live, 2 %/s was back over in 5 s) ...
-    ceiling_creep_fast_per_s: float = 0.02  # ... or this fast while the latency is ceiling_far (log) under the aim
+    ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most to where ...
+    ceiling_margin: float = 0.95  # ... the step is predicted at this share of the step at the last window's highest r
+    ceiling_creep_per_s: float = 0.005  # (for this many streams); this ceiling then creeps up this fast ...
+    ceiling_creep_fast_per_s: float = 0.01  # ... or this fast while the latency is ceiling_far (log) under the aim
     ceiling_far: float = 0.25
     knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
     knee_rise: float = 0.05  # a knee (ceiling, cut) only where r rose by this much within knee_lookback_s before
@@ -497,7 +498,10 @@ class BudgetController:
         if ceiling is not None:
             creep = cfg.ceiling_creep_fast_per_s if self._ceiling_fast else cfg.ceiling_creep_per_s
             self._ceilings[len(streams)] = ceiling * (1 + creep * dt)
-        ceiling_level = None if ceiling is None else cfg.ceiling_margin * ceiling
+        # the ceiling is a step time (a knee is the device's: live, at the step that outlasts the frame period), so a
+        # device that slows down lowers it in r, and one that gets faster raises it
+        ceiling_level = None if ceiling is None else self.model.level_within(cfg.ceiling_margin * ceiling, batch,
+                                                                              fixed, caps)
         dense_step = self._dense_step(batch, demands, caps)
         # hysteresis: leaving dense costs a seeding step per stream, so it takes a clear miss
         dense_room = budget * (1 + cfg.dense_hysteresis if self._level >= cfg.top_tokens else 1.0)
@@ -648,16 +652,19 @@ class BudgetController:
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
             low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
             rose = top >= (1 + cfg.knee_rise) * low  # r rose into it: a knee (with r steady, noise or the device)
+            under = top
             if rose:
-                self._ceilings[count] = top
-            if (cfg.knee_cut and rose and self._level > cfg.ceiling_margin * top
+                self._ceilings[count] = self.model.predict(count, count * top)  # the step at the top of the window
+                under = self.model.level_within(cfg.ceiling_margin * self._ceilings[count], count, 0.0,
+                                                [math.inf] * count)
+            if (cfg.knee_cut and rose and self._level > under
                     and now >= self._knee_until + cfg.window_s
                     and not (self._last and self._last.saturated)):
                 # r went over the knee: back under it at once, and let a window measure that before cutting more
                 # (what the window measured came from the r above the knee; the cost model, linear, cannot say how
                 # steep the knee is: live, r 40 -> 46 took the p95 from 113 to 177 ms, and feedback and the fast
                 # cut on it took r to 13-26, a swing that made the phase's p95)
-                self._level = min(self._level, cfg.ceiling_margin * top)
+                self._level = max(min(self._level, under), float(cfg.min_tokens))
                 self._rise_credit = 0.0
                 self._knee_until = now + cfg.window_s
         # far under the aim, the ceiling creeps up faster (the device may have got faster; dropping it at once undid

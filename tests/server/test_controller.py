@@ -500,12 +500,12 @@ def test_cameras_in_step_hold_the_target_at_the_device_capacity():
 def _knee_levels(knee_cut: bool) -> list[int]:
     """4 streams whose latency jumps from 90 to 200 ms once r passes 45 (a knee as sharp as the 2-core CPU's: live,
     r 40 -> 46 took the p95 from 113 to 177 ms); the step time itself is linear in r, as the cost model assumes.
-    r every round (20 a second) for 16 s, starting at 30."""
+    r every round (20 a second) for 32 s, starting at 30."""
     config = ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4, knee_cut=knee_cut)
     controller = BudgetController(config, initial_tokens=30)
     demands = [StreamDemand(f"s{i}") for i in range(4)]
     levels = []
-    for i in range(320):
+    for i in range(640):
         now = 0.05 * (i + 1)
         level = controller.decide(now, demands).level
         controller.observe_step(now, 4, 4 * level, 0.02 + 4 * 0.003 + 0.05 * 4 * level / 196)
@@ -518,8 +518,9 @@ def _knee_levels(knee_cut: bool) -> list[int]:
 def test_over_a_sharp_knee_r_goes_back_under_the_knee_not_far_below():
     """Over the knee, what the last window measured came from the r above it: fed back alone (with the fast cut), it
     cut r far below the knee (live: from 50-65 to 13-26), and the climb back made a swing whose top made the phase's
-    p95. The knee cut takes r back to 90 % of the window's highest r and lets a window measure that before cutting
-    more; the ceiling it leaves creeps up slowly, so r stays under the knee for seconds, not one."""
+    p95. The knee cut takes r back to where the step is 95 % of the step at the window's highest r and lets a window
+    measure that before cutting more; the ceiling it leaves creeps up slowly, so r stays under the knee for seconds,
+    not one."""
     with_cut, without = _knee_levels(True), _knee_levels(False)
     over = [i for i, level in enumerate(with_cut) if level > 45 and i >= 40]  # after the start (2 s)
     assert over, with_cut
