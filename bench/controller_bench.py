@@ -178,7 +178,7 @@ def _poll_controller(base: str, t0: float, out: list[dict[str, Any]], stop: thre
             except httpx.HTTPError:
                 continue
             keep = ("measured_p95_ms", "step_budget_ms", "predicted_step_ms", "level_tokens", "streams",
-                    "saturated", "max_batch", "max_age_ms", "capacity_ms", "busy_fraction")
+                    "saturated", "max_batch", "max_age_ms", "capacity_ms", "busy_fraction", "step_noise")
             out.append({"t_s": round(time.perf_counter() - t0, 2), **{k: state.get(k) for k in keep}})
 
 

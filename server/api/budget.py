@@ -38,6 +38,7 @@ def _budget_out(engine: Engine) -> BudgetOut:
             max_batch=state.max_batch, busy_fraction=state.busy_fraction,
             max_age_ms=None if state.max_age_s is None else 1000 * state.max_age_s,
             capacity_ms=None if state.capacity_s is None else 1000 * state.capacity_s,
+            step_noise=state.step_noise,
             cost_model_ms=tuple(1000 * v for v in state.cost_model),
         )
     return BudgetOut(

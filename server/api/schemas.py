@@ -60,6 +60,7 @@ class ControllerOut(BaseModel):
         None, description="the step budget held to this share of the cameras' frame period (frames that come together "
         "must be served before the next ones come); null when the capacity does not limit it")
     busy_fraction: float = Field(description="share of the last second the model spent in steps")
+    step_noise: float = Field(0.0, description="the model step time's spread around the cost model (std of its log)")
     cost_model_ms: tuple[float, float, float] = Field(
         description="step_ms = a + b * streams + c * tokens / num_patches: (a, b, c)")
 

@@ -152,6 +152,7 @@ class ControllerState:
     cost_model: tuple[float, float, float]  # a (s), b (s per stream), c (s per frame of dense tokens)
     max_age_s: float | None = None  # frames older than this at a step's start are dropped (saturated)
     capacity_s: float | None = None  # the device's capacity held the step budget down to this (None: it did not)
+    step_noise: float = 0.0  # the step time's spread around the cost model (std of the log)
 
 
 class StepCostModel:
@@ -182,6 +183,11 @@ class StepCostModel:
         self._log_var = 0.0  # ... and the variance around it: the step time's noise (a bias is not noise)
         self._mean_step = 0.0
         self._mean_x_tokens = 0.0
+
+    @property
+    def noise(self) -> float:
+        """The step time's spread around the model: the std of log(observed / predicted)."""
+        return math.sqrt(self._log_var)
 
     def _x(self, batch: int, tokens: float) -> np.ndarray:
         return np.array([1.0, float(batch), tokens / self.num_patches])
@@ -360,14 +366,17 @@ class BudgetController:
 
     def reconfigure(self, config: ControllerConfig, initial_tokens: int) -> None:
         """A new target or range (or auto mode switched on): start over from initial_tokens, keeping what was
-        learned about the device (the cost model) and the latencies measured."""
+        learned about the device (the cost model, the latencies measured, and the knees: a step time past which
+        the p95 went over a target at least as tight stays a limit for this one)."""
+        tighter = config.target_s <= self.config.target_s
         self.config = config
         self._level = float(min(max(initial_tokens, config.min_tokens), config.top_tokens))
         self._u = config.u_initial
         self._rise_credit = 0.0
         self._streams = frozenset()  # the next decision starts with a hold
         self._u_by_streams.clear()
-        self._ceilings.clear()
+        if not tighter:
+            self._ceilings.clear()
         self._p95_samples.clear()
         self._last = None
         self._operating_point = None
@@ -797,5 +806,6 @@ class BudgetController:
             busy_fraction=self.busy_fraction(now),
             max_age_s=last.max_age_s if last else None,
             capacity_s=self._capacity,
+            step_noise=self.model.noise,
             cost_model=(a, b, c),
         )

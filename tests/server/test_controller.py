@@ -288,6 +288,18 @@ def test_a_first_join_after_start_begins_near_what_the_load_sustains():
     assert statistics.mean(overshoot[True]) < statistics.mean(overshoot[False]), overshoot
 
 
+def test_a_knee_found_is_kept_for_a_target_as_tight_and_dropped_for_a_looser_one():
+    config = ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4)
+    controller = BudgetController(config, initial_tokens=30)
+    controller._ceilings[4] = 0.09  # noqa: SLF001 (a knee found at 4 streams: steps of 90 ms went over)
+    controller.reconfigure(config, 30)  # auto mode set again, the same target
+    assert controller._ceilings == {4: 0.09}  # noqa: SLF001
+    controller.reconfigure(replace(config, target_s=0.1), 30)
+    assert controller._ceilings == {4: 0.09}  # noqa: SLF001
+    controller.reconfigure(replace(config, target_s=0.3), 30)  # looser: the knee may lie higher
+    assert controller._ceilings == {}  # noqa: SLF001
+
+
 def test_water_level():
     assert water_level(100, [math.inf] * 4) == 25
     assert water_level(100, [10, math.inf, math.inf]) == 45
