@@ -52,7 +52,7 @@ class WarmupTimings:
     """Warm steps timed at start-up: the budget controller's first figures for this model on this device."""
 
     dense_s: dict[int, float]  # batch size -> seconds of one plain dense step
-    eventful: list[tuple[int, int, float]]  # (batch size, patch tokens per gate over the batch, seconds) of sparse steps
+    eventful: list[tuple[int, int, float]]  # sparse steps: (batch size, patch tokens per gate over the batch, seconds)
 
 
 class FrameRunner:

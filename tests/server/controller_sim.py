@@ -5,8 +5,8 @@ first frame (and its first after plain dense steps) seeds its state, densely thr
 seed_factor times the cost of a dense frame there. With dense_per_frame set, a step whose streams are all at the full
 budget runs the plain dense model instead: speed * (a + dense_per_frame*batch). The host may stall (stall_rate):
 a step running then takes longer (the correlated bursts of late frames seen live, that r did not cause). Each
-stream sends a frame every 1/fps s (random phase, or all at once: aligned); a frame waits for the running step, a newer frame of its stream
-replaces it (dropped).
+stream sends a frame every 1/fps s (random phase, or all at once: aligned); a frame waits for the running step (an
+idle device waits batch_window_s for company), a newer frame of its stream replaces it (dropped).
 Latency = ready -> step end + overhead (decode, protocol).
 """
 
