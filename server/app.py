@@ -55,6 +55,7 @@ def engine_config(settings: Settings) -> EngineConfig:
             settings.max_frame_bytes, settings.max_frame_width, settings.max_frame_height, settings.max_frame_pixels
         ),
         torch_threads=settings.inference_threads,
+        seeds_per_step=settings.seeds_per_step,
     )
 
 

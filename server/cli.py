@@ -39,6 +39,7 @@ FLAGS: list[tuple[str, dict]] = [
     ("--batch-window-ms", dict(type=float)),
     ("--stream-ttl-s", dict(type=float, help="keep a disconnected stream's state this long for a resume")),
     ("--decode-threads", dict(type=int)),
+    ("--seeds-per-step", dict(type=int, help="stream-seeding (dense first) frames per eventful step; others wait (1)")),
     ("--max-frame-bytes", dict(type=int)),
     ("--max-frame-width", dict(type=int)),
     ("--max-frame-height", dict(type=int)),

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, description="min wait for batch company")
     stream_ttl_s: float = Field(10.0, ge=0, description="keep a disconnected stream's state this long (resume)")
     decode_threads: int = Field(2, ge=1)
+    seeds_per_step: int = Field(
+        1, ge=1, description="frames that seed a stream's state (its first, computed densely) per eventful step")
 
     # limits
     max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024)

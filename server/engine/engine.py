@@ -62,6 +62,7 @@ class EngineConfig:
     target_latency_s: float = 0.1  # the SLO in fixed mode (measured against, not held); auto mode brings its own
     limits: FrameLimits = field(default_factory=FrameLimits)
     torch_threads: int | None = None
+    seeds_per_step: int = 1  # frames that seed a stream's state (dense) per eventful step; the rest wait a step
 
 
 @dataclass(frozen=True)
@@ -494,20 +495,34 @@ class Engine:
     def _plan(self, batch: list[PendingFrame]) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord]]:
         """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.
 
-        Returns the plan and the frames / records it covers, in plan order."""
+        A frame that would seed its stream's state (its first, or the first after a flush or plain dense steps:
+        every token, through the eventful path) beyond `seeds_per_step` goes back to wait for the next step, unless
+        the step runs the plain dense model: live, four joiners seeded in one step made a 300 ms step and every
+        stream's frames 450-580 ms late for a second; one a step spreads that cost over steps the others barely
+        notice. Returns the plan and the frames / records it covers, in plan order."""
         planned, kept, records = [], [], []
         self._decide_budgets(batch, time.perf_counter())
+        live = []
         for pending in batch:
             record = self._registry.records.get(pending.stream_id)
             if record is None or record.session is None or record.session.id != pending.session:
                 self.stats.frame(FrameEvent("dropped"))  # its connection closed after it was queued
                 continue
+            live.append((pending, record, self.policy.resolve(pending.stream_id).tokens))
+        plain_dense = all(StreamBudget(tokens).is_dense_for(self.runner.num_patches) for _, _, tokens in live)
+        seeds = 0
+        for pending, record, tokens in live:
+            flush = record.frame_size is not None and record.frame_size != pending.frame_size
+            seeds_state = record.state is None or flush or getattr(record.state, "needs_dense", False)
+            if seeds_state and not plain_dense:
+                if seeds >= max(1, self.config.seeds_per_step):
+                    self._scheduler.put(pending)  # its turn comes next step (served-longest-ago first)
+                    continue
+                seeds += 1
             if record.state is None:
                 record.state = self.runner.new_state()
                 record.state_bytes = record.state.nbytes
-            flush = record.frame_size is not None and record.frame_size != pending.frame_size
             record.frame_size = pending.frame_size
-            tokens = self.policy.resolve(pending.stream_id).tokens
             planned.append(
                 PlannedFrame(
                     pending.stream_id, pending.frame, pending.image, record.state, StreamBudget(tokens), flush,

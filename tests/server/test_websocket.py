@@ -50,23 +50,41 @@ def test_concurrent_streams_get_their_results_in_order(client):
     assert results["cam0"][-1]["outputs"] != results["cam1"][-1]["outputs"]
 
 
-def test_ready_frames_of_several_streams_share_one_step(client):
+def _queued_together(client, video: list, rounds: int) -> list[list[dict]]:
+    """Three streams; per round, each sends the round's frame while the engine is paused, then it resumes: every
+    stream's answer per round."""
     engine = client.app.state.engine
-    video = frames(1)
     sockets = [client.websocket_connect(f"/v1/streams/b{i}") for i in range(3)]
+    answers = []
     try:
         for ws in sockets:
             ws.__enter__()
-        engine.pause()
-        for ws in sockets:
-            ws.send_bytes(encode(video[0]))
-        wait_until(lambda: engine.queued_frames == 3, what="three decoded frames")
-        engine.resume()
-        messages = [ws.receive_json() for ws in sockets]
+        for frame in video[:rounds]:
+            engine.pause()
+            for ws in sockets:
+                ws.send_bytes(encode(frame))
+            wait_until(lambda: engine.queued_frames == 3, what="three decoded frames")
+            engine.resume()
+            answers.append([ws.receive_json() for ws in sockets])
     finally:
         engine.resume()
         for ws in sockets:
             ws.__exit__(None, None, None)
+    return answers
+
+
+def test_streams_joining_together_are_seeded_one_a_step_then_share_steps(client):
+    """A first frame seeds the stream's state densely: one a step (the others wait a step and go first then), so
+    that joiners do not make one long step for everyone; after that, ready frames share one step."""
+    first, second = _queued_together(client, frames(2, seed=3), 2)
+    assert all(m["type"] == "result" and m["dense"] for m in first)
+    assert sorted(m["batch_size"] for m in first) == [1, 1, 1]
+    assert [m["batch_size"] for m in second] == [3, 3, 3] and not any(m["dense"] for m in second)
+
+
+def test_ready_frames_of_several_streams_share_one_step(make_client):
+    """With --seeds-per-step 3, first frames too (the same frame on fresh states: the same answer in any position)."""
+    (messages,) = _queued_together(make_client(seeds_per_step=3), frames(1), 1)
     assert [m["batch_size"] for m in messages] == [3, 3, 3]
     # same frame, same model, fresh states: the same answer whatever the position in the batch
     tops = [m["outputs"]["top"] for m in messages]
