@@ -333,8 +333,7 @@ class BudgetController:
         self._level = float(min(max(start, config.min_tokens), config.top_tokens))  # L in effect
         self._rise_credit = 0.0  # tokens L may still rise by (bounded rise)
         self._held_back = False  # the bounded rise kept L below what the last round wanted
-        self._capped = False  # the device's capacity (a step within the frame period) held S below what u asks
-        self._capacity: float | None = None  # ... down to this
+        self._capacity: float | None = None  # the device's capacity (a step within the frame period) held S to this
         self._raw_error: float | None = None  # the last latency error, deadband or not (None: not measured)
         self._u = config.u_initial
         self._last_decide: float | None = None
@@ -496,9 +495,8 @@ class BudgetController:
         self._feedback(now, dt, at_top=at_top and bool(demands))
         budget = cfg.target_s * math.exp(min(self._u + cfg.kp * self._error, cfg.u_max))
         capacity = self._capacity_s(now, [d.stream_id for d in demands])
-        self._capped = budget > capacity
+        self._capacity = capacity if budget > capacity else None
         budget = min(budget, capacity)
-        self._capacity = capacity if self._capped else None
 
         wanted = self.model.level_within(budget, batch, fixed, caps) if caps else float(cfg.top_tokens)
         saturated = wanted < cfg.min_tokens
@@ -686,7 +684,7 @@ class BudgetController:
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
-        elif not (self._error > 0 and (at_top or self._held_back or self._capped)):
+        elif not (self._error > 0 and (at_top or self._held_back or self._capacity is not None)):
             # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
             du = cfg.ki * self._error * dt
             if self._error < 0 and self._last is not None and self._last.saturated:

@@ -516,7 +516,7 @@ class Engine:
             seeds_state = record.state is None or flush or getattr(record.state, "needs_dense", False)
             if seeds_state and not plain_dense:
                 if seeds >= max(1, self.config.seeds_per_step):
-                    self._scheduler.put(pending)  # its turn comes next step (served-longest-ago first)
+                    self._scheduler.defer(pending)  # its turn comes next step
                     continue
                 seeds += 1
             if record.state is None:

@@ -6,6 +6,7 @@ PendingFrames; the engine turns that into a StepPlan (states and budgets), the c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,11 @@ class Scheduler:
             return frame  # an older frame finishing late never replaces a newer one
         self._ready[frame.stream_id] = frame
         return previous
+
+    def defer(self, frame: PendingFrame) -> None:
+        """A frame taken in a batch but not run: it waits for the next step, and goes first then."""
+        self._ready[frame.stream_id] = frame
+        self._served_at[frame.stream_id] = -math.inf
 
     def discard(self, stream_id: str) -> PendingFrame | None:
         """Forget a stream's waiting frame (its connection closed)."""

@@ -66,6 +66,16 @@ def test_streams_served_longest_ago_go_first_and_max_batch_limits():
     assert [f.stream_id for f in scheduler.next_batch(3.0, max_batch=2)] == ["b"]
 
 
+def test_a_deferred_frame_goes_first_in_the_next_batch():
+    scheduler = Scheduler(max_batch_size=2, batch_window_s=0.0)
+    for i, stream in enumerate("abc"):
+        scheduler.put(pending(stream, 0, 1.0 + i))
+    first = scheduler.next_batch(5.0)
+    assert [f.stream_id for f in first] == ["a", "b"]
+    scheduler.defer(first[1])  # b was taken but not run
+    assert [f.stream_id for f in scheduler.next_batch(6.0)] == ["b", "c"]
+
+
 def test_split_late_drops_the_frames_past_the_age_limit_but_always_keeps_the_youngest():
     batch = [pending("a", 0, 1.00), pending("b", 0, 1.05), pending("c", 0, 1.09)]
     kept, late = Scheduler.split_late(batch, received_before=1.06)
