@@ -406,12 +406,11 @@ class Engine:
             batch = self._wait_for_batch()
             if batch is None:
                 return False
-            plan, batch, records = self._plan(batch)
+            plan, batch, records, plain_dense = self._plan(batch)
         if not batch:
             return True
-        # for the controller: the plain dense model runs when every budget is full (a cost of its own); a frame that
-        # seeds its stream's state (its first, or the first after dense steps) is a one-off dense frame
-        plain_dense = all(p.budget.is_dense_for(runner.num_patches) for p in plan.frames)
+        # for the controller: a frame that seeds its stream's state (its first, or the first after dense steps) is a
+        # one-off dense frame
         seeding = 0 if plain_dense else sum(1 for p in plan.frames if p.flush or getattr(p.state, "needs_dense", False))
         try:
             result = runner.execute(plan)
@@ -492,14 +491,15 @@ class Engine:
             return False
         return session.decoding or now - session.last_received_at < ACTIVE_STREAM_S
 
-    def _plan(self, batch: list[PendingFrame]) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord]]:
+    def _plan(self, batch: list[PendingFrame]) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord], bool]:
         """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.
 
         A frame that would seed its stream's state (its first, or the first after a flush or plain dense steps:
         every token, through the eventful path) beyond `seeds_per_step` goes back to wait for the next step, unless
         the step runs the plain dense model: live, four joiners seeded in one step made a 300 ms step and every
         stream's frames 450-580 ms late for a second; one a step spreads that cost over steps the others barely
-        notice. Returns the plan and the frames / records it covers, in plan order."""
+        notice. Returns the plan, the frames / records it covers (in plan order), and whether the plain dense model
+        runs (every budget full: a cost of its own for the controller)."""
         planned, kept, records = [], [], []
         self._decide_budgets(batch, time.perf_counter())
         live = []
@@ -531,7 +531,7 @@ class Engine:
             )
             kept.append(pending)
             records.append(record)
-        return StepPlan(planned), kept, records
+        return StepPlan(planned), kept, records, plain_dense
 
     def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult,
                 plain_dense: bool, seeding: int):
