@@ -240,20 +240,26 @@ def _fixed_run(config: ControllerBenchConfig, http: httpx.Client, base: str, bas
     return stats
 
 
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _merge(rows: list[dict[str, Any]], medians: tuple[str, ...], sums: tuple[str, ...]) -> dict[str, Any]:
+    """Runs of the same thing: the median of each of `medians`, the total of each of `sums`."""
+    return {**{k: _median([r[k] for r in rows]) for k in medians}, **{k: sum(r[k] for r in rows) for k in sums}}
+
+
 def _median_phases(config: ControllerBenchConfig, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per phase, the median over the auto runs (as for the fixed budgets: the machine's speed drifts over minutes,
     so the auto runs are interleaved with the fixed ones), drops summed."""
-    def median(values: list) -> float | None:
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
-
     merged = []
     for i, n in enumerate(config.phases):
         rows = [run["phases"][i] for run in runs]
-        row = {"phase": i, "streams": n, "runs": len(rows), "dropped": sum(r["dropped"] for r in rows),
-               "p95_ms_runs": [r["p95_ms"] for r in rows], "mean_r_runs": [r["mean_r"] for r in rows]}
-        for key in ("p95_ms", "mean_r", "results", "fps", "settle_s", "last_over_s", "settle_r_s", "over_share"):
-            row[key] = median([r[key] for r in rows])
+        row = {"phase": i, "streams": n, "runs": len(rows),
+               "p95_ms_runs": [r["p95_ms"] for r in rows], "mean_r_runs": [r["mean_r"] for r in rows],
+               **_merge(rows, ("p95_ms", "mean_r", "results", "fps", "settle_s", "last_over_s", "settle_r_s",
+                               "over_share"), ("dropped",))}
         row["within_target"] = row["p95_ms"] is not None and row["p95_ms"] <= 1.1 * config.target_ms
         merged.append(row)
     return merged
@@ -305,18 +311,12 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
         for n in sorted(set(config.phases)):
             for tokens in budgets[n]:
                 mine = runs[(n, tokens)]
-                p95s = [r["p95_ms"] for r in mine if r["p95_ms"] is not None]
                 row = {"streams": n, "tokens": tokens, "dense": tokens == num_patches,
-                       "p95_ms": statistics.median(p95s) if p95s else None,
-                       "p95_ms_runs": p95s,
-                       "mean_r": statistics.median([r["mean_r"] for r in mine if r["mean_r"] is not None] or [0]),
-                       "results": sum(r["results"] for r in mine),
-                       "fps": statistics.median([r["fps"] for r in mine]),
-                       "dropped": sum(r["dropped"] for r in mine),
-                       "settle_s": statistics.median([r["settle_s"] for r in mine]),
-                       "last_over_s": statistics.median([r["last_over_s"] for r in mine]),
-                       "over_share": statistics.median([r["over_share"] for r in mine if r["over_share"] is not None]
-                                                       or [0.0])}
+                       "p95_ms_runs": [r["p95_ms"] for r in mine if r["p95_ms"] is not None],
+                       **_merge(mine, ("p95_ms", "mean_r", "fps", "settle_s", "last_over_s", "over_share"),
+                                ("results", "dropped"))}
+                row["mean_r"] = row["mean_r"] or 0
+                row["over_share"] = row["over_share"] or 0.0
                 row["meets_target"] = row["p95_ms"] is not None and row["p95_ms"] <= config.target_ms
                 fixed.append(row)
     phases = _median_phases(config, auto_runs)

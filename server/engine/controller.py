@@ -659,21 +659,19 @@ class BudgetController:
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
             low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
             rose = top >= (1 + cfg.knee_rise) * low  # r rose into it: a knee (with r steady, noise or the device)
-            under = top
             if rose:
                 self._ceilings[count] = self.model.predict(count, count * top)  # the step at the top of the window
                 under = self.model.level_within(cfg.ceiling_margin * self._ceilings[count], count, 0.0,
                                                 [math.inf] * count)
-            if (cfg.knee_cut and rose and self._level > under
-                    and now >= self._knee_until + cfg.window_s
-                    and not (self._last and self._last.saturated)):
-                # r went over the knee: back under it at once, and let a window measure that before cutting more
-                # (what the window measured came from the r above the knee; the cost model, linear, cannot say how
-                # steep the knee is: live, r 40 -> 46 took the p95 from 113 to 177 ms, and feedback and the fast
-                # cut on it took r to 13-26, a swing that made the phase's p95)
-                self._level = max(min(self._level, under), float(cfg.min_tokens))
-                self._rise_credit = 0.0
-                self._knee_until = now + cfg.window_s
+                if (cfg.knee_cut and self._level > under and now >= self._knee_until + cfg.window_s
+                        and not (self._last and self._last.saturated)):
+                    # r went over the knee: back under it at once, and let a window measure that before cutting more
+                    # (what the window measured came from the r above the knee; the cost model, linear, cannot say
+                    # how steep the knee is: live, r 40 -> 46 took the p95 from 113 to 177 ms, and feedback and the
+                    # fast cut on it took r to 13-26, a swing that made the phase's p95)
+                    self._level = max(under, float(cfg.min_tokens))
+                    self._rise_credit = 0.0
+                    self._knee_until = now + cfg.window_s
         # far under the aim, the ceiling creeps up faster (the device may have got faster; dropping it at once undid
         # it live: just under a sharp knee the latency is far under the aim, and r went straight back over)
         self._ceiling_fast = error > cfg.ceiling_far

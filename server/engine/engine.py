@@ -406,12 +406,9 @@ class Engine:
             batch = self._wait_for_batch()
             if batch is None:
                 return False
-            plan, batch, records, plain_dense = self._plan(batch)
+            plan, batch, records, plain_dense, seeding = self._plan(batch)
         if not batch:
             return True
-        # for the controller: a frame that seeds its stream's state (its first, or the first after dense steps) is a
-        # one-off dense frame
-        seeding = 0 if plain_dense else sum(1 for p in plan.frames if p.flush or getattr(p.state, "needs_dense", False))
         try:
             result = runner.execute(plan)
         except Exception as err:
@@ -491,15 +488,17 @@ class Engine:
             return False
         return session.decoding or now - session.last_received_at < ACTIVE_STREAM_S
 
-    def _plan(self, batch: list[PendingFrame]) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord], bool]:
+    def _plan(
+        self, batch: list[PendingFrame],
+    ) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord], bool, int]:
         """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.
 
         A frame that would seed its stream's state (its first, or the first after a flush or plain dense steps:
         every token, through the eventful path) beyond `seeds_per_step` goes back to wait for the next step, unless
         the step runs the plain dense model: live, four joiners seeded in one step made a 300 ms step and every
         stream's frames 450-580 ms late for a second; one a step spreads that cost over steps the others barely
-        notice. Returns the plan, the frames / records it covers (in plan order), and whether the plain dense model
-        runs (every budget full: a cost of its own for the controller)."""
+        notice. Returns the plan, the frames / records it covers (in plan order), and for the controller: whether
+        the plain dense model runs (every budget full: a cost of its own) and how many frames seed (one-offs)."""
         planned, kept, records = [], [], []
         self._decide_budgets(batch, time.perf_counter())
         live = []
@@ -510,18 +509,18 @@ class Engine:
                 continue
             live.append((pending, record, self.policy.resolve(pending.stream_id).tokens))
         plain_dense = all(StreamBudget(tokens).is_dense_for(self.runner.num_patches) for _, _, tokens in live)
-        seeds = 0
+        seeding = 0
         for pending, record, tokens in live:
-            flush = record.frame_size is not None and record.frame_size != pending.frame_size
-            seeds_state = record.state is None or flush or getattr(record.state, "needs_dense", False)
-            if seeds_state and not plain_dense:
-                if seeds >= max(1, self.config.seeds_per_step):
-                    self._scheduler.defer(pending)  # its turn comes next step
-                    continue
-                seeds += 1
             if record.state is None:
                 record.state = self.runner.new_state()
                 record.state_bytes = record.state.nbytes
+            flush = record.frame_size is not None and record.frame_size != pending.frame_size
+            # clip states have no dense first frame
+            if not plain_dense and (flush or getattr(record.state, "needs_dense", False)):
+                if seeding >= max(1, self.config.seeds_per_step):
+                    self._scheduler.defer(pending)  # its turn comes next step
+                    continue
+                seeding += 1
             record.frame_size = pending.frame_size
             planned.append(
                 PlannedFrame(
@@ -531,7 +530,7 @@ class Engine:
             )
             kept.append(pending)
             records.append(record)
-        return StepPlan(planned), kept, records, plain_dense
+        return StepPlan(planned), kept, records, plain_dense, seeding
 
     def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult,
                 plain_dense: bool, seeding: int):
