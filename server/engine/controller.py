@@ -613,8 +613,8 @@ class BudgetController:
         step waits for the round (every stream's frame, at most 1.2 frame periods) and serves the m streams served
         longest ago, m the most whose step fits S; the others' frames are dropped, and their next ones go first. A frame then waits for no step but its own (latency about one step), and n - m of every n frames are
         dropped. An age limit there drops whole rounds once the steps fall behind, and frames served wait for most of
-        a step: in simulation with live-like costs (8 streams, frames decoded over ~20 ms), turns served 59-66
-        frames/s at a p95 of 134-139 ms where the age limit served 52-56 at 145-149 (target 150).
+        a step: in simulation with the live CPU's costs, turns served 70 frames/s at 8 streams with a p95 of
+        ~130 ms where the age limit served 55 at ~147 (target 150).
 
         Full batches with an age limit: frames older than A when a step starts are dropped (their streams' next
         frames are served instead), so a served frame's latency is at most about A + S_n, which is 2 * S (what S
