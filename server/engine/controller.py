@@ -91,7 +91,6 @@ class ControllerConfig:
     knee_rise: float = 0.05  # a knee (ceiling, cut) only where r rose by this much within knee_lookback_s before
     knee_lookback_s: float = 3.0
     capacity: float | None = 0.95  # where the target is at most 2 frame periods: S at most this share of the period
-    turns: bool = True  # shedding where frames come together (capacity): streams in turns (else an age limit)
     hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
     hysteresis_fraction: float = 0.04  # ... and this fraction of itself
     dense_hysteresis: float = 0.1  # at the full budget (the plain dense step) r stays until it misses S by this share
@@ -131,9 +130,6 @@ class Decision:
     saturated: bool
     reason: str | None
     max_age_s: float | None = None  # at saturation: frames older than this when a step starts are dropped
-    # at saturation with a batch limit, where the cameras' frames come together: wait up to this long for every
-    # stream's frame, then serve the max_batch streams served longest ago (the others' next frames go first)
-    round_wait_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -342,7 +338,6 @@ class BudgetController:
         self._u = config.u_initial
         self._last_decide: float | None = None
         self._last_jump = -math.inf
-        self._saturated_at = -math.inf  # the last decision that shed load
         self._knee_until = -math.inf  # after a knee cut: feedback does not cut further until then
         self._ceiling_fast = False  # the latency is far under the aim: the ceiling creeps up faster
         self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
@@ -537,18 +532,15 @@ class BudgetController:
         total = fixed + sum(tokens[d.stream_id] for d in demands if d.fixed_tokens is None)
         plain_dense = dense_step is not None and level >= cfg.num_patches
         predicted = dense_step if plain_dense else self.model.predict(batch, total)
-        max_batch, max_age, round_wait, reason = None, None, None, None
+        max_batch, max_age, reason = None, None, None
         self._shed_floor_u = None
         if saturated:
-            self._saturated_at = now
             ids = [d.stream_id for d in demands]
-            max_batch, max_age, floor_s, budget, round_wait = self._shed(ids, total / batch, budget, predicted, capacity)
+            max_batch, max_age, floor_s, budget = self._shed(ids, total / batch, budget, predicted)
             self._shed_floor_u = math.log(floor_s / cfg.target_s)
             measured = "" if self._p95 is None else f", measured p95 {1000 * self._p95:.0f} ms"
             if max_age is not None:
                 shed = f"frames older than {1000 * max_age:.0f} ms when a step starts are dropped (full batches)"
-            elif round_wait is not None:
-                shed = f"{max_batch} of the {batch} streams' frames that come together are served per step, in turn"
             elif max_batch is not None:
                 shed = f"frames are dropped, streams per step limited to {max_batch}"
             else:
@@ -562,7 +554,7 @@ class BudgetController:
                 predicted = self.model.predict(max_batch, total / batch * max_batch)
         served = min(batch, max_batch or batch)
         self._operating_point = (served, total * served / batch, plain_dense)
-        self._last = Decision(tokens, level, budget, predicted, max_batch, saturated, reason, max_age, round_wait)
+        self._last = Decision(tokens, level, budget, predicted, max_batch, saturated, reason, max_age)
         return self._last
 
     def _dense_step(self, batch: int, demands: Sequence[StreamDemand], caps: Sequence[float]) -> float | None:
@@ -586,35 +578,19 @@ class BudgetController:
         period = self.frame_period(stream_ids)
         if cfg.capacity is None or not cfg.target_s <= 2 * period:
             return math.inf
-        return cfg.capacity * period if self._in_step(now, stream_ids, period) else math.inf
-
-    def _in_step(self, now: float, stream_ids: Sequence[str], period: float) -> bool:
-        """Whether these streams' frames come together: their latest frames (each within the last two periods) fall
-        within 35 % of a frame period, on the clock of the period (random phases: 8 streams hardly ever, 2 streams
-        about two times in three). From the arrivals, not the batches: shedding makes batches partial."""
-        latest = [self._arrival_gaps[i][0] for i in stream_ids if i in self._arrival_gaps]
-        if len(latest) < len(stream_ids) or not math.isfinite(period) or min(latest) < now - 2 * period:
-            return False
-        phases = sorted((t % period) / period for t in latest)
-        gaps = [y - x for x, y in zip(phases, phases[1:], strict=False)] + [1 - phases[-1] + phases[0]]
-        return 1 - max(gaps) <= 0.35
+        batches = [b for end, _, b, _, _ in self._steps if end >= now - cfg.window_s]
+        if not batches or sum(batches) < 0.9 * len(stream_ids) * len(batches):
+            return math.inf
+        return cfg.capacity * period
 
     def frame_period(self, stream_ids: Sequence[str]) -> float:
         """The median seconds between a stream's frames over these streams (inf: unknown)."""
         gaps = [self._arrival_gaps[i][1] for i in stream_ids if i in self._arrival_gaps]
         return float(np.median(gaps)) if gaps else math.inf
 
-    def _shed(self, stream_ids: Sequence[str], per_stream: float, budget: float, full_step: float,
-              capacity: float) -> tuple[int | None, float | None, float, float, float | None]:
-        """At saturation, how to drop frames: (streams per step or None, an age limit or None, the floor of S, S, how
-        long to wait for a round of frames or None).
-
-        Where the cameras' frames come together (capacity finite: every step had nearly all of them), in turns: each
-        step waits for the round (every stream's frame, at most 1.2 frame periods) and serves the m streams served
-        longest ago, m the most whose step fits S; the others' frames are dropped, and their next ones go first. A frame then waits for no step but its own (latency about one step), and n - m of every n frames are
-        dropped. An age limit there drops whole rounds once the steps fall behind, and frames served wait for most of
-        a step: in simulation with the live CPU's costs, turns served 70 frames/s at 8 streams with a p95 of
-        ~130 ms where the age limit served 55 at ~147 (target 150).
+    def _shed(self, stream_ids: Sequence[str], per_stream: float, budget: float,
+              full_step: float) -> tuple[int | None, float | None, float, float]:
+        """At saturation, how to drop frames: (streams per step or None, an age limit or None, the floor of S, S).
 
         Full batches with an age limit: frames older than A when a step starts are dropped (their streams' next
         frames are served instead), so a served frame's latency is at most about A + S_n, which is 2 * S (what S
@@ -636,12 +612,6 @@ class BudgetController:
         S is not taken below the floor, where neither way serves a frame any sooner."""
         batch = len(stream_ids)
         period = self.frame_period(stream_ids)
-        if math.isfinite(capacity) and self.config.turns:
-            steps = [self.model.predict(m, per_stream * m) for m in range(1, batch + 1)]
-            in_turns = max(budget, steps[0])  # one stream a step at the least
-            limit = max(m for m, step in enumerate(steps, 1) if step <= in_turns)
-            if limit < batch:
-                return limit, None, steps[0], in_turns, 1.2 * period
         equivalent = []  # of m = 1 .. batch streams per step
         for m in range(1, batch + 1):
             step = self.model.predict(m, per_stream * m)
@@ -651,12 +621,12 @@ class BudgetController:
         budget = max(budget, floor_s)
         age = 2 * budget - full_step
         if age > 0 and full_step < self.config.target_s:
-            return None, age, floor_s, budget, None
+            return None, age, floor_s, budget
         fitting = [m for m, e in enumerate(equivalent, 1) if e <= budget]
         if not fitting:
             fitting = [m for m, e in enumerate(equivalent, 1) if e <= (1 + self.config.shed_tolerance) * least]
         limit = max(fitting)
-        return (limit if limit < batch else None), None, floor_s, budget, None
+        return (limit if limit < batch else None), None, floor_s, budget
 
     def _feedback(self, now: float, dt: float, at_top: bool) -> None:
         """The PI loop on the log latency error: updates the error and the integrator u."""
@@ -688,8 +658,7 @@ class BudgetController:
             # remember the highest r of the window (what the latency measured comes from)
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
             low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
-            # r rose into it: a knee (with r steady, noise or the device; shedding in the window, the frames dropped)
-            rose = top >= (1 + cfg.knee_rise) * low and self._saturated_at < now - cfg.window_s - cfg.hold_s
+            rose = top >= (1 + cfg.knee_rise) * low  # r rose into it: a knee (with r steady, noise or the device)
             if rose:
                 self._ceilings[count] = self.model.predict(count, count * top)  # the step at the top of the window
                 under = self.model.level_within(cfg.ceiling_margin * self._ceilings[count], count, 0.0,

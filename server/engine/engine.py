@@ -10,7 +10,6 @@ own threads.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -113,7 +112,6 @@ class Engine:
         self._controller: BudgetController | None = None  # observes always; decides in auto mode
         self._shed_limit: int | None = None  # streams per step while the controller sheds load
         self._shed_age: float | None = None  # ... or the age (s) past which a frame is dropped before a step
-        self._shed_round: float | None = None  # ... or, with the limit, streams in turns: wait this long for a round
         self._ready = threading.Event()
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
         self._started = False
@@ -317,7 +315,7 @@ class Engine:
             policy.set_global(budget)
             if self._controller is not None:
                 self._controller.reconfigure(self._controller_config(policy), policy.get_global()[1])
-            self._shed_limit = self._shed_age = self._shed_round = None
+            self._shed_limit = self._shed_age = None
         return policy.get_global()
 
     def _controller_config(self, policy: BudgetPolicy) -> ControllerConfig:
@@ -434,13 +432,8 @@ class Engine:
             if not self._paused:
                 incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
                 window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
-                turns = self._shed_round is not None
-                if turns:  # the cameras' frames come together: wait for the round, serve the streams in turns
-                    window = max(window, self._shed_round)
-                due = self._scheduler.next_batch(now, incoming, window, self._shed_limit, wait_for_all=turns)
+                due = self._scheduler.next_batch(now, incoming, window, self._shed_limit)
                 if isinstance(due, list):
-                    if turns:  # the round's other frames are dropped (their streams go first in the next round)
-                        self._drop_late(self._scheduler.expire(math.inf))
                     if self._shed_age is not None:  # full batches, less the frames that would be late
                         due, late = self._scheduler.split_late(due, now - self._shed_age)
                         self._drop_late(late)
@@ -473,7 +466,7 @@ class Engine:
         """Under the lock, in auto mode: the controller decides every expected stream's tokens for this round."""
         controller, policy = self._controller, self.policy
         if controller is None or policy.get_global()[0].mode != "auto":
-            self._shed_limit = self._shed_age = self._shed_round = None
+            self._shed_limit = self._shed_age = None
             return
         ids = [p.stream_id for p in batch]
         seen = set(ids)
@@ -486,7 +479,6 @@ class Engine:
         policy.set_auto(decision.level, decision.tokens)
         self._shed_limit = decision.max_batch
         self._shed_age = decision.max_age_s
-        self._shed_round = decision.round_wait_s
 
     def _expected_soon(self, record: StreamRecord, now: float) -> bool:
         """A stream worth waiting for (within the batch window): no frame ready, but one being decoded, or it sent a

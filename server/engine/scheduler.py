@@ -114,21 +114,18 @@ class Scheduler:
 
     def next_batch(
         self, now: float, incoming: int = 0, window_s: float | None = None, max_batch: int | None = None,
-        wait_for_all: bool = False,
     ) -> list[PendingFrame] | float | None:
         """A batch to run now, or seconds to wait before asking again, or None when nothing is ready.
 
         incoming: streams with no ready frame but one expected soon (worth waiting for, within the window).
         window_s: the batching window for this decision (default batch_window_s).
         max_batch: a tighter limit than max_batch_size for this batch (the controller shedding load).
-        wait_for_all: wait (within the window) for every stream's frame, not only max_batch of them, then take the
-        max_batch served longest ago (streams in turns, when frames come together).
         """
         if not self._ready:
             return None
         limit = self.max_batch_size if max_batch is None else max(1, min(max_batch, self.max_batch_size))
         ready = sorted(self._ready.values(), key=lambda f: (self._served_at.get(f.stream_id, -1.0), f.queued_at))
-        full = min(self.max_batch_size if wait_for_all else limit, len(ready) + incoming)
+        full = min(limit, len(ready) + incoming)
         window = self.batch_window_s if window_s is None else window_s
         wait = min(f.queued_at for f in ready) + window - now
         if len(ready) < full and wait > 0:

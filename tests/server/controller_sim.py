@@ -51,8 +51,6 @@ class SimConfig:
     aligned: bool = False  # every stream sends at the same instants, give or take 1 ms (the load generator's paced
     # streams start together and keep an absolute schedule: live, a frame then waits for no step below the device's
     # capacity, and for most of one above it)
-    jitter_s: float = 0.001  # aligned: a frame is ready |N(0, this)| after its instant (live, decoding 8 frames together
-    # on 2 threads spreads them over ~20 ms)
 
 
 @dataclass
@@ -150,7 +148,7 @@ def simulate(
     phase_of = lambda t: [p for p in phases if p.start_s <= t][-1]  # noqa: E731
     events: list[tuple[float, int]] = [(float(rng.uniform(0, period)), i) for i in range(max_streams)]
     if sim.aligned:
-        events = [(period + abs(float(rng.normal(0, sim.jitter_s))), i) for i in range(max_streams)]
+        events = [(period + abs(float(rng.normal(0, 0.001))), i) for i in range(max_streams)]
     scheduled = {i: period for i in range(max_streams)}  # aligned: the camera's clock, without the jitter
     heapq.heapify(events)
     pending: dict[int, float] = {}  # stream -> ready time of its waiting frame
@@ -170,7 +168,6 @@ def simulate(
         demands = [demand(s) for s in range(phase.streams)]
         decision = decide(t, demands)
         trace.decisions.append((t, decision))
-        rounds[0] = decision.round_wait_s
         if decision.max_age_s is not None:  # shedding with full batches: frames too old to make it are dropped ...
             late = [s for s, ready_at in pending.items() if t - ready_at > decision.max_age_s]
             if len(late) == len(pending):
@@ -181,10 +178,6 @@ def simulate(
         ready = sorted(pending, key=lambda s: (served_at.get(s, -1.0), pending[s]))
         limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
         batch = ready[:limit]
-        if decision.round_wait_s is not None:  # in turns: the round's other frames are dropped (they go first next)
-            for s in ready[limit:]:
-                del pending[s]
-                trace.dropped.append((t, s))
         wanted = [decision.tokens.get(f"s{s}", decision.level) for s in batch]
         plain = sim.dense_per_frame is not None and all(r >= sim.num_patches for r in wanted)
         seeding = [s not in seen or s in flushed for s in batch]
@@ -211,12 +204,9 @@ def simulate(
             observe_latency(end, latency)
         return end
 
-    rounds: list[float | None] = [None]  # the decision in effect waits this long for a round of frames (as the engine)
     while now < duration_s:
         next_arrival = events[0][0]
         start = max(busy_until, min(pending.values(), default=now) + sim.batch_window_s)
-        if rounds[0] is not None and len(pending) < phase_of(now).streams:
-            start = max(start, min(pending.values(), default=now) + rounds[0])
         if pending and start <= next_arrival:
             now = max(now, start)
             busy_until = run_step(now)
@@ -224,7 +214,7 @@ def simulate(
         now, stream = heapq.heappop(events)
         if sim.aligned:
             scheduled[stream] += period
-            heapq.heappush(events, (scheduled[stream] + abs(float(rng.normal(0, sim.jitter_s))), stream))
+            heapq.heappush(events, (scheduled[stream] + abs(float(rng.normal(0, 0.001))), stream))
         else:
             heapq.heappush(events, (now + period * float(np.exp(rng.normal(0, 0.02))), stream))
         if stream >= phase_of(now).streams:

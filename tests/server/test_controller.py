@@ -491,16 +491,15 @@ def test_cameras_in_step_hold_the_target_at_the_device_capacity():
     sim = SimConfig(fps=10, a=0.041, b=0.0043, c=0.053, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
                     dense_per_frame=0.02, seed_factor=2.0, aligned=True, batch_window_s=0.005)
     best = largest_fixed_tokens([Phase(0, 4)], 12, TARGET, sim, settle_s=3)
-    uncapped, ratios = [], []
+    uncapped = []
     for seed in range(4):
         controller = new_controller(TARGET, sim, warm=True, min_tokens=4)
         trace = simulate(LOAD_STEPS, 50, controller_decider(controller), replace(sim, seed=seed))
         for phase, start, end in phase_spans(LOAD_STEPS, 50):
             assert trace.p95(start + STEADY_AFTER_S, end) <= 1.05 * TARGET, (seed, phase)
             assert trace.recovery_time(start, end, TARGET) <= 2.0, (seed, phase)
-            if phase.streams == 4:  # over 6 seeds 0.78-0.93 of the best fixed r, 0.88 on average
-                ratios.append(trace.mean_tokens(start + STEADY_AFTER_S, end) / best)
-                assert ratios[-1] >= 0.75, (seed, phase)
+            if phase.streams == 4:  # over 6 seeds 0.83-0.95 of the best fixed r
+                assert trace.mean_tokens(start + STEADY_AFTER_S, end) >= 0.8 * best, (seed, phase)
         budgets = [d.step_budget_s for t, d in trace.decisions if 13 <= t < 20]
         assert max(budgets) <= 0.95 * 0.1 * 1.02  # within 95 % of the period (the measured one: +-2 %) ...
         assert sum(b >= 0.95 * 0.1 * 0.98 for b in budgets) >= 0.25 * len(budgets)  # ... where the limit holds it
@@ -508,38 +507,6 @@ def test_cameras_in_step_hold_the_target_at_the_device_capacity():
         trace = simulate(LOAD_STEPS, 50, controller_decider(without), replace(sim, seed=seed))
         uncapped.append(trace.p95(10 + STEADY_AFTER_S, 20))
     assert statistics.mean(uncapped) > 1.03 * TARGET, uncapped  # over 4 seeds: 147-164 ms
-    assert statistics.mean(ratios) >= 0.85, ratios
-
-
-def test_cameras_in_step_past_the_capacity_at_the_minimum_budget_are_served_in_turns():
-    """8 cameras in step whose step at the minimum r (4) outlasts the frame period (live today: r 4 gave 166 ms at
-    8 streams, frames decoded over ~20 ms). The controller sheds load: in turns (each step waits for the round and
-    serves the streams served longest ago, the others' frames dropped) against an age limit (what it did before: live,
-    the limit swung between 10 and 79 ms, the 1-s p95 between 80 and 180 ms, and 44 of 80 frames/s were served)."""
-    sim = SimConfig(fps=10, a=0.025, b=0.0085, c=0.05, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
-                    dense_per_frame=0.02, seed_factor=2.0, aligned=True, batch_window_s=0.005, jitter_s=0.01)
-    phases = [Phase(0, 1), Phase(10, 4), Phase(20, 8)]
-    fixed = simulate([Phase(0, 8)], 12, fixed_decider(4), sim)
-    assert fixed.p95(3, 12) > 1.2 * TARGET  # unshed, the floor is far over the target
-    served = {}
-    for turns in (True, False):
-        served[turns] = []
-        for seed in range(4):
-            controller = new_controller(TARGET, sim, warm=True, min_tokens=4, turns=turns)
-            trace = simulate(phases, 30, controller_decider(controller), replace(sim, seed=seed))
-            assert trace.p95(20 + STEADY_AFTER_S, 30) <= 1.05 * TARGET, (turns, seed)
-            assert trace.recovery_time(20, 30, TARGET) <= 2.0, (turns, seed)
-            served[turns].append(len(trace.window(20 + STEADY_AFTER_S, 30)) / (10 - STEADY_AFTER_S))
-            late = [d for t, d in trace.decisions if t >= 20 + STEADY_AFTER_S]
-            assert all(d.saturated for d in late)
-            if turns:  # 6-7 of the 8 streams a step, every stream in its turn
-                in_turns = [d for d in late if d.round_wait_s is not None]
-                assert len(in_turns) >= 0.95 * len(late)  # a frame far off its time can break a round
-                assert statistics.median(d.max_batch for d in in_turns) >= 6
-                counts = trace.frames_per_stream(20 + STEADY_AFTER_S, 30)
-                assert len(counts) == 8 and min(counts.values()) >= 0.7 * max(counts.values()), counts
-    # over 4 seeds: 58-63 frames/s in turns, 52-57 with the age limit
-    assert statistics.mean(served[True]) >= 1.05 * statistics.mean(served[False]), served
 
 
 def _knee_levels(knee_cut: bool) -> list[int]:

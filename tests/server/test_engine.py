@@ -76,30 +76,6 @@ def test_a_deferred_frame_goes_first_in_the_next_batch():
     assert [f.stream_id for f in scheduler.next_batch(6.0)] == ["b", "c"]
 
 
-def test_in_turns_a_batch_waits_for_every_stream_then_takes_those_served_longest_ago():
-    scheduler = Scheduler(max_batch_size=4, batch_window_s=0.0)
-    for stream in "abc":
-        scheduler.put(pending(stream, 0, 1.000))
-    # a limit of 2 with 1 stream still decoding: wait for the round (not only for 2), within the window
-    assert scheduler.next_batch(1.010, incoming=1, window_s=0.12, max_batch=2, wait_for_all=True) == pytest.approx(0.11)
-    assert isinstance(scheduler.next_batch(1.010, incoming=1, window_s=0.12, max_batch=2), list)  # not in turns: go
-    for stream in "abcd":
-        scheduler.put(pending(stream, 1, 2.000))
-    # c and d (never served) go first in turns, then a, b: who was left out goes first
-    batch = scheduler.next_batch(2.001, incoming=0, window_s=0.12, max_batch=2, wait_for_all=True)
-    assert sorted(f.stream_id for f in batch) == ["c", "d"]
-    assert [f.stream_id for f in scheduler.expire(float("inf"))] == ["a", "b"]  # the engine drops the others
-    for stream in "abcd":
-        scheduler.put(pending(stream, 2, 3.000))
-    batch = scheduler.next_batch(3.001, incoming=0, window_s=0.12, max_batch=2, wait_for_all=True)
-    assert sorted(f.stream_id for f in batch) == ["a", "b"]
-    # the window over, what is ready goes
-    scheduler.expire(float("inf"))
-    scheduler.put(pending("a", 3, 4.000))
-    assert [f.stream_id for f in scheduler.next_batch(4.2, incoming=3, window_s=0.12, max_batch=2,
-                                                      wait_for_all=True)] == ["a"]
-
-
 def test_split_late_drops_the_frames_past_the_age_limit_but_always_keeps_the_youngest():
     batch = [pending("a", 0, 1.00), pending("b", 0, 1.05), pending("c", 0, 1.09)]
     kept, late = Scheduler.split_late(batch, received_before=1.06)
