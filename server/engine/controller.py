@@ -40,8 +40,12 @@ seeded streams (a joiner's first frame, dense through the eventful path) is a on
 
 When even the minimum r cannot fit S, the decision says so (saturated, with the reason) and sheds load, so that
 the engine drops frames instead of letting latency grow: full batches with an age limit (frames that would be late
-are dropped before a step), or, where no age works, a batch limit. S does not fall below the point where neither
-serves a frame sooner; while saturated and late, the integrator falls faster (the load that saturated it is new).
+are dropped before a step; never younger than 30 % of the frame period, or frames of the round being served are
+dropped and steps shrink to one frame), or, where no age works, a batch limit. S does not fall below the point where
+neither serves a frame sooner. While saturated and late, the integrator falls faster (the load that saturated it is
+new); once the device cannot serve every frame at any r (a step over all streams at the minimum r outlasts the frame
+period) and the saturation has lasted a second, shedding is the regime: the loop runs at 0.3 of its integral gain
+and without the fast cut (the age limit moves the latency about twice as much as S does).
 
 Pure: no threads, no clock, no torch. The engine feeds it observations and asks for a Decision every round.
 """
@@ -78,6 +82,9 @@ class ControllerConfig:
     u_rise_per_s: float = 1.2  # the integrator rises at most this much (log units) per second
     shed_gain: float = 1.0  # saturated and over the aim: u falls (1 + this) times as fast (the batch limit is coarse)
     shed_tolerance: float = 0.2  # saturated, no batch limit fits: the largest within this share of the least latency
+    min_age_share: float = 0.3  # the age limit is at least this share of the frame period (or full step, if shorter)
+    shed_calm_s: float = 1.0  # saturated this long: the transient is over; feedback without the fast cut, at ...
+    shed_ki_scale: float = 0.3  # ... this share of the integral gain (the shedding actuators are steep)
     hold_s: float = 0.5  # after streams join or leave: feed-forward only, latencies before then are forgotten
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
@@ -165,6 +172,7 @@ class StepCostModel:
     def __init__(
         self, num_patches: int, prior: tuple[float, float, float] = (0.002, 0.002, 0.02), forgetting: float = 0.99,
         max_trace: float = 1.0, shift_ratio: float = 1.3, stream_tokens_prior: float = 8.0, prior_weight: float = 0.05,
+        token_floor_load: float = 0.5,
     ):
         self.num_patches = num_patches
         # a weak prior that a stream's own cost (b) is that of stream_tokens_prior patch tokens: with data from one or
@@ -183,6 +191,7 @@ class StepCostModel:
         self._log_var = 0.0  # ... and the variance around it: the step time's noise (a bias is not noise)
         self._mean_step = 0.0
         self._mean_x_tokens = 0.0
+        self.token_floor_load = token_floor_load
 
     @property
     def noise(self) -> float:
@@ -255,11 +264,14 @@ class StepCostModel:
         self.cov = (self.cov - np.outer(gain, x @ self.cov)) / forgetting
 
     def _project(self) -> None:
-        """Physical signs: a, b >= 0, and the token cost at least a tenth of the mean step per mean token load
-        (a fit at one operating point can make it vanish, and r would then swing between its bounds)."""
+        """Physical signs: a, b >= 0, and the token cost at least a tenth of the mean step per mean token load, the
+        load counted as at least token_floor_load dense frames a step (a fit at one operating point can make the cost
+        vanish, and r would then swing between its bounds; but steps at the minimum r, shedding, carry a token load
+        near 0, and a floor per that load made the token cost 3x the device's: after 8 streams at r = 4 the cost
+        model gave 4 streams r 18-40 where 58 fit)."""
         self.theta[0] = max(self.theta[0], 0.0)
         self.theta[1] = max(self.theta[1], 0.0)
-        floor = 0.1 * self._mean_step / max(self._mean_x_tokens, 0.1)
+        floor = 0.1 * self._mean_step / max(self._mean_x_tokens, self.token_floor_load)
         self.theta[2] = max(self.theta[2], floor, 1e-7)
 
     def level_within(self, budget_s: float, batch: int, fixed_tokens: float, caps: Sequence[float]) -> float:
@@ -338,6 +350,8 @@ class BudgetController:
         self._u = config.u_initial
         self._last_decide: float | None = None
         self._last_jump = -math.inf
+        self._saturated_at = -math.inf  # the last decision that shed load ...
+        self._saturated_since = math.inf  # ... and the first of the run of such decisions it is in
         self._knee_until = -math.inf  # after a knee cut: feedback does not cut further until then
         self._ceiling_fast = False  # the latency is far under the aim: the ceiling creeps up faster
         self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
@@ -535,6 +549,9 @@ class BudgetController:
         max_batch, max_age, reason = None, None, None
         self._shed_floor_u = None
         if saturated:
+            if not (self._last and self._last.saturated):
+                self._saturated_since = now
+            self._saturated_at = now
             ids = [d.stream_id for d in demands]
             max_batch, max_age, floor_s, budget = self._shed(ids, total / batch, budget, predicted)
             self._shed_floor_u = math.log(floor_s / cfg.target_s)
@@ -617,7 +634,7 @@ class BudgetController:
             step = self.model.predict(m, per_stream * m)
             equivalent.append((0.95 * min(period, math.ceil(batch / m) * step) + step) / 2)
         least = min(equivalent)
-        floor_s = min(least, (full_step + 0.1 * min(period, full_step)) / 2)
+        floor_s = min(least, (full_step + self.config.min_age_share * min(period, full_step)) / 2)
         budget = max(budget, floor_s)
         age = 2 * budget - full_step
         if age > 0 and full_step < self.config.target_s:
@@ -658,7 +675,8 @@ class BudgetController:
             # remember the highest r of the window (what the latency measured comes from)
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
             low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
-            rose = top >= (1 + cfg.knee_rise) * low  # r rose into it: a knee (with r steady, noise or the device)
+            # r rose into it: a knee (with r steady, noise or the device; shedding in the window, the frames dropped)
+            rose = top >= (1 + cfg.knee_rise) * low and self._saturated_at < now - cfg.window_s - cfg.hold_s
             if rose:
                 self._ceilings[count] = self.model.predict(count, count * top)  # the step at the top of the window
                 under = self.model.level_within(cfg.ceiling_margin * self._ceilings[count], count, 0.0,
@@ -678,20 +696,34 @@ class BudgetController:
         self._error = 0.0 if abs(error) < cfg.deadband else error
         if now < self._knee_until:
             self._error = max(self._error, 0.0)  # the knee cut is waiting for its window
-        if jumped and now >= self._knee_until and now - self._last_jump >= cfg.jump_every_s:
+        # shedding for a while: the age limit (or batch limit) moves the latency about twice as much as S, so the
+        # loop runs at a fraction of its gain and without the fast cut (live, at full gain the age limit swung
+        # between 10 and 79 ms and the 1-s p95 between 80 and 180 ms, period ~1.5 s; at 0.3, 109-152 ms)
+        shedding = (self._last is not None and self._last.saturated and now - self._saturated_since >= cfg.shed_calm_s
+                    and self._beyond_capacity())
+        if jumped and now >= self._knee_until and now - self._last_jump >= cfg.jump_every_s and not shedding:
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
         elif not (self._error > 0 and (at_top or self._held_back or self._capacity is not None)):
             # anti-windup: no credit for slack nobody can use, nor while r is still climbing to what u already asks
             du = cfg.ki * self._error * dt
-            if self._error < 0 and self._last is not None and self._last.saturated:
+            if shedding and self._error < cfg.rise_room:  # (far under the aim, the way out of shedding is up)
+                du *= cfg.shed_ki_scale
+            elif self._error < 0 and self._last is not None and self._last.saturated:
                 du *= 1 + cfg.shed_gain
             self._u += min(du, cfg.u_rise_per_s * dt)
         if self._shed_floor_u is not None:
             # anti-windup at the last actuator: below the floor no way of dropping frames serves any sooner
             self._u = max(self._u, self._shed_floor_u)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
+
+    def _beyond_capacity(self) -> bool:
+        """Whether the device cannot serve every frame at any r: a step over every stream at the minimum r outlasts
+        the frame period (shedding is then the regime, not a transient's)."""
+        count = len(self._streams)
+        period = self.frame_period(list(self._streams))
+        return count > 0 and self.model.predict(count, count * self.config.min_tokens) > period
 
     def _steady_p95(self, now: float, p95: float, ordered: list[float]) -> float:
         """The p95 to feed back: the window's, capped at what its middle half says with the tail (p95 / the mean of

@@ -51,6 +51,12 @@ class SimConfig:
     aligned: bool = False  # every stream sends at the same instants, give or take 1 ms (the load generator's paced
     # streams start together and keep an absolute schedule: live, a frame then waits for no step below the device's
     # capacity, and for most of one above it)
+    jitter_s: float = 0.001  # aligned: a frame is ready |N(0, this)| after its instant (live, 8 frames decoded together
+    # on 2 threads come ready over ~20 ms)
+    decode_s: float = 0.0  # a frame is decoded in this long, on one of decode_threads, before it can join a batch
+    decode_threads: int = 2  # (its latency and age count from its arrival, as the engine's from receipt)
+    join_offset_s: float = 0.0  # aligned: the streams that join in a later phase start together, off the earlier
+    # ones' clock by U(0, this) (the load generator's joiners start when their connections open)
 
 
 @dataclass
@@ -147,11 +153,16 @@ def simulate(
     max_streams = max(p.streams for p in phases)
     phase_of = lambda t: [p for p in phases if p.start_s <= t][-1]  # noqa: E731
     events: list[tuple[float, int]] = [(float(rng.uniform(0, period)), i) for i in range(max_streams)]
+    # aligned: the camera's clock (without the jitter), the phase's own for the streams that join in a later one
+    offsets = [0.0] + [float(rng.uniform(0, sim.join_offset_s)) if sim.join_offset_s else 0.0 for _ in phases[1:]]
+    scheduled = {i: period + next(o for p, o in zip(phases, offsets, strict=True) if p.streams > i)
+                 for i in range(max_streams)}
     if sim.aligned:
-        events = [(period + abs(float(rng.normal(0, 0.001))), i) for i in range(max_streams)]
-    scheduled = {i: period for i in range(max_streams)}  # aligned: the camera's clock, without the jitter
+        events = [(scheduled[i] + abs(float(rng.normal(0, sim.jitter_s))), i) for i in range(max_streams)]
     heapq.heapify(events)
-    pending: dict[int, float] = {}  # stream -> ready time of its waiting frame
+    pending: dict[int, float] = {}  # stream -> arrival time of its waiting frame (decoded)
+    decoding: list[tuple[float, int, float]] = []  # (ready, stream, arrival) of frames being decoded
+    decoders = [0.0] * sim.decode_threads  # when each decode thread is free
     seen: set[int] = set()
     flushed: set[int] = set()  # streams whose state a plain dense step left unseeded
     served_at: dict[int, float] = {}
@@ -205,7 +216,13 @@ def simulate(
         return end
 
     while now < duration_s:
-        next_arrival = events[0][0]
+        if decoding and decoding[0][0] <= min(events[0][0], max(busy_until, now)):
+            now, stream, arrived = heapq.heappop(decoding)
+            if stream in pending:
+                trace.dropped.append((now, stream))
+            pending[stream] = arrived
+            continue
+        next_arrival = min(events[0][0], decoding[0][0]) if decoding else events[0][0]
         start = max(busy_until, min(pending.values(), default=now) + sim.batch_window_s)
         if pending and start <= next_arrival:
             now = max(now, start)
@@ -214,16 +231,21 @@ def simulate(
         now, stream = heapq.heappop(events)
         if sim.aligned:
             scheduled[stream] += period
-            heapq.heappush(events, (scheduled[stream] + abs(float(rng.normal(0, 0.001))), stream))
+            heapq.heappush(events, (scheduled[stream] + abs(float(rng.normal(0, sim.jitter_s))), stream))
         else:
             heapq.heappush(events, (now + period * float(np.exp(rng.normal(0, 0.02))), stream))
         if stream >= phase_of(now).streams:
             pending.pop(stream, None)
             continue
+        observe_arrival(now, f"s{stream}")
+        if sim.decode_s > 0:
+            thread = min(range(len(decoders)), key=decoders.__getitem__)
+            decoders[thread] = max(now, decoders[thread]) + sim.decode_s
+            heapq.heappush(decoding, (decoders[thread], stream, now))
+            continue
         if stream in pending:
             trace.dropped.append((now, stream))
         pending[stream] = now
-        observe_arrival(now, f"s{stream}")
     return trace
 
 
