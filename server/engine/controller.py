@@ -634,11 +634,12 @@ class BudgetController:
             step = self.model.predict(m, per_stream * m)
             equivalent.append((0.95 * min(period, math.ceil(batch / m) * step) + step) / 2)
         least = min(equivalent)
-        floor_s = min(least, (full_step + self.config.min_age_share * min(period, full_step)) / 2)
+        least_age = self.config.min_age_share * min(period, full_step)  # younger: the round being served (decoded)
+        floor_s = min(least, (full_step + least_age) / 2)
         budget = max(budget, floor_s)
         age = 2 * budget - full_step
         if age > 0 and full_step < self.config.target_s:
-            return None, age, floor_s, budget
+            return None, max(age, least_age), floor_s, budget
         fitting = [m for m, e in enumerate(equivalent, 1) if e <= budget]
         if not fitting:
             fitting = [m for m, e in enumerate(equivalent, 1) if e <= (1 + self.config.shed_tolerance) * least]
