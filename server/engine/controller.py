@@ -4,8 +4,8 @@ that the p95 end-to-end latency holds a target while as many tokens as fit are s
 Two loops, one actuator (a water level L: the r every controlled stream gets unless its cap is lower):
 
 - Feed-forward (inner): a cost model of the step time, step_s = a + b*batch + c*tokens/num_patches, learned
-  online (`StepCostModel`). Given a step-time budget S and the streams expected in the next batch, it gives
-  the largest L whose predicted step fits S, counting fixed overrides at their tokens and caps at their caps
+  online (`StepCostModel`, step_cost.py). Given a step-time budget S and the streams expected in the next batch, it
+  gives the largest L whose predicted step fits S, counting fixed overrides at their tokens and caps at their caps
   (water-filling: every stream the same r, capped ones their cap). A stream that joins or a device that slows
   down changes the prediction in the same round, so r is cut at once.
 - Feedback (outer): a PI loop on e = log(aim * target / measured p95) sets S = target * exp(u + kp*e). It learns
@@ -58,6 +58,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from server.engine.step_cost import DenseStepModel, StepCostModel
 
 
 @dataclass(frozen=True)
@@ -162,176 +164,172 @@ class ControllerState:
     step_noise: float = 0.0  # the step time's spread around the cost model (std of the log)
 
 
-class StepCostModel:
-    """step_s = a + b*batch + c*tokens/num_patches, by recursive least squares with forgetting.
-
-    Robust to the ways online fits fail: the covariance is bounded (no wind-up while the operating point stays
-    put), a single outlier is clipped to a factor of the prediction, and three predictions in a row off by more
-    than `shift_ratio` (a device that slowed down or sped up) rescale the model at once."""
-
-    def __init__(
-        self, num_patches: int, prior: tuple[float, float, float] = (0.002, 0.002, 0.02), forgetting: float = 0.99,
-        max_trace: float = 1.0, shift_ratio: float = 1.3, stream_tokens_prior: float = 8.0, prior_weight: float = 0.05,
-        token_floor_load: float = 0.5,
-    ):
-        self.num_patches = num_patches
-        # a weak prior that a stream's own cost (b) is that of stream_tokens_prior patch tokens: with data from one or
-        # two batch sizes, b and c cannot be told apart, and a fit without it extrapolates to other batch sizes wildly
-        self._prior_x = math.sqrt(prior_weight) * np.array([0.0, 1.0, -stream_tokens_prior / num_patches])
-        self.theta = np.array(prior, dtype=np.float64)
-        self.cov = np.eye(3)
-        self.forgetting = forgetting
-        self.max_trace = max_trace
-        self.shift_ratio = shift_ratio
-        self.observations = 0
-        self.shifts = 0  # times the model was rescaled to follow a shift
-        self.last_shift = 1.0  # the factor of the last (> 1: the device got slower)
-        self._ratios: deque[float] = deque(maxlen=3)
-        self._log_bias = 0.0  # moving mean of log(observed / predicted) ...
-        self._log_var = 0.0  # ... and the variance around it: the step time's noise (a bias is not noise)
-        self._mean_step = 0.0
-        self._mean_x_tokens = 0.0
-        self.token_floor_load = token_floor_load
-
-    @property
-    def noise(self) -> float:
-        """The step time's spread around the model: the std of log(observed / predicted)."""
-        return math.sqrt(self._log_var)
-
-    def _x(self, batch: int, tokens: float) -> np.ndarray:
-        return np.array([1.0, float(batch), tokens / self.num_patches])
-
-    def predict(self, batch: int, tokens: float) -> float:
-        return max(1e-6, float(self._x(batch, tokens) @ self.theta))
-
-    def observe(self, batch: int, tokens: float, seconds: float) -> None:
-        """A step over `batch` frames that updated `tokens` patch tokens per gate in all took `seconds`."""
-        if batch < 1 or not seconds > 0:
-            return
-        x = self._x(batch, tokens)
-        predicted = self.predict(batch, tokens)
-        ratio = seconds / predicted
-        self._ratios.append(ratio)
-        # a shift: three steps in a row off the same way by more than the noise explains (2.5 sigma, at least 30 %)
-        limit = max(math.log(self.shift_ratio), 2.5 * math.sqrt(self._log_var))
-        if self.observations >= 5 and len(self._ratios) == 3 and (
-            all(math.log(r) > limit for r in self._ratios) or all(math.log(r) < -limit for r in self._ratios)
-        ):
-            # follow it now: a slowdown by the median of the three, a speed-up by the least of them (rising is slow)
-            slower = self._ratios[0] > 1
-            self.last_shift = float(np.median(self._ratios)) if slower else max(self._ratios)
-            self.theta *= self.last_shift
-            self.shifts += 1
-            self._ratios.clear()
-            predicted = self.predict(batch, tokens)
-        elif self.observations >= 5:
-            log_ratio = min(max(math.log(ratio), -1.0), 1.0)
-            self._log_bias += 0.2 * (log_ratio - self._log_bias)
-            self._log_var += 0.05 * ((log_ratio - self._log_bias) ** 2 - self._log_var)
-        if self.observations >= 5:
-            seconds = min(max(seconds, 0.5 * predicted), 2.0 * predicted)  # one outlier moves the fit little
-        self._rls(x, seconds, self.forgetting)
-        self._rls(self._prior_x, 0.0, 1.0)
-        trace = float(np.trace(self.cov))
-        if trace > self.max_trace:
-            self.cov *= self.max_trace / trace
-        self.observations += 1
-        weight = 0.1 if self.observations > 10 else 1.0 / self.observations
-        self._mean_step += weight * (seconds - self._mean_step)
-        self._mean_x_tokens += weight * (x[2] - self._mean_x_tokens)
-        self._project()
-
-    def calibrate(self, steps: Sequence[tuple[int, float, float]]) -> None:
-        """Start from measured steps, (batch, tokens, seconds) at a few batch sizes and budgets (the engine's
-        warm-up), instead of the prior: a least-squares fit with the weak prior on b. From the prior alone, the
-        first join on this CPU got r = 141 at 4 streams (predicted 68 ms; live ~300). The covariance stays wide:
-        the warm-up ran on a quiet device, and the steps served under load take over as fast as before (with the
-        covariance of these few steps, following a slowdown took up to 10 s in simulation instead of 1.5)."""
-        steps = [(b, t, s) for b, t, s in steps if b >= 1 and s > 0]
-        if not steps:
-            return
-        rows = np.array([self._x(b, t) for b, t, _ in steps] + [self._prior_x])
-        seconds = np.array([s for _, _, s in steps] + [0.0])
-        self.theta = np.linalg.lstsq(rows, seconds, rcond=None)[0]
-        self.observations += len(steps)
-        self._mean_step = float(np.mean(seconds[:-1]))
-        self._mean_x_tokens = float(np.mean(rows[:-1, 2]))
-        self._project()
-
-    def _rls(self, x: np.ndarray, y: float, forgetting: float) -> None:
-        gain = self.cov @ x / (forgetting + x @ self.cov @ x)
-        self.theta = self.theta + gain * (y - x @ self.theta)
-        self.cov = (self.cov - np.outer(gain, x @ self.cov)) / forgetting
-
-    def _project(self) -> None:
-        """Physical signs: a, b >= 0, and the token cost at least a tenth of the mean step per mean token load, the
-        load counted as at least token_floor_load dense frames a step (a fit at one operating point can make the cost
-        vanish, and r would then swing between its bounds; but steps at the minimum r, shedding, carry a token load
-        near 0, and a floor per that load made the token cost 3x the device's: after 8 streams at r = 4 the cost
-        model gave 4 streams r 18-40 where 58 fit)."""
-        self.theta[0] = max(self.theta[0], 0.0)
-        self.theta[1] = max(self.theta[1], 0.0)
-        floor = 0.1 * self._mean_step / max(self._mean_x_tokens, self.token_floor_load)
-        self.theta[2] = max(self.theta[2], floor, 1e-7)
-
-    def level_within(self, budget_s: float, batch: int, fixed_tokens: float, caps: Sequence[float]) -> float:
-        """The largest water level L with predict(batch, fixed + sum(min(cap, L))) <= budget_s (may be < 0)."""
-        a, b, c = self.theta
-        room = (budget_s - a - b * batch) * self.num_patches / c - fixed_tokens  # tokens the controlled may take
-        return water_level(room, caps)
-
-
-class DenseStepModel:
-    """The plain dense step (every stream at the full budget runs the unmodified model): seconds per batch size.
-
-    Not the eventful model at full tokens: that pays gathers, scatters and reference updates on every token and
-    costs more than the plain model (on this CPU, r = 182 of 196 takes 1.4x the dense step; on a GPU, DeiT-Tiny's
-    dense step is cheaper than any eventful one). A moving mean per batch size seen; an unseen size is scaled from
-    the nearest smaller one (every part of the step proportional to the batch: an over-estimate) or taken from the
-    nearest larger one (an over-estimate too)."""
-
-    def __init__(self, weight: float = 0.2):
-        self.weight = weight
-        self._seconds: dict[int, float] = {}
-
-    def observe(self, batch: int, seconds: float) -> None:
-        if batch < 1 or not seconds > 0:
-            return
-        old = self._seconds.get(batch)
-        self._seconds[batch] = seconds if old is None else old + self.weight * (seconds - old)
-
-    def predict(self, batch: int) -> float | None:
-        """None until a dense step was seen."""
-        if batch in self._seconds:
-            return self._seconds[batch]
-        smaller = [b for b in self._seconds if b < batch]
-        if smaller:
-            b = max(smaller)
-            return self._seconds[b] * batch / b
-        larger = [b for b in self._seconds if b > batch]
-        return self._seconds[min(larger)] if larger else None
-
-
-def water_level(total: float, caps: Sequence[float]) -> float:
-    """L with sum(min(cap_i, L)) == total (caps may be inf); total / n when nothing is capped, inf if all are
-    capped below it, negative when total < 0."""
-    if not caps:
-        return math.inf
-    remaining, left = total, len(caps)
-    for cap in sorted(caps):
-        if cap * left >= remaining:
-            return remaining / left
-        remaining -= cap
-        left -= 1
-    return math.inf
-
-
 def _quantile(ordered: list[float], steady: bool, q: float) -> float:
     """The q-quantile of sorted latencies. Of a whole window of a steady load never the slowest frame alone (of a
     10 fps camera's 10 frames it would be): one hiccup is not a trend. Just after a change, the few fresh frames are
     all there is."""
     top = len(ordered) - 2 if steady else len(ordered) - 1
     return ordered[min(top, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def shed_plan(config: ControllerConfig, model: StepCostModel, batch: int, period: float, per_stream: float,
+              budget: float, full_step: float) -> tuple[int | None, float | None, float, float]:
+    """At saturation, how to drop frames: (streams per step or None, an age limit or None, the floor of S, S).
+
+    Full batches with an age limit: frames older than A when a step starts are dropped (their streams' next
+    frames are served instead), so a served frame's latency is at most about A + S_n, which is 2 * S (what S
+    means unsaturated: a full batch that keeps up has latency about 2 * S_n) for A = 2 * S - S_n. Only the
+    frames that would be late are dropped, and the steps stay full: the fixed part of a step (tens of ms on
+    this CPU) is paid once for every frame served. Not only where full steps keep up with the cameras: S_n is
+    extrapolated by the cost model, and in batch-limit mode it sees only small batches (live, it predicted 103 ms
+    for a full batch that took under 100, and held one stream per step: 31 of 80 frames/s). In simulation with
+    the live CPU's step costs the age limit served 56-71 of 80 frames/s at 8 streams where the batch limit served
+    22-58 at the same p95.
+
+    The batch limit is the fallback where no age works: 2 * S <= S_n (even a fresh frame would be late) or a
+    full step alone is longer than the target. With m streams per step of S_m seconds and frames every T, a
+    stream is served every ceil(n/m) steps, with a frame at most min(T, ceil(n/m) * S_m) old (latest frame
+    wins): p95 latency about 0.95 * that + S_m, whose step-equivalent is half of it. Smaller batches cost more
+    per frame: they help only where frames would otherwise wait a whole period. The largest m whose equivalent
+    fits S; if none does, the largest within shed_tolerance of the least.
+
+    S is not taken below the floor, where neither way serves a frame any sooner."""
+    equivalent = []  # of m = 1 .. batch streams per step
+    for m in range(1, batch + 1):
+        step = model.predict(m, per_stream * m)
+        equivalent.append((0.95 * min(period, math.ceil(batch / m) * step) + step) / 2)
+    least = min(equivalent)
+    least_age = config.min_age_share * min(period, full_step)  # younger: the round being served (decoded)
+    floor_s = min(least, (full_step + least_age) / 2)
+    budget = max(budget, floor_s)
+    age = 2 * budget - full_step
+    if age > 0 and full_step < config.target_s:
+        return None, max(age, least_age), floor_s, budget
+    fitting = [m for m, e in enumerate(equivalent, 1) if e <= budget]
+    if not fitting:
+        fitting = [m for m, e in enumerate(equivalent, 1) if e <= (1 + config.shed_tolerance) * least]
+    limit = max(fitting)
+    return (limit if limit < batch else None), None, floor_s, budget
+
+
+
+class KneeMemory:
+    """Per stream count, a knee found: the predicted step at the highest r of a window whose p95 went clearly over the
+    target after r rose into it. Kept as a step time, not an r: a knee is the device's (live, at the step that
+    outlasts the frame period), so a device that slows down lowers it in r and one that gets faster raises it. r
+    rises at most to where the step is predicted at ceiling_margin of it, which creeps up ceiling_creep_per_s
+    (faster while the latency is far under the aim). After a knee cut, feedback waits a window."""
+
+    def __init__(self, config: ControllerConfig):
+        self.config = config
+        self.steps: dict[int, float] = {}  # streams -> the step at the knee (s)
+        self.fast = False  # the latency is far under the aim: creep faster
+        self.cut_until = -math.inf  # after a knee cut: feedback does not cut further until then
+
+    def ceiling_s(self, streams: int, dt: float) -> float | None:
+        """The step r may rise to with this many streams (None: no knee known); the knee creeps up dt's worth."""
+        step = self.steps.get(streams)
+        if step is None:
+            return None
+        creep = self.config.ceiling_creep_fast_per_s if self.fast else self.config.ceiling_creep_per_s
+        self.steps[streams] = step * (1 + creep * dt)
+        return self.config.ceiling_margin * step
+
+    def found(self, streams: int, step_s: float) -> float:
+        """A knee at this step: returns the step r may rise to from now on."""
+        self.steps[streams] = step_s
+        return self.config.ceiling_margin * step_s
+
+    def waiting(self, now: float) -> bool:
+        """A knee cut is waiting for its window to be measured."""
+        return now < self.cut_until
+
+    def may_cut(self, now: float) -> bool:
+        return now >= self.cut_until + self.config.window_s
+
+    def cut(self, now: float) -> None:
+        self.cut_until = now + self.config.window_s
+
+    def forget(self) -> None:
+        self.steps.clear()
+
+
+class LatencyWindow:
+    """The end-to-end latencies of the frames served lately, and what feedback reads from them per stream count: a
+    window's p95 (capped at what its middle half and the recent windows' tails say) and how noisy the window p95s
+    are (a noisy p95 needs a wider margin under the target)."""
+
+    def __init__(self, config: ControllerConfig):
+        self.config = config
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, seconds)
+        self._tails: dict[int, deque[float]] = {}  # for this many streams: the last windows' p95 / location
+        self._tail_at = -math.inf
+        # for this many streams: (time, log p95), one a window (how noisy the p95 is)
+        self._p95_samples: dict[int, deque[tuple[float, float]]] = {}
+
+    def add(self, now: float, seconds: float) -> None:
+        self._latencies.append((now, seconds))
+        _keep_recent(self._latencies, now, self.config.window_s)
+
+    def recent(self, now: float, since: float, window_s: float | None = None,
+               min_samples: int | None = None) -> tuple[list[float], bool] | None:
+        """The latencies of the last window (none before `since`), sorted, and whether they are a whole window of a
+        steady load (None: fewer than min_samples, from at most 4 windows back)."""
+        window = self.config.window_s if window_s is None else window_s
+        need = self.config.min_samples if min_samples is None else min_samples
+        start, earliest = max(now - window, since), max(now - 4 * window, since)
+        recent = [s for t, s in self._latencies if t >= start]
+        steady = start == now - window and len(recent) >= max(need, 3)
+        if len(recent) < need:
+            older = [s for t, s in self._latencies if t >= earliest]
+            recent = older[-need:]
+        if len(recent) < need:
+            return None
+        recent.sort()
+        return recent, steady
+
+    def steady_p95(self, now: float, p95: float, ordered: list[float], streams: int, whole: bool) -> float:
+        """The p95 to feed back: the window's, capped at what its middle half says with the tail (p95 / the mean of
+        the middle half) of the windows lately (whole: a whole window was measured since the load changed; one tail
+        a window is kept). A host stall makes a burst of frames late though r did not change: it moves a 1-s p95 (a
+        few frames' worth) but not the middle half, and one window's tail not the mean of several. Fed back as is,
+        every stall cut r (in simulation with stalls: r 0.73 of the best fixed, 0.80 so)."""
+        cfg = self.config
+        quarter = len(ordered) // 4
+        location = float(np.mean(ordered[quarter:len(ordered) - quarter]))  # the mean of the middle half
+        tail = max(p95 / location, 1.0) if location > 0 else 1.0
+        samples = self._tails.setdefault(streams, deque(maxlen=cfg.tail_windows))
+        if whole and now - self._tail_at >= cfg.window_s:
+            samples.append(tail)
+            self._tail_at = now
+        # the mean of the last windows' tails less the largest (one transient or one stall is not the load's shape)
+        mean = None if len(samples) < 2 else (sum(samples) - max(samples)) / (len(samples) - 1)
+        return p95 if mean is None else min(p95, cfg.tail_slack * mean * location)
+
+    def sample(self, now: float, p95: float, streams: int) -> None:
+        """A window p95 (at most one a window), to tell how noisy it is."""
+        samples = self._p95_samples.setdefault(streams, deque(maxlen=12))
+        if not samples or now - samples[-1][0] >= self.config.window_s:
+            samples.append((now, math.log(p95)))
+
+    def aim(self, streams: int) -> float:
+        """The share of the target the p95 is held at: cfg.aim, less where the window p95 is noisy."""
+        cfg = self.config
+        samples = self._p95_samples.get(streams, ())
+        if len(samples) < 5:
+            return cfg.aim
+        sigma = float(np.std([v for _, v in samples]))
+        return cfg.aim * math.exp(-cfg.aim_noise_gain * max(0.0, sigma - cfg.noise_free))
+
+    def forget_spread(self) -> None:
+        self._p95_samples.clear()
+
+
+def _keep_recent(history: deque, now: float, window_s: float) -> None:
+    """Keep 4 windows of (time, ...) history: every round reads it, so it must stay short."""
+    horizon = now - 4 * window_s - 1.0
+    while history and history[0][0] < horizon:
+        history.popleft()
 
 
 class BudgetController:
@@ -352,10 +350,9 @@ class BudgetController:
         self._last_jump = -math.inf
         self._saturated_at = -math.inf  # the last decision that shed load ...
         self._saturated_since = math.inf  # ... and the first of the run of such decisions it is in
-        self._knee_until = -math.inf  # after a knee cut: feedback does not cut further until then
-        self._ceiling_fast = False  # the latency is far under the aim: the ceiling creeps up faster
+        self._knees = KneeMemory(config)
         self._u_history: deque[tuple[float, float]] = deque(maxlen=256)  # (time, u) of recent rounds
-        self._latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, seconds)
+        self._latency = LatencyWindow(config)
         # (end, seconds, batch, tokens, plain dense)
         self._steps: deque[tuple[float, float, int, float, bool]] = deque(maxlen=4096)
         self._arrival_gaps: dict[str, tuple[float, float]] = {}  # stream -> (last arrival, moving mean gap)
@@ -365,17 +362,12 @@ class BudgetController:
         self._shed_floor_u: float | None = None  # while shedding: u below which no way of dropping frames helps
         self._last: Decision | None = None
         self._p95: float | None = None
-        self._tails: dict[int, deque[float]] = {}  # for this many streams: the last windows' p95 / location
-        self._tail_at = -math.inf
         self._error = 0.0
         self._streams: frozenset[str] = frozenset()
         self._hold_until = -math.inf
         self._forget_before = -math.inf
         self._levels: deque[tuple[float, float]] = deque(maxlen=256)  # (time, L) of recent rounds
-        # for this many streams: (time, log p95), one a window (how noisy the p95 is)
-        self._p95_samples: dict[int, deque[tuple[float, float]]] = {}
         self._u_by_streams: dict[int, float] = {}  # the integrator last used with this many streams (regulating)
-        self._ceilings: dict[int, float] = {}  # for this many streams: the r at which the p95 went over the target
 
     def reconfigure(self, config: ControllerConfig, initial_tokens: int) -> None:
         """A new target or range (or auto mode switched on): start over from initial_tokens, keeping what was
@@ -388,9 +380,11 @@ class BudgetController:
         self._rise_credit = 0.0
         self._streams = frozenset()  # the next decision starts with a hold
         self._u_by_streams.clear()
+        self._knees.config = config
         if not tighter:
-            self._ceilings.clear()
-        self._p95_samples.clear()
+            self._knees.forget()
+        self._latency.config = config
+        self._latency.forget_spread()
         self._last = None
         self._operating_point = None
 
@@ -404,14 +398,7 @@ class BudgetController:
             self.dense_model.observe(batch, seconds)
 
     def observe_latency(self, now: float, seconds: float) -> None:
-        self._latencies.append((now, seconds))
-        self._prune(self._latencies, now)
-
-    def _prune(self, history: deque, now: float) -> None:
-        """Keep 4 windows of history: every round reads it, so it must stay short."""
-        horizon = now - 4 * self.config.window_s - 1.0
-        while history and history[0][0] < horizon:
-            history.popleft()
+        self._latency.add(now, seconds)
 
     def observe_arrival(self, now: float, stream_id: str) -> None:
         """A frame of this stream was received (how often tells how old its newest frame can be)."""
@@ -429,7 +416,7 @@ class BudgetController:
         every stream was at the full budget and the plain model ran; seeded: frames that seeded a stream's state
         (its first frame, or the first after dense steps), computed densely through the eventful path."""
         self._steps.append((now, seconds, batch, tokens, plain_dense))
-        self._prune(self._steps, now)
+        _keep_recent(self._steps, now, self.config.window_s)
         if plain_dense:
             self.dense_model.observe(batch, seconds)
             return
@@ -452,32 +439,14 @@ class BudgetController:
             self._u = max([self._u] + [u for t, u in self._u_history if t >= now - self.config.window_s])
             if self.model.last_shift < 1:
                 # faster: a knee found before lies higher now (slower: lower, so the ceilings stay on the safe side)
-                self._ceilings.clear()
+                self._knees.forget()
 
     def p95(self, now: float, window_s: float | None = None, min_samples: int | None = None,
             q: float = 0.95, fresh: bool = True) -> float | None:
         """p95 (or the q-quantile) end-to-end latency of the frames of the last window (at least min_samples, up
         to 4 windows back). fresh: only frames since the load or the device last changed (what feedback uses)."""
-        recent = self._recent_latencies(now, window_s, min_samples, fresh)
+        recent = self._latency.recent(now, self._forget_before if fresh else -math.inf, window_s, min_samples)
         return None if recent is None else _quantile(*recent, q)
-
-    def _recent_latencies(self, now: float, window_s: float | None = None, min_samples: int | None = None,
-                          fresh: bool = True) -> tuple[list[float], bool] | None:
-        """The latencies of the last window, sorted, and whether they are a whole window of a steady load (None:
-        fewer than min_samples)."""
-        window = self.config.window_s if window_s is None else window_s
-        need = self.config.min_samples if min_samples is None else min_samples
-        floor = self._forget_before if fresh else -math.inf
-        since, earliest = max(now - window, floor), max(now - 4 * window, floor)
-        recent = [s for t, s in self._latencies if t >= since]
-        steady = since == now - window and len(recent) >= max(need, 3)
-        if len(recent) < need:
-            older = [s for t, s in self._latencies if t >= earliest]
-            recent = older[-need:]
-        if len(recent) < need:
-            return None
-        recent.sort()
-        return recent, steady
 
     # ---- the decision ----------------------------------------------------------------------
 
@@ -515,14 +484,8 @@ class BudgetController:
         wanted = self.model.level_within(budget, batch, fixed, caps) if caps else float(cfg.top_tokens)
         saturated = wanted < cfg.min_tokens
         wanted = min(max(wanted, cfg.min_tokens), cfg.top_tokens)
-        ceiling = self._ceilings.get(len(streams))
-        if ceiling is not None:
-            creep = cfg.ceiling_creep_fast_per_s if self._ceiling_fast else cfg.ceiling_creep_per_s
-            self._ceilings[len(streams)] = ceiling * (1 + creep * dt)
-        # the ceiling is a step time (a knee is the device's: live, at the step that outlasts the frame period), so a
-        # device that slows down lowers it in r, and one that gets faster raises it
-        ceiling_level = None if ceiling is None else self.model.level_within(cfg.ceiling_margin * ceiling, batch,
-                                                                              fixed, caps)
+        ceiling = self._knees.ceiling_s(len(streams), dt)
+        ceiling_level = None if ceiling is None else self.model.level_within(ceiling, batch, fixed, caps)
         dense_step = self._dense_step(batch, demands, caps)
         # hysteresis: leaving dense costs a seeding step per stream, so it takes a clear miss
         dense_room = budget * (1 + cfg.dense_hysteresis if self._level >= cfg.top_tokens else 1.0)
@@ -553,7 +516,8 @@ class BudgetController:
                 self._saturated_since = now
             self._saturated_at = now
             ids = [d.stream_id for d in demands]
-            max_batch, max_age, floor_s, budget = self._shed(ids, total / batch, budget, predicted)
+            max_batch, max_age, floor_s, budget = shed_plan(cfg, self.model, batch, self.frame_period(ids),
+                                                            total / batch, budget, predicted)
             self._shed_floor_u = math.log(floor_s / cfg.target_s)
             measured = "" if self._p95 is None else f", measured p95 {1000 * self._p95:.0f} ms"
             if max_age is not None:
@@ -605,51 +569,10 @@ class BudgetController:
         gaps = [self._arrival_gaps[i][1] for i in stream_ids if i in self._arrival_gaps]
         return float(np.median(gaps)) if gaps else math.inf
 
-    def _shed(self, stream_ids: Sequence[str], per_stream: float, budget: float,
-              full_step: float) -> tuple[int | None, float | None, float, float]:
-        """At saturation, how to drop frames: (streams per step or None, an age limit or None, the floor of S, S).
-
-        Full batches with an age limit: frames older than A when a step starts are dropped (their streams' next
-        frames are served instead), so a served frame's latency is at most about A + S_n, which is 2 * S (what S
-        means unsaturated: a full batch that keeps up has latency about 2 * S_n) for A = 2 * S - S_n. Only the
-        frames that would be late are dropped, and the steps stay full: the fixed part of a step (tens of ms on
-        this CPU) is paid once for every frame served. Not only where full steps keep up with the cameras: S_n is
-        extrapolated by the cost model, and in batch-limit mode it sees only small batches (live, it predicted 103 ms
-        for a full batch that took under 100, and held one stream per step: 31 of 80 frames/s). In simulation with
-        the live CPU's step costs the age limit served 56-71 of 80 frames/s at 8 streams where the batch limit served
-        22-58 at the same p95.
-
-        The batch limit is the fallback where no age works: 2 * S <= S_n (even a fresh frame would be late) or a
-        full step alone is longer than the target. With m streams per step of S_m seconds and frames every T, a
-        stream is served every ceil(n/m) steps, with a frame at most min(T, ceil(n/m) * S_m) old (latest frame
-        wins): p95 latency about 0.95 * that + S_m, whose step-equivalent is half of it. Smaller batches cost more
-        per frame: they help only where frames would otherwise wait a whole period. The largest m whose equivalent
-        fits S; if none does, the largest within shed_tolerance of the least.
-
-        S is not taken below the floor, where neither way serves a frame any sooner."""
-        batch = len(stream_ids)
-        period = self.frame_period(stream_ids)
-        equivalent = []  # of m = 1 .. batch streams per step
-        for m in range(1, batch + 1):
-            step = self.model.predict(m, per_stream * m)
-            equivalent.append((0.95 * min(period, math.ceil(batch / m) * step) + step) / 2)
-        least = min(equivalent)
-        least_age = self.config.min_age_share * min(period, full_step)  # younger: the round being served (decoded)
-        floor_s = min(least, (full_step + least_age) / 2)
-        budget = max(budget, floor_s)
-        age = 2 * budget - full_step
-        if age > 0 and full_step < self.config.target_s:
-            return None, max(age, least_age), floor_s, budget
-        fitting = [m for m, e in enumerate(equivalent, 1) if e <= budget]
-        if not fitting:
-            fitting = [m for m, e in enumerate(equivalent, 1) if e <= (1 + self.config.shed_tolerance) * least]
-        limit = max(fitting)
-        return (limit if limit < batch else None), None, floor_s, budget
-
     def _feedback(self, now: float, dt: float, at_top: bool) -> None:
         """The PI loop on the log latency error: updates the error and the integrator u."""
         cfg = self.config
-        recent = self._recent_latencies(now)
+        recent = self._latency.recent(now, self._forget_before)
         p95 = None if recent is None else _quantile(*recent, 0.95)
         self._p95 = p95
         self._u_history.append((now, self._u))
@@ -660,18 +583,20 @@ class BudgetController:
         # Latencies measured over the window came from steps at the operating points of their time; the cost model
         # says how the step in effect now compares with them (a Smith predictor: the window's delay is not fed back)
         now_vs_window = self._now_vs_window(now)
-        self._sample_p95(now, p95)  # the window p95 itself: how far the p95 over a phase may stray from the estimate
-        p95 = self._steady_p95(now, p95, recent[0])
+        count = len(self._streams)
+        whole = now >= self._hold_until + cfg.window_s  # a whole window measured since the load changed
+        if whole:  # the window p95 itself: how far the p95 over a phase may stray from the estimate
+            self._latency.sample(now, p95, count)
+        p95 = self._latency.steady_p95(now, p95, recent[0], count, whole)
         error = math.log(self.aim * cfg.target_s / max(p95 * now_vs_window, 1e-6))
         self._raw_error = error
-        count = len(self._streams)
         if not at_top:  # at the top u says nothing of what this load needs
             self._u_by_streams[count] = self._u
         median = self.p95(now, cfg.jump_window_s, 5, q=0.5)  # of the last frames: noise does not move it, a jump does
         median = None if median is None else median * self._now_vs_window(now, cfg.jump_window_s)
         jumped = median is not None and median > cfg.jump_factor * cfg.target_s
         over = p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s or jumped
-        if over and now >= self._hold_until + cfg.window_s:
+        if over and whole:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
             # remember the highest r of the window (what the latency measured comes from)
             top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
@@ -679,10 +604,9 @@ class BudgetController:
             # r rose into it: a knee (with r steady, noise or the device; shedding in the window, the frames dropped)
             rose = top >= (1 + cfg.knee_rise) * low and self._saturated_at < now - cfg.window_s - cfg.hold_s
             if rose:
-                self._ceilings[count] = self.model.predict(count, count * top)  # the step at the top of the window
-                under = self.model.level_within(cfg.ceiling_margin * self._ceilings[count], count, 0.0,
-                                                [math.inf] * count)
-                if (cfg.knee_cut and self._level > under and now >= self._knee_until + cfg.window_s
+                ceiling = self._knees.found(count, self.model.predict(count, count * top))  # the window's top step
+                under = self.model.level_within(ceiling, count, 0.0, [math.inf] * count)
+                if (cfg.knee_cut and self._level > under and self._knees.may_cut(now)
                         and not (self._last and self._last.saturated)):
                     # r went over the knee: back under it at once, and let a window measure that before cutting more
                     # (what the window measured came from the r above the knee; the cost model, linear, cannot say
@@ -690,19 +614,19 @@ class BudgetController:
                     # fast cut on it took r to 13-26, a swing that made the phase's p95)
                     self._level = max(under, float(cfg.min_tokens))
                     self._rise_credit = 0.0
-                    self._knee_until = now + cfg.window_s
+                    self._knees.cut(now)
         # far under the aim, the ceiling creeps up faster (the device may have got faster; dropping it at once undid
         # it live: just under a sharp knee the latency is far under the aim, and r went straight back over)
-        self._ceiling_fast = error > cfg.ceiling_far
+        self._knees.fast = error > cfg.ceiling_far
         self._error = 0.0 if abs(error) < cfg.deadband else error
-        if now < self._knee_until:
+        if self._knees.waiting(now):
             self._error = max(self._error, 0.0)  # the knee cut is waiting for its window
         # shedding for a while: the age limit (or batch limit) moves the latency about twice as much as S, so the
         # loop runs at a fraction of its gain and without the fast cut (live, at full gain the age limit swung
         # between 10 and 79 ms and the 1-s p95 between 80 and 180 ms, period ~1.5 s; at 0.3, 109-152 ms)
         shedding = (self._last is not None and self._last.saturated and now - self._saturated_since >= cfg.shed_calm_s
                     and self._beyond_capacity())
-        if jumped and now >= self._knee_until and now - self._last_jump >= cfg.jump_every_s and not shedding:
+        if jumped and not self._knees.waiting(now) and now - self._last_jump >= cfg.jump_every_s and not shedding:
             # fast cut: at most halve at once, then let the window refill before judging again
             self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
@@ -726,40 +650,10 @@ class BudgetController:
         period = self.frame_period(list(self._streams))
         return count > 0 and self.model.predict(count, count * self.config.min_tokens) > period
 
-    def _steady_p95(self, now: float, p95: float, ordered: list[float]) -> float:
-        """The p95 to feed back: the window's, capped at what its middle half says with the tail (p95 / the mean of
-        the middle half) of the windows lately. A host stall makes a burst of frames late though r did not change:
-        it moves a 1-s p95 (a few frames' worth) but not the middle half, and one window's tail not the mean of
-        several. Fed back as is, every stall cut r (in simulation with stalls: r 0.73 of the best fixed, 0.80 so)."""
-        cfg = self.config
-        quarter = len(ordered) // 4
-        location = float(np.mean(ordered[quarter:len(ordered) - quarter]))  # the mean of the middle half
-        tail = max(p95 / location, 1.0) if location > 0 else 1.0
-        samples = self._tails.setdefault(len(self._streams), deque(maxlen=cfg.tail_windows))
-        if now >= self._hold_until + cfg.window_s and now - self._tail_at >= cfg.window_s:
-            samples.append(tail)  # one a window, once a whole window was measured since the load changed
-            self._tail_at = now
-        # the mean of the last windows' tails less the largest (one transient or one stall is not the load's shape)
-        mean = None if len(samples) < 2 else (sum(samples) - max(samples)) / (len(samples) - 1)
-        return p95 if mean is None else min(p95, cfg.tail_slack * mean * location)
-
-    def _sample_p95(self, now: float, p95: float) -> None:
-        """One window p95 per window, once a whole window was measured since the load changed."""
-        if now < self._hold_until + self.config.window_s:
-            return
-        samples = self._p95_samples.setdefault(len(self._streams), deque(maxlen=12))
-        if not samples or now - samples[-1][0] >= self.config.window_s:
-            samples.append((now, math.log(p95)))
-
     @property
     def aim(self) -> float:
-        """The share of the target the p95 is held at: cfg.aim, less where the window p95 is noisy."""
-        cfg = self.config
-        samples = self._p95_samples.get(len(self._streams), ())
-        if len(samples) < 5:
-            return cfg.aim
-        sigma = float(np.std([v for _, v in samples]))
-        return cfg.aim * math.exp(-cfg.aim_noise_gain * max(0.0, sigma - cfg.noise_free))
+        """The share of the target the p95 is held at now."""
+        return self._latency.aim(len(self._streams))
 
     def _move_level(self, dt: float, wanted: float, now_error: float | None = None,
                     ceiling: float | None = None) -> None:

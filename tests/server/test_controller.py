@@ -14,13 +14,8 @@ from dataclasses import replace
 
 import pytest
 
-from server.engine.controller import (
-    BudgetController,
-    ControllerConfig,
-    StepCostModel,
-    StreamDemand,
-    water_level,
-)
+from server.engine.controller import BudgetController, ControllerConfig, StreamDemand
+from server.engine.step_cost import StepCostModel, water_level
 from tests.server.conftest import encode, frames, wait_until
 from tests.server.controller_sim import (
     Phase,
@@ -291,13 +286,13 @@ def test_a_first_join_after_start_begins_near_what_the_load_sustains():
 def test_a_knee_found_is_kept_for_a_target_as_tight_and_dropped_for_a_looser_one():
     config = ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4)
     controller = BudgetController(config, initial_tokens=30)
-    controller._ceilings[4] = 0.09  # noqa: SLF001 (a knee found at 4 streams: steps of 90 ms went over)
+    controller._knees.steps[4] = 0.09  # noqa: SLF001 (a knee found at 4 streams: steps of 90 ms went over)
     controller.reconfigure(config, 30)  # auto mode set again, the same target
-    assert controller._ceilings == {4: 0.09}  # noqa: SLF001
+    assert controller._knees.steps == {4: 0.09}  # noqa: SLF001
     controller.reconfigure(replace(config, target_s=0.1), 30)
-    assert controller._ceilings == {4: 0.09}  # noqa: SLF001
+    assert controller._knees.steps == {4: 0.09}  # noqa: SLF001
     controller.reconfigure(replace(config, target_s=0.3), 30)  # looser: the knee may lie higher
-    assert controller._ceilings == {}  # noqa: SLF001
+    assert controller._knees.steps == {}  # noqa: SLF001
 
 
 def test_water_level():
