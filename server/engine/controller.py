@@ -468,6 +468,10 @@ class BudgetController:
                 # fewer streams: cuts made under the heavier load (down to shedding frames, which holds the measured
                 # latency near the target and so hides the room the lighter load has) no longer apply
                 self._u = max(self._u, cfg.u_initial)
+            elif self._streams and self._beyond_step_budget(len(streams)):
+                # more streams than the step budget holds even at the minimum r: shedding starts, and a frame then
+                # waits for about two steps (the one running, its own), not the one a lighter load measured
+                self._u = min(self._u, cfg.u_initial)
             self._streams = streams
             self._hold_until = now + cfg.hold_s
             self._forget_before = self._hold_until
@@ -649,6 +653,11 @@ class BudgetController:
         count = len(self._streams)
         period = self.frame_period(list(self._streams))
         return count > 0 and self.model.predict(count, count * self.config.min_tokens) > period
+
+    def _beyond_step_budget(self, count: int) -> bool:
+        """Whether a step over count streams at the minimum r outlasts the step budget the feedback holds now."""
+        step_budget = self.config.target_s * math.exp(self._u)
+        return self.model.predict(count, count * self.config.min_tokens) > step_budget
 
     @property
     def aim(self) -> float:

@@ -630,3 +630,28 @@ def test_the_age_limit_never_drops_the_round_being_served():
     assert statistics.mean(served[0.3]) >= 1.3 * statistics.mean(served[0.1]), served
     assert statistics.mean(p95s[0.3]) <= 1.05 * statistics.mean(p95s[0.1]), p95s
     assert max(p95s[0.3]) <= 1.1 * TARGET, p95s
+
+
+def _join_recoveries(monkeypatch, as_before: bool) -> tuple[list[float], list[float]]:
+    if as_before:
+        monkeypatch.setattr(BudgetController, "_beyond_step_budget", lambda self, count: False)
+    recoveries, p95s = [], []
+    for seed in range(6):
+        controller = new_controller(TARGET, KNEE_CPU, min_tokens=4)
+        trace = simulate(LOAD_STEPS, 40, controller_decider(controller), replace(KNEE_CPU, seed=seed))
+        recoveries.append(trace.recovery_time(20, 30, TARGET))
+        p95s.append(trace.p95(20 + STEADY_AFTER_S, 30))
+    monkeypatch.undo()
+    return recoveries, p95s
+
+
+def test_a_join_into_shedding_starts_from_two_steps_not_the_lighter_loads_budget(monkeypatch):
+    """4 -> 8 streams on the CPU knee: 8 streams at the minimum r outlast the step budget the 4-stream phase learned,
+    so shedding starts, and a frame then waits for about two steps. Starting from the lighter load's budget, the
+    feedback took 1.0-1.5 s (10 seeds) to cut it down and the p95 stayed over 1.1x the target that long; starting
+    from two steps, 0-0.5 s, at the same steady p95."""
+    now, now_p95 = _join_recoveries(monkeypatch, as_before=False)
+    before, before_p95 = _join_recoveries(monkeypatch, as_before=True)
+    assert max(now) <= 0.5 and min(before) >= 1.0, (now, before)
+    assert max(now_p95) <= 1.05 * TARGET and statistics.mean(now_p95) <= 1.03 * statistics.mean(before_p95), (
+        now_p95, before_p95)
