@@ -63,6 +63,15 @@ class StepOutput:
         n = self.tokens.shape[1]
         return self.updated_tokens.float().mean(dim=(1, 2)) / n
 
+    @staticmethod
+    def concat(outputs: list[StepOutput]) -> StepOutput:
+        """The outputs of steps over disjoint streams as one, their streams in the order given."""
+        return StepOutput(
+            torch.cat([o.logits for o in outputs]), torch.cat([o.tokens for o in outputs]),
+            torch.cat([o.updated_tokens for o in outputs]), [m for o in outputs for m in o.macs],
+            outputs[0].dense_macs, [d for o in outputs for d in o.dense_frame],
+        )
+
     def reordered(self, index: list[int]) -> StepOutput:
         """The same output with its streams in the order `index` gives."""
         idx = torch.tensor(index, device=self.logits.device)
@@ -198,12 +207,33 @@ class EventfulViT:
                 )
         if all(bud.is_dense_for(self.vit.num_patches) for bud in budgets):
             return self._plain_dense(images, states)
-        order = _slab_order(states)
-        if b > 1 and order != list(range(b)):  # run in slab order (no copies), answer in the caller's order
-            inverse = sorted(range(b), key=order.__getitem__)
-            out = self._step(images[order], [states[j] for j in order], [budgets[j] for j in order])
-            return out.reordered(inverse)
-        return self._step(images, states, budgets)
+        every = [j for j in range(b) if self._computes_every_token(states[j], budgets[j])]
+        if 0 < len(every) < b:
+            # a stream computing every token (a joiner's first frame, a refresh, a full budget) would pad the
+            # others' attention queries to all N tokens (the padded form is as wide as its widest stream): live, a
+            # joiner's first frame in a step of 7 streams at r = 57 cost 48 ms, alone 21. Two steps, one answer.
+            some = [j for j in range(b) if j not in every]
+            order = some + every
+            out = StepOutput.concat([self._step_in_slab_order(images, states, budgets, g) for g in (some, every)])
+            return out.reordered(sorted(range(b), key=order.__getitem__))
+        return self._step_in_slab_order(images, states, budgets, list(range(b)))
+
+    def _computes_every_token(self, state: StreamState, budget: StreamBudget) -> bool:
+        refresh = self.config.refresh_interval
+        refreshing = refresh is not None and state.frames_since_dense + 1 >= refresh
+        return state.needs_dense or refreshing or budget.is_dense_for(self.vit.num_patches)
+
+    def _step_in_slab_order(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget],
+                            members: list[int]) -> StepOutput:
+        """`_step` over these members (indices into the batch), run in slab order (no copies), answered in the
+        members' order."""
+        order = [members[j] for j in _slab_order([states[i] for i in members])]
+        out = self._step(images[order] if order != list(range(len(images))) else images,
+                         [states[i] for i in order], [budgets[i] for i in order])
+        if order == members:
+            return out
+        rank = {i: k for k, i in enumerate(order)}
+        return out.reordered([rank[i] for i in members])
 
     def _plain_dense(self, images: torch.Tensor, states: list[StreamState]) -> StepOutput:
         """Every stream asked for its full budget: the plain dense model, at exactly its cost. The states are not

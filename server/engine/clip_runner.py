@@ -61,6 +61,8 @@ class ClipRunner(FrameRunner):
     """A VideoMAE clip classifier with RLT; outputs {"action": {"label", "score"}, "top": [...]} every stride frames
     once the window is full, {"window": n, "of": T} otherwise."""
 
+    dense_first_frame = False  # a window fills frame by frame; RLT decides what each clip computes
+
     def __init__(
         self, model: VideoMAE, tau: float = DEFAULT_TAU, stride: int = 8, top_k: int = 5,
         limits: FrameLimits | None = None,

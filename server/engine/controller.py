@@ -122,11 +122,13 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class StreamDemand:
     """A stream expected in the next batch. fixed_tokens: an override (not controlled, but it costs);
-    cap_tokens: a per-stream cap on its controlled r."""
+    cap_tokens: a per-stream cap on its controlled r; seeding: its frame this step costs a dense one (the step's
+    other streams get less for it, the level the controller holds stays)."""
 
     stream_id: str
     fixed_tokens: int | None = None
     cap_tokens: int | None = None
+    seeding: bool = False  # its frame in this step seeds its state (computed densely: a dense frame's cost)
 
 
 @dataclass(frozen=True)
@@ -503,16 +505,20 @@ class BudgetController:
         self._levels.append((now, self._level))
         self._held_back = wanted - self._level >= max(cfg.hysteresis_tokens, cfg.hysteresis_fraction * self._level)
         level = round(self._level)
+        plain_dense = dense_step is not None and level >= cfg.num_patches
+        step_level = level if plain_dense else self._level_beside_seeds(level, budget, demands)
 
         tokens = {}
         for d in demands:
             if d.fixed_tokens is not None:
                 tokens[d.stream_id] = d.fixed_tokens
             else:
-                tokens[d.stream_id] = level if d.cap_tokens is None else min(level, d.cap_tokens)
+                tokens[d.stream_id] = step_level if d.cap_tokens is None else min(step_level, d.cap_tokens)
         total = fixed + sum(tokens[d.stream_id] for d in demands if d.fixed_tokens is None)
-        plain_dense = dense_step is not None and level >= cfg.num_patches
-        predicted = dense_step if plain_dense else self.model.predict(batch, total)
+        seeds = self._seed_tokens(demands, tokens)
+        predicted = dense_step if plain_dense else self.model.predict(batch, total + seeds)
+        # the operating point the feedback compares the window with: the level held (seeding steps are one-offs)
+        held_total = total + sum(min(level, cap) - min(step_level, cap) for cap in caps)
         max_batch, max_age, reason = None, None, None
         self._shed_floor_u = None
         if saturated:
@@ -538,9 +544,29 @@ class BudgetController:
             if max_batch is not None:
                 predicted = self.model.predict(max_batch, total / batch * max_batch)
         served = min(batch, max_batch or batch)
-        self._operating_point = (served, total * served / batch, plain_dense)
-        self._last = Decision(tokens, level, budget, predicted, max_batch, saturated, reason, max_age)
+        self._operating_point = (served, held_total * served / batch, plain_dense)
+        self._last = Decision(tokens, step_level, budget, predicted, max_batch, saturated, reason, max_age)
         return self._last
+
+    def _seed_tokens(self, demands: Sequence[StreamDemand], tokens: dict[str, int]) -> float:
+        """What the seeding frames cost beyond their streams' tokens (they compute every token)."""
+        return float(sum(self.config.num_patches - tokens[d.stream_id] for d in demands if d.seeding))
+
+    def _level_beside_seeds(self, level: int, budget: float, demands: Sequence[StreamDemand]) -> int:
+        """The level for this step: where streams seed (a joiner's first frame, a dense frame's cost), the others
+        get what fits the step budget beside them (not under min_tokens; a one-off, the level held stays). Live, 4
+        joiners seeding one a step at 4 -> 8 streams made steps of 120-140 ms where 93 were predicted, frames
+        waited for them, and the latency of 200+ ms set off the fast cut (r 55 -> 11, then shedding)."""
+        if not any(d.seeding for d in demands):
+            return level
+        fixed = sum(self.config.num_patches if d.seeding else d.fixed_tokens
+                    for d in demands if d.seeding or d.fixed_tokens is not None)
+        caps = [math.inf if d.cap_tokens is None else float(d.cap_tokens)
+                for d in demands if not d.seeding and d.fixed_tokens is None]
+        if not caps:
+            return level
+        beside = self.model.level_within(budget, len(demands), float(fixed), caps)
+        return max(min(level, math.floor(beside)), min(level, self.config.min_tokens))
 
     def _dense_step(self, batch: int, demands: Sequence[StreamDemand], caps: Sequence[float]) -> float | None:
         """The predicted plain dense step over the batch, when every stream may have the full budget (else None)."""

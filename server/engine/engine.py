@@ -475,7 +475,12 @@ class Engine:
                 self._scheduler.is_ready(record.stream_id) or self._expected_soon(record, now)
             ):
                 ids.append(record.stream_id)
-        decision = controller.decide(now, [StreamDemand(i, *policy.terms(i)) for i in ids])
+        seeding, most = set(), max(1, self.config.seeds_per_step)
+        for pending in batch:  # the frames that will seed their streams' states this step (as `_plan` picks them)
+            record = self._registry.records.get(pending.stream_id)
+            if record is not None and len(seeding) < most and self._seeds(record, pending):
+                seeding.add(pending.stream_id)
+        decision = controller.decide(now, [StreamDemand(i, *policy.terms(i), seeding=i in seeding) for i in ids])
         policy.set_auto(decision.level, decision.tokens)
         self._shed_limit = decision.max_batch
         self._shed_age = decision.max_age_s
@@ -515,8 +520,7 @@ class Engine:
                 record.state = self.runner.new_state()
                 record.state_bytes = record.state.nbytes
             flush = record.frame_size is not None and record.frame_size != pending.frame_size
-            # clip states have no dense first frame
-            if not plain_dense and (flush or getattr(record.state, "needs_dense", False)):
+            if not plain_dense and self._seeds(record, pending):
                 if seeding >= max(1, self.config.seeds_per_step):
                     self._scheduler.defer(pending)  # its turn comes next step
                     continue
@@ -531,6 +535,15 @@ class Engine:
             kept.append(pending)
             records.append(record)
         return StepPlan(planned), kept, records, plain_dense, seeding
+
+    def _seeds(self, record: StreamRecord, pending: PendingFrame) -> bool:
+        """Whether this frame seeds its stream's state (every token, through the eventful path): the stream's first
+        frame, or the first after a flush (a new frame size) or plain dense steps."""
+        if record.frame_size is not None and record.frame_size != pending.frame_size:
+            return True
+        if record.state is None:
+            return self.runner.dense_first_frame
+        return getattr(record.state, "needs_dense", False)  # clip states have no dense first frame
 
     def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult,
                 plain_dense: bool, seeding: int):

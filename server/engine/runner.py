@@ -58,6 +58,8 @@ class WarmupTimings:
 class FrameRunner:
     """What every runner shares: the model's preprocessing behind frame limits, its device, dtype and labels."""
 
+    dense_first_frame = True  # a stream's first frame computes every token (it seeds the stream's state)
+
     def __init__(self, model: nn.Module, top_k: int = 5, limits: FrameLimits | None = None):
         self.model = model
         self.config = model.config

@@ -312,3 +312,34 @@ def test_changing_batch_compositions_and_orders_equal_each_stream_alone(vit):
     ptrs = [s.layers[0].keys.data_ptr() for s in shared]
     rows = shared[0].layers[0].keys.numel() * 4
     assert sorted(ptrs) == [min(ptrs) + i * rows for i in range(3)]  # rows of one slab after the last step
+
+
+def test_a_joiners_first_frame_runs_beside_the_sparse_streams_with_the_same_results(vit, monkeypatch):
+    """A stream computing every token pads the others' attention queries to all tokens: it runs as a step of its
+    own (the sparse streams as theirs), and every stream's result is what it would be alone."""
+    runner = EventfulViT(vit)
+    streams = [video(seed=s) for s in (8, 9, 10)]
+    shared = [runner.new_state() for _ in streams]
+    alone = [runner.new_state() for _ in streams]
+    budget = StreamBudget(tokens=12)
+    steps: list[list[int]] = []
+    run = runner._step  # noqa: SLF001
+
+    def recording(images, states, budgets):
+        steps.append([next(k for k, mine in enumerate(shared) if mine is s) for s in states])
+        return run(images, states, budgets)
+
+    monkeypatch.setattr(runner, "_step", recording)
+    schedule = [[0, 1], [0, 1], [0, 2, 1], [2, 1, 0]]  # stream 2 joins (its first frame, dense) at t = 2
+    for t, members in enumerate(schedule):
+        steps.clear()
+        out = runner.step(torch.stack([streams[j][t] for j in members]), [shared[j] for j in members],
+                          [budget] * len(members))
+        if t == 2:
+            assert sorted(map(sorted, steps)) == [[0, 1], [2]], steps
+            assert out.dense_frame == [False, True, False]
+        for row, j in enumerate(members):
+            reference = run(streams[j][t : t + 1], [alone[j]], [budget])
+            assert (out.logits[row] - reference.logits[0]).abs().max() <= 1e-5
+            assert torch.equal(out.updated_tokens[row], reference.updated_tokens[0])
+            assert out.macs[row] == reference.macs[0]

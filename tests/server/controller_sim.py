@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -45,6 +45,8 @@ class SimConfig:
     seed: int = 0
     dense_per_frame: float | None = None  # s per frame of the plain dense step (None: no plain path)
     seed_factor: float = 1.0
+    seeds_per_step: int | None = None  # as the engine (1): seeding frames beyond this many wait for the next step,
+    # and the controller is told which frame seeds (None: every joiner seeds in its first step, unannounced)
     stall_rate: float = 0.0  # the host stalls (another process takes the CPU) this often per second ...
     stall_s: float = 0.15  # ... for U(0, stall_s): a step running then takes that much longer
     batch_window_s: float = 0.0  # an idle device waits this long after a frame for company (the engine: 5 ms)
@@ -176,7 +178,10 @@ def simulate(
 
     def run_step(t: float) -> float:
         phase = phase_of(t)
-        demands = [demand(s) for s in range(phase.streams)]
+        unseeded = lambda s: s not in seen or s in flushed  # noqa: E731
+        order = lambda s: (served_at.get(s, -1.0), pending[s])  # noqa: E731 (served longest ago first)
+        seeds = set([s for s in sorted(pending, key=order) if unseeded(s)][:sim.seeds_per_step or 0])
+        demands = [replace(demand(s), seeding=s in seeds) for s in range(phase.streams)]
         decision = decide(t, demands)
         trace.decisions.append((t, decision))
         if decision.max_age_s is not None:  # shedding with full batches: frames too old to make it are dropped ...
@@ -186,12 +191,16 @@ def simulate(
             for s in late:
                 del pending[s]
                 trace.dropped.append((t, s))
-        ready = sorted(pending, key=lambda s: (served_at.get(s, -1.0), pending[s]))
+        ready = sorted(pending, key=order)
         limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
         batch = ready[:limit]
         wanted = [decision.tokens.get(f"s{s}", decision.level) for s in batch]
         plain = sim.dense_per_frame is not None and all(r >= sim.num_patches for r in wanted)
-        seeding = [s not in seen or s in flushed for s in batch]
+        if sim.seeds_per_step is not None and not plain:  # the other seeding frames wait for the next step
+            keep = [s for s in batch if unseeded(s)][:sim.seeds_per_step]
+            batch = [s for s in batch if not unseeded(s) or s in keep]
+            wanted = [decision.tokens.get(f"s{s}", decision.level) for s in batch]
+        seeding = [unseeded(s) for s in batch]
         tokens = [sim.num_patches if new else r for new, r in zip(seeding, wanted, strict=True)]
         if plain:
             cost = phase.speed * (sim.a + sim.dense_per_frame * len(batch))
