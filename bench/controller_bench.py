@@ -43,6 +43,9 @@ class ControllerBenchConfig:
     fixed_s: float = 10.0
     repeats: int = 2  # rounds of an auto run then a run per fixed budget, interleaved (medians): the machine is shared
     settle_after_s: float = 3.0  # a phase's (or fixed run's) steady part starts this long (at most half) after it began
+    # a fixed run starts its streams in the groups the auto run does (one group per phase that adds streams), this far
+    # apart (rounded to whole frame periods): a group's cameras keep their own clock, as the auto run's joiners do
+    join_gap_s: float = 0.5
     size: int | None = None
     labels: str | None = None
     server_args: tuple[str, ...] = ()
@@ -219,15 +222,38 @@ def _auto_run(config: ControllerBenchConfig, http: httpx.Client, base: str, base
     return {"phases": phases, "timeline": timeline_, "controller_timeline": states}
 
 
+def join_groups(phases: tuple[int, ...], n: int) -> list[int]:
+    """For n streams: the phase (index) in which each of streams 0..n-1 first starts in the auto run."""
+    return [min(i for i, count in enumerate(phases) if count > k) for k in range(n)]
+
+
+async def _grouped_load(load: LoadConfig, frames: list[list[bytes]], starts: list[float], end: float
+                        ) -> list[StreamReport]:
+    """Stream k from starts[k] until end."""
+
+    async def one(k: int, start: float) -> StreamReport:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        return await run_stream(load, k, frames[k % len(frames)], end)
+
+    return list(await asyncio.gather(*(one(k, start) for k, start in enumerate(starts))))
+
+
 def _fixed_run(config: ControllerBenchConfig, http: httpx.Client, base: str, base_load: LoadConfig,
                frames: list[list[bytes]], n: int, tokens: int, rep: int, progress) -> dict[str, Any]:
-    """n streams at a fixed r from a cold start (a 0 -> n step): the steady p95 and the auto runs' yardsticks."""
+    """n streams at a fixed r, started in the auto run's groups (stream 0, then the streams the next phase adds,
+    ...; join_gap_s apart), measured from the last group's start (a step to n streams): the steady p95 and the
+    auto runs' yardsticks. Started together, the cameras would share one clock (on the CPU a frame then waits for
+    no step, where the auto run's joiners, off the first streams' clock, wait for one)."""
     target_s = config.target_ms / 1000
     http.put("/v1/budget", json={"mode": "fixed", "tokens": tokens}).raise_for_status()
     run = replace(base_load, server=base, streams=n, duration_s=config.fixed_s,
                   stream_prefix=f"fixed{n}-{tokens}-{rep}")
-    start = time.perf_counter()
-    got = asyncio.run(_phased_load(run, frames, (n,), config.fixed_s, start))
+    firsts = join_groups(config.phases, n)
+    rank = {phase: i for i, phase in enumerate(sorted(set(firsts)))}
+    gap = max(1, round(config.join_gap_s * config.fps)) / config.fps if config.fps > 0 else config.join_gap_s
+    begin = time.perf_counter()
+    start = begin + gap * (len(rank) - 1)  # the last group joins: the run's step
+    got = asyncio.run(_grouped_load(run, frames, [begin + gap * rank[f] for f in firsts], start + config.fixed_s))
     got_samples = samples_of(got)
     steady_from = start + min(config.settle_after_s, config.fixed_s / 2)
     stats = window_stats(got_samples, got, steady_from, start + config.fixed_s)
@@ -263,6 +289,22 @@ def _median_phases(config: ControllerBenchConfig, runs: list[dict[str, Any]]) ->
         row["within_target"] = row["p95_ms"] is not None and row["p95_ms"] <= 1.1 * config.target_ms
         merged.append(row)
     return merged
+
+
+def next_sweep_r(config: ControllerBenchConfig, num_patches: int, tried: list[tuple[int, float | None]]) -> int | None:
+    """The next fixed r to try above the sweep (None: stop), from the first round's (r, p95 ms) so far: while the
+    largest r tried meets the target, one extend_factor larger. A single run's miss may be noise that the medians of
+    the rounds undo (live: 179 ms then 138 at r = 38, 8 streams, and the best fixed r was the top of the sweep, a
+    ratio not judged): after a miss by under 25 %, one more r above it; after two misses in a row or a clear one,
+    stop."""
+    tried = sorted(tried)
+    top, top_p95 = tried[-1]
+    larger = min(num_patches - 1, round(config.extend_factor * top))
+    top_p95 = math.inf if top_p95 is None else top_p95
+    below_missed = len(tried) > 1 and (tried[-2][1] or math.inf) > config.target_ms
+    if larger <= top or top_p95 > 1.25 * config.target_ms or (top_p95 > config.target_ms and below_missed):
+        return None
+    return larger
 
 
 def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = None, progress=print) -> dict:
@@ -301,9 +343,9 @@ def run_controller_bench(config: ControllerBenchConfig, log_dir: Path | None = N
                 # three), so that the best fixed r is found, not the top of the sweep
                 dense_meets = (runs[(n, num_patches)][0]["p95_ms"] or math.inf) <= config.target_ms
                 for _ in range(config.extend_sweep if rep == 0 and not dense_meets else 0):
-                    top = max(t for t in budgets[n] if t < num_patches)
-                    larger = min(num_patches - 1, round(config.extend_factor * top))
-                    if larger <= top or (runs[(n, top)][0]["p95_ms"] or math.inf) > config.target_ms:
+                    larger = next_sweep_r(config, num_patches, [(t, runs[(n, t)][0]["p95_ms"])
+                                                                for t in budgets[n] if t < num_patches])
+                    if larger is None:
                         break
                     budgets[n] = sorted(budgets[n] + [larger])
                     runs[(n, larger)] = [_fixed_run(config, http, base, base_load, frames, n, larger, rep, progress)]
@@ -409,7 +451,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{_seconds(f.get('settle_s')):>9}{_seconds(f.get('last_over_s')):>12}"
                      f"{_share(f.get('over_share')):>10}  {'yes' if f['meets_target'] else 'no'}{label}")
     lines += ["(settle s: until the 1-s p95 is back under 1.1 x the target and stays there 2 s; last over s: until "
-              "its last excursion over 1.1 x, noise included; a fixed run is timed from its start, a 0 -> n step; "
+              "its last excursion over 1.1 x, noise included; a fixed run starts its streams in the auto run's groups "
+              "and is timed from the last group's start; "
               "over 1.1x: share of the steady part's 1-s windows whose p95 is over 1.1 x the target)", "",
               "controller r vs the largest fixed r that meets the target:"]
     for c in report["comparison"]:
