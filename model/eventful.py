@@ -210,8 +210,9 @@ class EventfulViT:
         every = [j for j in range(b) if self._computes_every_token(states[j], budgets[j])]
         if 0 < len(every) < b:
             # a stream computing every token (a joiner's first frame, a refresh, a full budget) would pad the
-            # others' attention queries to all N tokens (the padded form is as wide as its widest stream): live, a
-            # joiner's first frame in a step of 7 streams at r = 57 cost 48 ms, alone 21. Two steps, one answer.
+            # others' attention queries to all N tokens (the padded form is as wide as its widest stream): on the
+            # 2-core CPU (DeiT-Tiny), a joiner's first frame in a step of 7 streams at r = 57 cost 48 ms, beside it
+            # 23. Two steps, one answer.
             some = [j for j in range(b) if j not in every]
             order = some + every
             out = StepOutput.concat([self._step_in_slab_order(images, states, budgets, g) for g in (some, every)])
