@@ -156,21 +156,27 @@ def window_stats(samples: list[Sample], reports: list[StreamReport], start: floa
 async def _phased_load(load: LoadConfig, frames: list[list[bytes]], phases: tuple[int, ...], phase_s: float,
                        t0: float) -> list[StreamReport]:
     """Stream k is live while the phase has more than k streams (one connection per contiguous stretch)."""
-
-    async def stretch(k: int, start: float, end: float) -> StreamReport:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        return await run_stream(load, k, frames[k % len(frames)], end)
-
-    tasks = []
+    stretches = []
     for k in range(max(phases)):
         begin = None
         for i, n in enumerate([*phases, 0]):
             if n > k and begin is None:
                 begin = i
             elif n <= k and begin is not None:
-                tasks.append(stretch(k, t0 + begin * phase_s, t0 + i * phase_s))
+                stretches.append((k, t0 + begin * phase_s, t0 + i * phase_s))
                 begin = None
-    return list(await asyncio.gather(*tasks))
+    return await _stretches(load, frames, stretches)
+
+
+async def _stretches(load: LoadConfig, frames: list[list[bytes]], stretches: list[tuple[int, float, float]]
+                     ) -> list[StreamReport]:
+    """Every (stream k, start, end): stream k's connection from start until end (perf_counter times)."""
+
+    async def stretch(k: int, start: float, end: float) -> StreamReport:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        return await run_stream(load, k, frames[k % len(frames)], end)
+
+    return list(await asyncio.gather(*(stretch(*s) for s in stretches)))
 
 
 def _poll_controller(base: str, t0: float, out: list[dict[str, Any]], stop: threading.Event) -> None:
@@ -227,17 +233,6 @@ def join_groups(phases: tuple[int, ...], n: int) -> list[int]:
     return [min(i for i, count in enumerate(phases) if count > k) for k in range(n)]
 
 
-async def _grouped_load(load: LoadConfig, frames: list[list[bytes]], starts: list[float], end: float
-                        ) -> list[StreamReport]:
-    """Stream k from starts[k] until end."""
-
-    async def one(k: int, start: float) -> StreamReport:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        return await run_stream(load, k, frames[k % len(frames)], end)
-
-    return list(await asyncio.gather(*(one(k, start) for k, start in enumerate(starts))))
-
-
 def _fixed_run(config: ControllerBenchConfig, http: httpx.Client, base: str, base_load: LoadConfig,
                frames: list[list[bytes]], n: int, tokens: int, rep: int, progress) -> dict[str, Any]:
     """n streams at a fixed r, started in the auto run's groups (stream 0, then the streams the next phase adds,
@@ -253,7 +248,8 @@ def _fixed_run(config: ControllerBenchConfig, http: httpx.Client, base: str, bas
     gap = max(1, round(config.join_gap_s * config.fps)) / config.fps if config.fps > 0 else config.join_gap_s
     begin = time.perf_counter()
     start = begin + gap * (len(rank) - 1)  # the last group joins: the run's step
-    got = asyncio.run(_grouped_load(run, frames, [begin + gap * rank[f] for f in firsts], start + config.fixed_s))
+    end = start + config.fixed_s
+    got = asyncio.run(_stretches(run, frames, [(k, begin + gap * rank[f], end) for k, f in enumerate(firsts)]))
     got_samples = samples_of(got)
     steady_from = start + min(config.settle_after_s, config.fixed_s / 2)
     stats = window_stats(got_samples, got, steady_from, start + config.fixed_s)

@@ -456,8 +456,7 @@ class BudgetController:
         cfg = self.config
         dt = 0.0 if self._last_decide is None else min(max(now - self._last_decide, 0.0), 1.0)
         self._last_decide = now
-        caps = [math.inf if d.cap_tokens is None else float(d.cap_tokens) for d in demands if d.fixed_tokens is None]
-        fixed = float(sum(d.fixed_tokens for d in demands if d.fixed_tokens is not None))
+        fixed, caps = self._fixed_and_caps(demands)
         batch = max(1, len(demands))
         streams = frozenset(d.stream_id for d in demands)
         if streams != self._streams:
@@ -515,10 +514,10 @@ class BudgetController:
             else:
                 tokens[d.stream_id] = step_level if d.cap_tokens is None else min(step_level, d.cap_tokens)
         total = fixed + sum(tokens[d.stream_id] for d in demands if d.fixed_tokens is None)
-        seeds = self._seed_tokens(demands, tokens)
+        seeds = sum(self.config.num_patches - tokens[d.stream_id] for d in demands if d.seeding)  # beyond their r
         predicted = dense_step if plain_dense else self.model.predict(batch, total + seeds)
         # the operating point the feedback compares the window with: the level held (seeding steps are one-offs)
-        held_total = total + sum(min(level, cap) - min(step_level, cap) for cap in caps)
+        held_total = fixed + sum(min(level, cap) for cap in caps)
         max_batch, max_age, reason = None, None, None
         self._shed_floor_u = None
         if saturated:
@@ -548,10 +547,6 @@ class BudgetController:
         self._last = Decision(tokens, step_level, budget, predicted, max_batch, saturated, reason, max_age)
         return self._last
 
-    def _seed_tokens(self, demands: Sequence[StreamDemand], tokens: dict[str, int]) -> float:
-        """What the seeding frames cost beyond their streams' tokens (they compute every token)."""
-        return float(sum(self.config.num_patches - tokens[d.stream_id] for d in demands if d.seeding))
-
     def _level_beside_seeds(self, level: int, budget: float, demands: Sequence[StreamDemand]) -> int:
         """The level for this step: where streams seed (a joiner's first frame, a dense frame's cost), the others
         get what fits the step budget beside them (not under min_tokens; a one-off, the level held stays). Live, 4
@@ -559,14 +554,24 @@ class BudgetController:
         waited for them, and the latency of 200+ ms set off the fast cut (r 55 -> 11, then shedding)."""
         if not any(d.seeding for d in demands):
             return level
-        fixed = sum(self.config.num_patches if d.seeding else d.fixed_tokens
-                    for d in demands if d.seeding or d.fixed_tokens is not None)
-        caps = [math.inf if d.cap_tokens is None else float(d.cap_tokens)
-                for d in demands if not d.seeding and d.fixed_tokens is None]
+        fixed, caps = self._fixed_and_caps(demands, seeds_fixed=True)
         if not caps:
             return level
-        beside = self.model.level_within(budget, len(demands), float(fixed), caps)
+        beside = self.model.level_within(budget, len(demands), fixed, caps)
         return max(min(level, math.floor(beside)), min(level, self.config.min_tokens))
+
+    def _fixed_and_caps(self, demands: Sequence[StreamDemand], seeds_fixed: bool = False) -> tuple[float, list[float]]:
+        """The tokens of the streams the level does not set (overrides; seeding frames, at every token, where
+        seeds_fixed), and the caps of those it does (inf: none)."""
+        fixed, caps = 0.0, []
+        for d in demands:
+            if seeds_fixed and d.seeding:
+                fixed += self.config.num_patches
+            elif d.fixed_tokens is not None:
+                fixed += d.fixed_tokens
+            else:
+                caps.append(math.inf if d.cap_tokens is None else float(d.cap_tokens))
+        return fixed, caps
 
     def _dense_step(self, batch: int, demands: Sequence[StreamDemand], caps: Sequence[float]) -> float | None:
         """The predicted plain dense step over the batch, when every stream may have the full budget (else None)."""
@@ -677,13 +682,15 @@ class BudgetController:
         """Whether the device cannot serve every frame at any r: a step over every stream at the minimum r outlasts
         the frame period (shedding is then the regime, not a transient's)."""
         count = len(self._streams)
-        period = self.frame_period(list(self._streams))
-        return count > 0 and self.model.predict(count, count * self.config.min_tokens) > period
+        return count > 0 and self._floor_step(count) > self.frame_period(list(self._streams))
 
     def _beyond_step_budget(self, count: int) -> bool:
         """Whether a step over count streams at the minimum r outlasts the step budget the feedback holds now."""
-        step_budget = self.config.target_s * math.exp(self._u)
-        return self.model.predict(count, count * self.config.min_tokens) > step_budget
+        return self._floor_step(count) > self.config.target_s * math.exp(self._u)
+
+    def _floor_step(self, count: int) -> float:
+        """The predicted step over count streams at the minimum r."""
+        return self.model.predict(count, count * self.config.min_tokens)
 
     @property
     def aim(self) -> float:

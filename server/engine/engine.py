@@ -475,10 +475,10 @@ class Engine:
                 self._scheduler.is_ready(record.stream_id) or self._expected_soon(record, now)
             ):
                 ids.append(record.stream_id)
-        seeding, most = set(), max(1, self.config.seeds_per_step)
+        seeding = set()
         for pending in batch:  # the frames that will seed their streams' states this step (as `_plan` picks them)
             record = self._registry.records.get(pending.stream_id)
-            if record is not None and len(seeding) < most and self._seeds(record, pending):
+            if record is not None and len(seeding) < self._seeds_per_step and self._seeds(record, pending):
                 seeding.add(pending.stream_id)
         decision = controller.decide(now, [StreamDemand(i, *policy.terms(i), seeding=i in seeding) for i in ids])
         policy.set_auto(decision.level, decision.tokens)
@@ -519,9 +519,9 @@ class Engine:
             if record.state is None:
                 record.state = self.runner.new_state()
                 record.state_bytes = record.state.nbytes
-            flush = record.frame_size is not None and record.frame_size != pending.frame_size
+            flush = self._flushes(record, pending)
             if not plain_dense and self._seeds(record, pending):
-                if seeding >= max(1, self.config.seeds_per_step):
+                if seeding >= self._seeds_per_step:
                     self._scheduler.defer(pending)  # its turn comes next step
                     continue
                 seeding += 1
@@ -536,10 +536,19 @@ class Engine:
             records.append(record)
         return StepPlan(planned), kept, records, plain_dense, seeding
 
+    @property
+    def _seeds_per_step(self) -> int:
+        return max(1, self.config.seeds_per_step)
+
+    @staticmethod
+    def _flushes(record: StreamRecord, pending: PendingFrame) -> bool:
+        """A new frame size: the stream's state starts over."""
+        return record.frame_size is not None and record.frame_size != pending.frame_size
+
     def _seeds(self, record: StreamRecord, pending: PendingFrame) -> bool:
         """Whether this frame seeds its stream's state (every token, through the eventful path): the stream's first
         frame, or the first after a flush (a new frame size) or plain dense steps."""
-        if record.frame_size is not None and record.frame_size != pending.frame_size:
+        if self._flushes(record, pending):
             return True
         if record.state is None:
             return self.runner.dense_first_frame

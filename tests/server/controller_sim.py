@@ -180,7 +180,8 @@ def simulate(
         phase = phase_of(t)
         unseeded = lambda s: s not in seen or s in flushed  # noqa: E731
         order = lambda s: (served_at.get(s, -1.0), pending[s])  # noqa: E731 (served longest ago first)
-        seeds = set([s for s in sorted(pending, key=order) if unseeded(s)][:sim.seeds_per_step or 0])
+        seeds = set([s for s in sorted(pending, key=order) if unseeded(s)][:sim.seeds_per_step]
+                    if sim.seeds_per_step else [])
         demands = [replace(demand(s), seeding=s in seeds) for s in range(phase.streams)]
         decision = decide(t, demands)
         trace.decisions.append((t, decision))
