@@ -91,6 +91,8 @@ class ControllerConfig:
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
     jump_every_s: float = 0.5  # ... at most this often
+    drain_s: float = 3.0  # a fast cut r did not cause is undone once the frames are back under the aim (by rise_room)
+    restore_every_s: float | None = 5.0  # within this long (and at most once this often; None: never)
     ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most to where ...
     ceiling_margin: float = 0.95  # ... the step is predicted at this share of the step at the last window's highest r
     ceiling_creep_per_s: float = 0.005  # (for this many streams); this ceiling then creeps up this fast ...
@@ -370,6 +372,10 @@ class BudgetController:
         self._forget_before = -math.inf
         self._levels: deque[tuple[float, float]] = deque(maxlen=256)  # (time, L) of recent rounds
         self._u_by_streams: dict[int, float] = {}  # the integrator last used with this many streams (regulating)
+        self._before_slowdown: tuple[float, float] | None = None  # (u, L) when the device last slowed down
+        self._restore_level: float | None = None  # a slowdown passed: L goes back to this (if it fits) next round
+        self._drain: tuple[float, float, float] | None = None  # (when, u, L) of a fast cut r did not cause
+        self._last_restore = -math.inf
 
     def reconfigure(self, config: ControllerConfig, initial_tokens: int) -> None:
         """A new target or range (or auto mode switched on): start over from initial_tokens, keeping what was
@@ -439,7 +445,15 @@ class BudgetController:
             self._forget_before = now
             # the model explains what the feedback was reacting to since the shift began: undo its cuts
             self._u = max([self._u] + [u for t, u in self._u_history if t >= now - self.config.window_s])
-            if self.model.last_shift < 1:
+            if self.model.reverted and self._before_slowdown is not None:
+                # a slowdown that passed (the host contended for a moment): back to where it found the loop, at once
+                # (the model from before it is back; the climb from the cut it made took 1-4 s, live r 122 -> 56-69)
+                self._u = max(self._u, self._before_slowdown[0])
+                self._restore_level = self._before_slowdown[1]
+            elif self.model.last_shift > 1:
+                recent = [level for t, level in self._levels if t >= now - self.config.window_s]
+                self._before_slowdown = (self._u, max([self._level] + recent))
+            if self.model.last_shift < 1 and not self.model.reverted:
                 # faster: a knee found before lies higher now (slower: lower, so the ceilings stay on the safe side)
                 self._knees.forget()
 
@@ -477,6 +491,7 @@ class BudgetController:
             self._hold_until = now + cfg.hold_s
             self._forget_before = self._hold_until
             self._shed_floor_u = None
+            self._drain = None
             for gone in [i for i, (t, _) in self._arrival_gaps.items() if i not in streams and t < now - 10.0]:
                 del self._arrival_gaps[gone]  # streams long gone
         at_top = self._level >= cfg.top_tokens or all(c <= self._level for c in caps)
@@ -499,8 +514,12 @@ class BudgetController:
             # the plain dense step fits: the most tokens there are, and cheaper than the eventful levels just below
             # (which a bounded rise would have to climb through): go there at once
             self._level, self._rise_credit, wanted = float(cfg.top_tokens), 0.0, float(cfg.top_tokens)
+        elif self._restore_level is not None:
+            self._level = max(self._level, min(wanted, self._restore_level))
+            self._rise_credit = 0.0
         else:
             self._move_level(dt, wanted, self._raw_error, ceiling_level)
+        self._restore_level = None
         self._levels.append((now, self._level))
         self._held_back = wanted - self._level >= max(cfg.hysteresis_tokens, cfg.hysteresis_fraction * self._level)
         level = round(self._level)
@@ -631,13 +650,10 @@ class BudgetController:
         median = None if median is None else median * self._now_vs_window(now, cfg.jump_window_s)
         jumped = median is not None and median > cfg.jump_factor * cfg.target_s
         over = p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s or jumped
+        top, rose = self._rose_into(now)
         if over and whole:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
-            # remember the highest r of the window (what the latency measured comes from)
-            top = max([self._level] + [level for t, level in self._levels if t >= now - cfg.window_s - cfg.hold_s])
-            low = min([self._level] + [level for t, level in self._levels if t >= now - cfg.knee_lookback_s])
             # r rose into it: a knee (with r steady, noise or the device; shedding in the window, the frames dropped)
-            rose = top >= (1 + cfg.knee_rise) * low and self._saturated_at < now - cfg.window_s - cfg.hold_s
             if rose:
                 ceiling = self._knees.found(count, self.model.predict(count, count * top))  # the window's top step
                 under = self.model.level_within(ceiling, count, 0.0, [math.inf] * count)
@@ -663,6 +679,10 @@ class BudgetController:
                     and self._beyond_capacity())
         if jumped and not self._knees.waiting(now) and now - self._last_jump >= cfg.jump_every_s and not shedding:
             # fast cut: at most halve at once, then let the window refill before judging again
+            # r did not make it late, nor a new load (a whole window since it), nor shedding: a burst to drain
+            if (not rose and whole and self._drain is None and not (self._last and self._last.saturated)
+                    and cfg.restore_every_s is not None and now - self._last_restore >= cfg.restore_every_s):
+                self._drain = (now, self._u, top)
             self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now
         elif not (self._error > 0 and (at_top or self._held_back or self._capacity is not None)):
@@ -673,10 +693,39 @@ class BudgetController:
             elif self._error < 0 and self._last is not None and self._last.saturated:
                 du *= 1 + cfg.shed_gain
             self._u += min(du, cfg.u_rise_per_s * dt)
+        if self._drain is not None:
+            self._restore_after_drain(now)
         if self._shed_floor_u is not None:
             # anti-windup at the last actuator: below the floor no way of dropping frames serves any sooner
             self._u = max(self._u, self._shed_floor_u)
         self._u = min(max(self._u, cfg.u_min), cfg.u_max)
+
+    def _rose_into(self, now: float) -> tuple[float, bool]:
+        """The highest L of the last window (what the latency measured comes from), and whether L rose into it within
+        knee_lookback_s (and no frames were shed there, which makes latencies of their own)."""
+        cfg = self.config
+        recent = [(t, level) for t, level in self._levels if t >= now - cfg.knee_lookback_s] + [(now, self._level)]
+        top_at, top = max((p for p in recent if p[0] >= now - cfg.window_s - cfg.hold_s), key=lambda p: p[1])
+        low = min(level for t, level in recent if t <= top_at)  # before it (a fall is not a rise)
+        return top, top >= (1 + cfg.knee_rise) * low and self._saturated_at < now - cfg.window_s - cfg.hold_s
+
+    def _restore_after_drain(self, now: float) -> None:
+        """After a fast cut that r did not cause (a burst of late frames: the host stalled, a step ran long), once the
+        frames are back under the aim by a margin (the backlog drained), u and L go back to where the cut found them
+        (at most once every restore_every_s: a burst that keeps coming back is the load's, and the climb handles it).
+        Live, the climb back from such a cut took 3-5 s at 4 streams (r 122 -> 77 -> 122)."""
+        cfg = self.config
+        start, u, level = self._drain
+        if now - start > cfg.drain_s:
+            self._drain = None
+            return
+        median = self.p95(now, cfg.jump_window_s, 5, q=0.5)
+        if median is not None and median <= cfg.aim * cfg.target_s * math.exp(-cfg.rise_room):
+            self._u = max(self._u, u)
+            self._restore_level = level
+            self._drain = None
+            self._last_restore = now
+            self._forget_before = now  # the burst's frames are not the load's: fed back, they would cut again
 
     def _beyond_capacity(self) -> bool:
         """Whether the device cannot serve every frame at any r: a step over every stream at the minimum r outlasts

@@ -18,12 +18,15 @@ class StepCostModel:
 
     Robust to the ways online fits fail: the covariance is bounded (no wind-up while the operating point stays
     put), a single outlier is clipped to a factor of the prediction, and three predictions in a row off by more
-    than `shift_ratio` (a device that slowed down or sped up) rescale the model at once."""
+    than `shift_ratio` (a device that slowed down or sped up) rescale the model at once. A slowdown that passes (the
+    host contended for a moment) is undone: while `revert_steps` steps after it, three in a row that the model from
+    before it predicts better than the rescaled one (and within `shift_ratio`) restore that model as it was (where
+    it had `settled_steps` behind it: a fit still learning shifts to correct itself, not to follow the device)."""
 
     def __init__(
         self, num_patches: int, prior: tuple[float, float, float] = (0.002, 0.002, 0.02), forgetting: float = 0.99,
         max_trace: float = 1.0, shift_ratio: float = 1.3, stream_tokens_prior: float = 8.0, prior_weight: float = 0.05,
-        token_floor_load: float = 0.5,
+        token_floor_load: float = 0.5, revert_steps: int = 30, settled_steps: int = 50,
     ):
         self.num_patches = num_patches
         # a weak prior that a stream's own cost (b) is that of stream_tokens_prior patch tokens: with data from one or
@@ -37,6 +40,13 @@ class StepCostModel:
         self.observations = 0
         self.shifts = 0  # times the model was rescaled to follow a shift
         self.last_shift = 1.0  # the factor of the last (> 1: the device got slower)
+        self.reverted = False  # the last shift undid a slowdown that passed (the model from before it is back)
+        self.revert_steps = revert_steps
+        self.settled_steps = settled_steps
+        self._before_slowdown: tuple | None = None  # the fit before the last slowdown (while it may be undone)
+        self._since_slowdown = 0
+        self._fits: deque[tuple] = deque(maxlen=3)  # the fit before each of the last steps
+        self._old_ratios: deque[tuple[float, float]] = deque(maxlen=3)  # the last steps over what it and this predict
         self._ratios: deque[float] = deque(maxlen=3)
         self._log_bias = 0.0  # moving mean of log(observed / predicted) ...
         self._log_var = 0.0  # ... and the variance around it: the step time's noise (a bias is not noise)
@@ -62,7 +72,10 @@ class StepCostModel:
         x = self._x(batch, tokens)
         predicted = self.predict(batch, tokens)
         ratio = seconds / predicted
+        if self._passed(x, seconds, ratio):
+            return
         self._ratios.append(ratio)
+        self._fits.append(self._fit())
         # a shift: three steps in a row off the same way by more than the noise explains (2.5 sigma, at least 30 %)
         limit = max(math.log(self.shift_ratio), 2.5 * math.sqrt(self._log_var))
         if self.observations >= 5 and len(self._ratios) == 3 and (
@@ -71,6 +84,12 @@ class StepCostModel:
             # follow it now: a slowdown by the median of the three, a speed-up by the least of them (rising is slow)
             slower = self._ratios[0] > 1
             self.last_shift = float(np.median(self._ratios)) if slower else max(self._ratios)
+            self.reverted = False
+            self._before_slowdown = None
+            if slower and self.observations >= self.settled_steps:  # (before that, shifts correct the fit)
+                self._before_slowdown = self._fits[0]  # as it was before the first of the three
+                self._since_slowdown = 0
+                self._old_ratios.clear()
             self.theta *= self.last_shift
             self.shifts += 1
             self._ratios.clear()
@@ -91,6 +110,36 @@ class StepCostModel:
         self._mean_step += weight * (seconds - self._mean_step)
         self._mean_x_tokens += weight * (x[2] - self._mean_x_tokens)
         self._project()
+
+    def _fit(self) -> tuple:
+        """What a step changes (to restore it)."""
+        return (self.theta.copy(), self.cov.copy(), self._log_bias, self._log_var, self._mean_step,
+                self._mean_x_tokens)
+
+    def _passed(self, x: np.ndarray, seconds: float, ratio: float) -> bool:
+        """Whether this step ends a slowdown that passed: the fit from before it is restored (a shift)."""
+        if self._before_slowdown is None:
+            return False
+        self._since_slowdown += 1
+        if self._since_slowdown > self.revert_steps:
+            self._before_slowdown = None
+            return False
+        theta = self._before_slowdown[0]
+        self._old_ratios.append((seconds / max(1e-6, float(x @ theta)), ratio))
+        # closer to the model from before than to the rescaled one, three in a row (and within shift_ratio of it)
+        limit = math.log(self.shift_ratio)
+        if len(self._old_ratios) < 3 or any(
+            abs(math.log(old)) >= min(limit, abs(math.log(new))) or new >= 1 for old, new in self._old_ratios
+        ):
+            return False
+        theta, self.cov, self._log_bias, self._log_var, self._mean_step, self._mean_x_tokens = self._before_slowdown
+        self.last_shift = float(theta @ x) / float(self.theta @ x)
+        self.theta = theta
+        self.shifts += 1
+        self.reverted = True
+        self._before_slowdown = None
+        self._ratios.clear()
+        return True
 
     def calibrate(self, steps: Sequence[tuple[int, float, float]]) -> None:
         """Start from measured steps, (batch, tokens, seconds) at a few batch sizes and budgets (the engine's

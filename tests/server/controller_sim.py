@@ -49,6 +49,9 @@ class SimConfig:
     # and the controller is told which frame seeds (None: every joiner seeds in its first step, unannounced)
     stall_rate: float = 0.0  # the host stalls (another process takes the CPU) this often per second ...
     stall_s: float = 0.15  # ... for U(0, stall_s): a step running then takes that much longer
+    slow_rate: float = 0.0  # the host is contended (another process shares the cores) this often per second ...
+    slow_s: float = 0.5  # ... for U(0.5, 1) * slow_s: every step starting then costs slow_factor times as much
+    slow_factor: float = 1.5  # (live: 3-6 steps in a row 1.3-1.8x as long, at 4 streams near the capacity)
     batch_window_s: float = 0.0  # an idle device waits this long after a frame for company (the engine: 5 ms)
     aligned: bool = False  # every stream sends at the same instants, give or take 1 ms (the load generator's paced
     # streams start together and keep an absolute schedule: live, a frame then waits for no step below the device's
@@ -176,6 +179,12 @@ def simulate(
         at += float(stall_rng.exponential(1 / sim.stall_rate))
         stalls.append((at, float(stall_rng.uniform(0, sim.stall_s))))
 
+    slows: list[tuple[float, float]] = []  # (start, end)
+    at = 0.0
+    while sim.slow_rate > 0 and at < duration_s + 10:
+        at += float(stall_rng.exponential(1 / sim.slow_rate))
+        slows.append((at, at + sim.slow_s * float(stall_rng.uniform(0.5, 1.0))))
+
     def run_step(t: float) -> float:
         phase = phase_of(t)
         unseeded = lambda s: s not in seen or s in flushed  # noqa: E731
@@ -212,6 +221,8 @@ def simulate(
             cost = phase.speed * (sim.a + sim.b * len(batch) + sim.c * eventful / sim.num_patches)
             flushed.difference_update(batch)
         step = cost * float(np.exp(rng.normal(0, sim.noise)))
+        if any(start <= t < end for start, end in slows):
+            step *= sim.slow_factor
         step += sum(seconds for start, seconds in stalls if t <= start < t + step)
         end = t + step
         observe_step(end, len(batch), sum(tokens), step, plain_dense=plain, seeded=0 if plain else sum(seeding))
