@@ -26,7 +26,10 @@ Near the knee (the device nearly always busy, the p95 steep in r and noisy) thes
   step at that window's highest r (feedback then waits a window: what it measured came from above the knee) and
   rises at most to there, a ceiling in step time (a knee is the device's; in r it moves with the device's speed)
   that creeps up 0.5 %/s (1 %/s while the latency is far under the aim) and is dropped when the device gets faster;
-- per stream count, the integrator last used (while regulating) is restored when that load comes back.
+- per stream count, the integrator last used (while regulating) is restored when that load comes back;
+- a fast cut where r did not rise into the latency (nor the load change) is a burst to drain: once the frames are
+  back under the aim by a margin, u and r go back to where the cut found them;
+- a slowdown the cost model followed and then undid (the host contended for a moment) takes u and r back too.
 
 Where the cameras' frames come together (every step serves nearly all streams) and the target is at most two frame
 periods, S is held within 95 % of the frame period: a step over all streams that outlasts the period makes every
