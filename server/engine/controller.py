@@ -451,11 +451,9 @@ class BudgetController:
             if self.model.reverted and self._before_slowdown is not None:
                 # a slowdown that passed (the host contended for a moment): back to where it found the loop, at once
                 # (the model from before it is back; the climb from the cut it made took 1-4 s, live r 122 -> 56-69)
-                self._u = max(self._u, self._before_slowdown[0])
-                self._restore_level = self._before_slowdown[1]
+                self._go_back_to(*self._before_slowdown)
             elif self.model.last_shift > 1:
-                recent = [level for t, level in self._levels if t >= now - self.config.window_s]
-                self._before_slowdown = (self._u, max([self._level] + recent))
+                self._before_slowdown = (self._u, self._rose_into(now)[0])
             if self.model.last_shift < 1 and not self.model.reverted:
                 # faster: a knee found before lies higher now (slower: lower, so the ceilings stay on the safe side)
                 self._knees.forget()
@@ -724,11 +722,15 @@ class BudgetController:
             return
         median = self.p95(now, cfg.jump_window_s, 5, q=0.5)
         if median is not None and median <= cfg.aim * cfg.target_s * math.exp(-cfg.rise_room):
-            self._u = max(self._u, u)
-            self._restore_level = level
+            self._go_back_to(u, level)
             self._drain = None
             self._last_restore = now
             self._forget_before = now  # the burst's frames are not the load's: fed back, they would cut again
+
+    def _go_back_to(self, u: float, level: float) -> None:
+        """Undo the cuts a passing disturbance made: u at least this, and L back to this next round (if it fits)."""
+        self._u = max(self._u, u)
+        self._restore_level = level
 
     def _beyond_capacity(self) -> bool:
         """Whether the device cannot serve every frame at any r: a step over every stream at the minimum r outlasts
