@@ -220,9 +220,12 @@ class EventfulViT:
         return self._step_in_slab_order(images, states, budgets, list(range(b)))
 
     def _computes_every_token(self, state: StreamState, budget: StreamBudget) -> bool:
+        return self._dense_frame(state) or budget.is_dense_for(self.vit.num_patches)
+
+    def _dense_frame(self, state: StreamState) -> bool:
+        """This frame (re)seeds the stream's state: its first, the first after a flush, or a refresh."""
         refresh = self.config.refresh_interval
-        refreshing = refresh is not None and state.frames_since_dense + 1 >= refresh
-        return state.needs_dense or refreshing or budget.is_dense_for(self.vit.num_patches)
+        return state.needs_dense or (refresh is not None and state.frames_since_dense + 1 >= refresh)
 
     def _step_in_slab_order(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget],
                             members: list[int]) -> StepOutput:
@@ -250,8 +253,7 @@ class EventfulViT:
 
     def _step(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget]) -> StepOutput:
         b = images.shape[0]
-        refresh = self.config.refresh_interval
-        dense_frame = [s.needs_dense or (refresh is not None and s.frames_since_dense + 1 >= refresh) for s in states]
+        dense_frame = [self._dense_frame(s) for s in states]
         budgets = [StreamBudget.dense() if dense else bud for dense, bud in zip(dense_frame, budgets, strict=True)]
 
         x = self.model.embed(images)  # [B, N, C]

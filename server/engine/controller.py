@@ -651,7 +651,7 @@ class BudgetController:
         median = None if median is None else median * self._now_vs_window(now, cfg.jump_window_s)
         jumped = median is not None and median > cfg.jump_factor * cfg.target_s
         over = p95 * now_vs_window > cfg.ceiling_trigger * cfg.target_s or jumped
-        top, rose = self._rose_into(now)
+        top, rose = self._rose_into(now) if over else (self._level, False)  # (a jump is over too)
         if over and whole:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
             # r rose into it: a knee (with r steady, noise or the device; shedding in the window, the frames dropped)
