@@ -20,6 +20,7 @@ from server.engine import Engine, FrameDropped, FrameError, FrameResult, StreamH
 log = logging.getLogger("eventful.api")
 
 MAX_UNSENT_MESSAGES = 256  # a client that stops reading its results is disconnected past this many
+MAX_CONTROL_MESSAGE_CHARS = 4096  # longer text messages are answered invalid_message without being parsed
 CLOSE_POLICY_VIOLATION = 1008
 
 
@@ -109,9 +110,13 @@ class StreamConnection:
 
     def _on_text(self, text: str) -> None:
         """Text messages are JSON control messages; only {"type": "ping"} exists (answered with a pong)."""
+        if len(text) > MAX_CONTROL_MESSAGE_CHARS:
+            self._enqueue(_error(
+                "invalid_message", f"control messages are at most {MAX_CONTROL_MESSAGE_CHARS} characters"))
+            return
         try:
             request = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             self._enqueue(_error("invalid_message", "text messages must be JSON; frames are binary messages"))
             return
         if isinstance(request, dict) and request.get("type") == "ping":

@@ -154,6 +154,17 @@ def test_ping_and_unknown_control_messages(client):
         assert ws.receive_json()["code"] == "invalid_message"
 
 
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_deeply_nested_json_is_an_invalid_message_and_the_stream_goes_on(client, depth):
+    with client.websocket_connect("/v1/streams/deep") as ws:
+        ws.send_text("[" * depth + "]" * depth)
+        error = ws.receive_json()
+        ws.send_bytes(encode(frames(1)[0]))
+        after = ws.receive_json()
+    assert error["type"] == "error" and error["code"] == "invalid_message" and error["frame"] is None
+    assert after["type"] == "result" and after["frame"] == 0
+
+
 def test_frame_size_change_flushes_the_stream(client):
     small, large = frames(3, 48, 64), frames(2, 60, 80, seed=5)
     with client.websocket_connect("/v1/streams/resize") as ws:
