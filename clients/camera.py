@@ -3,9 +3,10 @@ reconnects with backoff when the server goes away.
 
 Sources (all but the pattern through PyAV): a video file, a webcam device (`/dev/video0`, v4l2), an RTSP/HTTP URL,
 or `pattern` (a generated test pattern). Frames are resized on the client (`--resize WxH`), JPEG-encoded and sent
-at `--fps` over `ws://HOST:PORT/v1/streams/{id}`; answers are read concurrently and matched by frame index
-(docs/protocol.md). Files and the pattern are paced by sleeping; live sources are read as they come and frames that
-arrive before the next send slot are skipped.
+over `ws://HOST:PORT/v1/streams/{id}`; answers are read concurrently and matched by frame index (docs/protocol.md).
+A file is paced by its frames' timestamps (pts x time_base, not the container's declared rate, which can be wrong),
+or at `--fps` when given; the pattern at `--fps` (10). Live sources are read as they come; with `--fps`, frames that
+arrive before the next send slot are skipped. The annotated video keeps the source's timestamps.
 
 The pure parts (URL derivation, backoff schedule, statistics, drawing, the in-order annotation queue) are separate
 from the I/O (sources, the socket, the REST call, the encoder) so they unit-test.
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -42,6 +43,8 @@ GRACE_S = 3.0  # after the last frame: how long to wait for answers still in fli
 ANSWER_TIMEOUT_S = 5.0  # a frame unanswered this long is written to the output without its own result
 FATAL_CLOSE_CODES = {1008: "policy violation (API key)", 1009: "message too large", 4400: "invalid stream id"}
 PATTERN_SIZE = (320, 240)
+PATTERN_FPS = 10.0  # the pattern's rate, and a source's when neither its timestamps nor its header give one
+MAX_TIMESTAMP_JUMP_S = 2.0  # a source timestamp this far ahead (or any step back): pacing starts over from it
 LIVE_SCHEMES = {"rtsp", "rtsps", "rtmp", "rtmps", "udp", "rtp", "srt", "tcp"}
 
 
@@ -351,6 +354,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("error_codes"):
         lines.append(f"error codes: {summary['error_codes']}")
+    if summary["dropped"] and summary["frames_sent"]:
+        lines.append(f"WARNING: {100 * summary['dropped'] / summary['frames_sent']:.0f} % of the frames sent were "
+                     "dropped by the server (sent faster than it processes them): lower --fps or the budget")
     if summary.get("output"):
         lines.append(f"output: {summary['output']} ({summary.get('frames_written', 0)} frames)")
     if summary.get("failure"):
@@ -362,11 +368,12 @@ class AnnotationQueue:
     """Frames waiting for their answer, released in source order once answered (or given up on).
 
     Each released frame comes with what to draw: its own result, or (dropped, error, not sent, unanswered) the
-    latest result of an earlier frame, marked stale."""
+    latest result of an earlier frame, marked stale. A frame is whatever the caller adds (an image, or an image with
+    its timestamp); the queue only holds it."""
 
     def __init__(self, timeout_s: float = ANSWER_TIMEOUT_S):
         self.timeout_s = timeout_s
-        self._pending: deque[tuple[int, Image.Image, float]] = deque()  # (seq, image, added at)
+        self._pending: deque[tuple[int, Any, float]] = deque()  # (seq, frame, added at)
         self._answers: dict[int, dict[str, Any] | None] = {}
         self._last_result: dict[str, Any] | None = None
         self._last_action: Any = None
@@ -384,8 +391,8 @@ class AnnotationQueue:
                 return {**result, "outputs": {**outputs, "action": self._last_action}}
         return result
 
-    def add(self, seq: int, image: Image.Image, now: float) -> None:
-        self._pending.append((seq, image, now))
+    def add(self, seq: int, frame: Any, now: float) -> None:
+        self._pending.append((seq, frame, now))
 
     def answer(self, seq: int, message: dict[str, Any] | None) -> None:
         """message: a result; None: this frame has no result of its own (dropped, error, not sent, lost)."""
@@ -394,11 +401,11 @@ class AnnotationQueue:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def release(self, now: float, flush: bool = False) -> list[tuple[Image.Image, dict[str, Any] | None, bool]]:
-        """(image, result, stale) for every head frame that is answered, timed out, or all of them when flush."""
+    def release(self, now: float, flush: bool = False) -> list[tuple[Any, dict[str, Any] | None, bool]]:
+        """(frame, result, stale) for every head frame that is answered, timed out, or all of them when flush."""
         out = []
         while self._pending:
-            seq, image, added = self._pending[0]
+            seq, frame, added = self._pending[0]
             if seq not in self._answers and not flush and now - added < self.timeout_s:
                 break
             self._pending.popleft()
@@ -406,37 +413,61 @@ class AnnotationQueue:
             if own is not None:
                 own = self._hold_action(own)
                 self._last_result = own
-                out.append((image, own, False))
+                out.append((frame, own, False))
             else:
-                out.append((image, self._last_result, True))
+                out.append((frame, self._last_result, True))
         return out
 
 
 # ---- sources -------------------------------------------------------------------------------------
 
 
+class TimedFrame(NamedTuple):
+    """A source frame and its time on the source's timeline, seconds (pts x time_base, from the first frame on);
+    None when the source has no timestamps."""
+
+    image: Image.Image
+    time_s: float | None
+
+
 @dataclass
 class FrameSource:
-    """Frames from somewhere: `frames` yields PIL RGB images; `rate` is the native frame rate when known; a live
-    source delivers at its own pace (frames are skipped to hold --fps), others are paced by sleeping."""
+    """Frames from somewhere: `frames` yields TimedFrames; `rate` is the frame rate the container declares (None when
+    unknown; it can disagree with the timestamps); a live source delivers at its own pace, others are paced by
+    sleeping."""
 
     name: str
-    frames: Iterator[Image.Image]
+    frames: Iterator[TimedFrame]
     rate: float | None
     live: bool
     close: Callable[[], None] = lambda: None
 
 
-def _pyav_frames(holder: dict[str, Any], loop: bool, reopen: Callable[[], Any] | None) -> Iterator[Image.Image]:
-    """Decode holder["container"]; with loop, reopen it at the end (holder keeps the open one, for closing)."""
+def _pyav_frames(holder: dict[str, Any], loop: bool, reopen: Callable[[], Any] | None) -> Iterator[TimedFrame]:
+    """Decode holder["container"]; with loop, reopen it at the end (holder keeps the open one, for closing). Times
+    count from the first frame and go on across loops (each pass starts one frame interval after the last frame)."""
+    offset_s = 0.0  # this pass's start on the timeline: 0, then one interval after the previous pass's last frame
+    last_s = interval_s = None
     while True:
         container = holder["container"]
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         got = False
+        pass_start: float | None = None
         for frame in container.decode(stream):
             got = True
-            yield frame.to_image()
+            time_s = None
+            if frame.pts is not None and frame.time_base is not None:
+                pts_s = float(frame.pts * frame.time_base)
+                if pass_start is None:
+                    pass_start = pts_s
+                    if last_s is not None:
+                        offset_s = last_s + (interval_s or 1.0 / PATTERN_FPS)
+                time_s = offset_s + pts_s - pass_start
+                if last_s is not None and time_s > last_s:
+                    interval_s = time_s - last_s
+                last_s = time_s
+            yield TimedFrame(frame.to_image(), time_s)
         if not loop or not got or reopen is None:
             return
         container.close()
@@ -446,10 +477,10 @@ def _pyav_frames(holder: dict[str, Any], loop: bool, reopen: Callable[[], Any] |
 def open_source(spec: str, loop: bool = False) -> FrameSource:
     """'pattern', a video file, a v4l2 device (/dev/videoN) or a URL (rtsp://, http(s)://, ...) PyAV can open."""
     if spec == "pattern":
-        def pattern() -> Iterator[Image.Image]:
+        def pattern() -> Iterator[TimedFrame]:
             index = 0
             while True:
-                yield pattern_frame(index)
+                yield TimedFrame(pattern_frame(index), None)  # paced at --fps (PATTERN_FPS)
                 index += 1
         return FrameSource("pattern", pattern(), None, live=False)
 
@@ -506,15 +537,21 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 class AnnotatedWriter:
-    """Annotated frames -> a video file (PyAV; H.264 when available, else MPEG-4), opened on the first frame."""
+    """Annotated frames -> a video file (PyAV; H.264 when available, else MPEG-4), opened on the first frame. Each
+    frame is written at its source time (so the video plays at the source's speed, gaps and all); `fps` is the
+    nominal rate, used for frames without a time."""
+
+    TIME_BASE = Fraction(1, 1000)  # milliseconds
 
     def __init__(self, path: str | Path, fps: float):
         self.path = Path(path)
-        self.fps = fps
+        self.fps = fps if fps > 0 else PATTERN_FPS
         self.frames_written = 0
         self._container = None
         self._stream = None
         self._size: tuple[int, int] | None = None
+        self._first_s: float | None = None
+        self._last_pts: int | None = None
 
     def _open(self, width: int, height: int) -> None:
         import av
@@ -522,13 +559,14 @@ class AnnotatedWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), "w")
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        rate = Fraction(self.fps).limit_denominator(1001) if self.fps > 0 else Fraction(10)
-        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
+        self._stream.codec_context.time_base = self.TIME_BASE  # frames carry their own pts: variable rate is fine
         self._size = (width - width % 2, height - height % 2)  # yuv420p needs even sizes
         self._stream.width, self._stream.height = self._size
         self._stream.pix_fmt = "yuv420p"
 
-    def write(self, image: Image.Image) -> None:
+    def write(self, image: Image.Image, time_s: float | None = None) -> None:
+        """One frame at `time_s` on the source's timeline (None: one nominal interval after the previous frame)."""
         import av
 
         if self._container is None:
@@ -536,6 +574,17 @@ class AnnotatedWriter:
         if image.size != self._size:
             image = image.resize(self._size, Image.BILINEAR)
         frame = av.VideoFrame.from_image(image.convert("RGB"))
+        step = max(1, round(1 / (self.fps * self.TIME_BASE)))  # one nominal interval, in TIME_BASE units
+        if time_s is None:
+            pts = 0 if self._last_pts is None else self._last_pts + step
+        else:
+            if self._first_s is None:
+                self._first_s = time_s
+            pts = round((time_s - self._first_s) / self.TIME_BASE)
+            if self._last_pts is not None and pts <= self._last_pts:  # a step back in the source: keep going on
+                pts = self._last_pts + step
+        frame.pts, frame.time_base = pts, self.TIME_BASE
+        self._last_pts = pts
         self._container.mux(self._stream.encode(frame))
         self.frames_written += 1
 
@@ -635,6 +684,10 @@ class CameraClient:
         self._annotations = AnnotationQueue()
         self._writer: AnnotatedWriter | None = None
         self._budget_answer: dict[str, Any] | None = None
+        self._warned_dropped = False
+        self._first_time_s: float | None = None  # the first and the latest source timestamp read
+        self._last_time_s: float | None = None
+        self._timed_frames = 0  # frames read that had a timestamp
 
     def stop(self) -> None:
         """Thread-safe: finish the current frame, wait for answers in flight, close, summarise."""
@@ -766,6 +819,11 @@ class CameraClient:
                 self.stats.on_result(message, 1000 * (now - sent_at), now)
             elif kind == "dropped":
                 self.stats.on_dropped(now)
+                if not self._warned_dropped:
+                    self._warned_dropped = True
+                    self._log(f"warning: the server dropped frame {message['frame']} (a newer frame came before it "
+                              "was processed): frames are sent faster than the server answers; lower --fps or the "
+                              "budget (the summary counts the drops)")
             else:
                 self.stats.on_error(str(message.get("code", "unknown")), now)
             self._annotations.answer(seq, message)
@@ -809,9 +867,9 @@ class CameraClient:
             return
 
         def write():
-            for image, result, stale in ready:
+            for (image, time_s), result, stale in ready:
                 self._writer.write(draw_result(image, result, stale=stale and result is not None,
-                                               note=None if result is not None else "no result yet"))
+                                               note=None if result is not None else "no result yet"), time_s)
 
         await asyncio.to_thread(write)
 
@@ -827,9 +885,8 @@ class CameraClient:
         self._connected = asyncio.Event()
         self._answered = asyncio.Event()
         source = await asyncio.to_thread(open_source, config.source, config.loop)
-        fps = config.fps or source.rate or 10.0
         if self.config.output:
-            self._writer = AnnotatedWriter(self.config.output, fps)
+            self._writer = AnnotatedWriter(self.config.output, config.fps or source.rate or PATTERN_FPS)
         maintainer = asyncio.create_task(self._maintain())
         status_task = asyncio.create_task(self._status_loop())
         try:
@@ -837,7 +894,7 @@ class CameraClient:
             while not self._connected.is_set() and not maintainer.done() and not self._stop.is_set():
                 await asyncio.sleep(0.02)
             if self._connected.is_set():
-                await self._stream(source, fps, maintainer)
+                await self._stream(source, maintainer)
                 await self._drain(maintainer)
         finally:
             self._stop.set()
@@ -854,7 +911,10 @@ class CameraClient:
             if self._writer is not None:
                 await asyncio.to_thread(self._writer.close)
         summary = self.stats.summary(self.clock())
-        summary.update(stream_id=config.stream_id, server=config.server, source=config.source, fps_target=fps)
+        summary.update(stream_id=config.stream_id, server=config.server, source=config.source,
+                       pacing="fps" if config.fps else ("source" if source.live else "timestamps"),
+                       fps_target=config.fps or self._timestamp_rate() or source.rate or PATTERN_FPS,
+                       source_declared_fps=source.rate)
         if self._budget_answer is not None:
             summary["budget_set"] = self._budget_answer
         if self._writer is not None:
@@ -863,35 +923,75 @@ class CameraClient:
             summary["failure"] = self._failure
         return summary
 
-    async def _stream(self, source: FrameSource, fps: float, maintainer: asyncio.Task) -> None:
+    def _timestamp_rate(self) -> float | None:
+        """Frames per second by the source's timestamps so far (None before two timed frames)."""
+        if self._timed_frames < 2 or self._last_time_s <= self._first_time_s:
+            return None
+        return (self._timed_frames - 1) / (self._last_time_s - self._first_time_s)
+
+    def _note_timestamp(self, time_s: float, source: FrameSource) -> None:
+        """Count a source timestamp; say once when the timestamps and the container's declared rate disagree."""
+        if self._first_time_s is None:
+            self._first_time_s = time_s
+        self._last_time_s = time_s
+        self._timed_frames += 1
+        rate = self._timestamp_rate()
+        if self._timed_frames == 10 and rate and source.rate and abs(rate / source.rate - 1) > 0.1:
+            self._log(f"note: {source.name} declares {source.rate:g} fps but its timestamps advance at {rate:.3g} fps; "
+                      "the frames are sent (and written) by their timestamps")
+
+    async def _stream(self, source: FrameSource, maintainer: asyncio.Task) -> None:
+        """Read, pace, send. A file goes by its timestamps (or at --fps: every frame, 1/fps apart); a frame that is
+        late by more than one interval moves the schedule on (at most one frame of catch-up). A live source is sent
+        as it comes, or, with --fps, frames that come before the next slot are skipped."""
         config = self.config
-        period = 1.0 / fps
+        fixed_period = 1.0 / config.fps if config.fps else None
+        nominal_period = fixed_period or 1.0 / (source.rate or PATTERN_FPS)
         start = self.clock()
         self.stats.start(start)
-        next_slot = start
+        next_slot = start  # a live source at --fps
+        offset = None  # a file: a frame with pacing time t is due at clock offset + t
+        previous_t = source_t = None
         frames = source.frames
         while not self._stop.is_set() and not maintainer.done():
             if config.frames is not None and self.stats.frames_read >= config.frames:
                 break
             if config.duration_s is not None and self.clock() - start >= config.duration_s:
                 break
-            if not source.live:
-                await asyncio.sleep(max(0.0, next_slot - self.clock()))
-            image = await asyncio.to_thread(next, frames, None)
-            if image is None:
+            item = await asyncio.to_thread(next, frames, None)
+            if item is None:
                 break
+            image, time_s = item
+            # the source's timeline (the annotated video's): its timestamps, else one nominal interval per frame
+            if time_s is not None:
+                self._note_timestamp(time_s, source)
+                source_t = time_s
+            else:
+                source_t = 0.0 if source_t is None else source_t + nominal_period
             now = self.clock()
             if source.live:
-                if now < next_slot:
-                    self.stats.source_frames_skipped += 1
-                    continue
-            next_slot = max(next_slot + period, now - period)  # never more than one slot of catch-up
+                if fixed_period is not None:
+                    if now < next_slot:
+                        self.stats.source_frames_skipped += 1
+                        continue
+                    next_slot = max(next_slot + fixed_period, now - fixed_period)  # at most one slot of catch-up
+            else:
+                t = self.stats.frames_read * fixed_period if fixed_period else source_t
+                interval = fixed_period or (t - previous_t if previous_t is not None and t > previous_t
+                                            else nominal_period)
+                if offset is None or (previous_t is not None and t < previous_t) \
+                        or offset + t - now > MAX_TIMESTAMP_JUMP_S:
+                    offset = now - t  # the first frame, or a jump in the timestamps: start the schedule here
+                await asyncio.sleep(max(0.0, offset + t - now))
+                now = self.clock()
+                offset = max(offset, now - t - interval)  # late: the next frame may go at once, then on schedule
+                previous_t = t
             if config.resize is not None and image.size != config.resize:
                 image = image.resize(config.resize, Image.BILINEAR)
             seq = self.stats.frames_read
             self.stats.frames_read += 1
             if self._writer is not None:
-                self._annotations.add(seq, image, now)
+                self._annotations.add(seq, TimedFrame(image, source_t), now)
             jpeg = await asyncio.to_thread(encode_jpeg, image, config.jpeg_quality)
             if not await self._send(seq, jpeg):
                 self.stats.frames_lost_in_gaps += 1
@@ -919,7 +1019,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", default="ws://127.0.0.1:8000", help="ws://HOST:PORT (or http://)")
     parser.add_argument("--stream-id", default="camera")
     parser.add_argument("--fps", type=float, default=None,
-                        help="frames/s to send (default: the source's rate; 10 for the pattern)")
+                        help="frames/s to send, every frame 1/F apart (default: a file by its frames' timestamps, "
+                             "a live source as it comes, the pattern at 10)")
     parser.add_argument("--resize", type=parse_resize, default=None, metavar="WxH", help="resize frames to WxH")
     parser.add_argument("--jpeg-quality", type=int, default=85)
     parser.add_argument("--api-key", default=None, help="API key (default: EVENTFUL_API_KEY)")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import httpx
@@ -236,7 +237,8 @@ def remux_faststart(src: Path, dst: Path) -> Path:
 
 
 def test_sources_file_loop_and_http_url(real_video, tmp_path):
-    """A file (paced, optionally looped) and the same file behind an HTTP URL (PyAV; a known duration: not live)."""
+    """A file (paced, optionally looped; its frames carry their timestamps, which go on across a loop) and the same
+    file behind an HTTP URL (PyAV; a known duration: not live)."""
     import functools
     import http.server
 
@@ -245,9 +247,13 @@ def test_sources_file_loop_and_http_url(real_video, tmp_path):
     n = len(decode_frames(real_video))
     source = open_source(str(real_video))
     assert not source.live and source.rate and source.rate > 1
-    assert sum(1 for _ in source.frames) == n
+    times = [frame.time_s for frame in source.frames]
+    assert len(times) == n and times[0] == 0.0
+    assert np.diff(times) == pytest.approx([1 / source.rate] * (n - 1), rel=0.01)
     looped = open_source(str(real_video), loop=True)
-    assert sum(1 for _ in itertools.islice(looped.frames, n + 5)) == n + 5  # went round again
+    looped_times = [frame.time_s for frame in itertools.islice(looped.frames, n + 5)]  # went round again
+    assert len(looped_times) == n + 5 and looped_times[:n] == times
+    assert np.diff(looped_times) == pytest.approx([1 / source.rate] * (n + 4), rel=0.01)  # no jump back
     looped.close()
     with pytest.raises(ValueError, match="no such video"):
         open_source(str(tmp_path / "missing.mp4"))
@@ -265,7 +271,7 @@ def test_sources_file_loop_and_http_url(real_video, tmp_path):
         try:
             remote = open_source(f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4")
             first = next(remote.frames)
-            assert not remote.live and first.size == next(open_source(str(real_video)).frames).size
+            assert not remote.live and first.image.size == next(open_source(str(real_video)).frames).image.size
             assert 1 + sum(1 for _ in remote.frames) == n
             remote.close()
         finally:
@@ -286,6 +292,112 @@ def test_gives_up_when_nothing_listens():
     assert "no connection" in summary["failure"] and summary["frames_read"] == summary["frames_sent"] == 0
     assert summary["connects"] == 0 and summary["gap_s"] == 0  # never connected: start-up, not a gap
     assert len(logs) >= 2 and all("retrying in" in line for line in logs)
+
+
+# ---- against a stand-in server (answers every frame at once, records when each arrived) -----------
+
+
+def write_mislabelled_avi(path: Path, frames: int, header_fps: int = 50, content_fps: int = 25) -> Path:
+    """An AVI whose header claims header_fps while its frames are content_fps apart: the frames carry pts 0, 2, 4, ...
+    in the stream's 1/header_fps time base (the muxer fills the gaps with empty chunks, as a capture tool that
+    duplicates nothing but declares 50 fps does)."""
+    import av
+
+    step = header_fps // content_fps
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=header_fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, header_fps)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (i * 9) % 256, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = step * i, Fraction(1, header_fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:  # what a player (and the old client) believes
+        assert container.streams.video[0].average_rate == header_fps
+    return path
+
+
+def run_against_stand_in(config_kwargs: dict, answer=None) -> tuple[dict, list[float], list[str]]:
+    """Run a CameraClient against an in-process WebSocket server that answers each frame with `answer(index)` (a
+    result by default); returns (summary, arrival times of the frames at the server, the client's log lines)."""
+    from websockets.asyncio.server import serve
+
+    arrivals: list[float] = []
+    logs: list[str] = []
+    answer = answer or result
+
+    async def handler(ws) -> None:
+        index = 0
+        async for message in ws:
+            if isinstance(message, bytes):
+                arrivals.append(time.monotonic())
+                await ws.send(json.dumps(answer(index)))
+                index += 1
+
+    async def scenario() -> dict:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            config = CameraConfig(server=f"ws://127.0.0.1:{port}", **config_kwargs)
+            return await CameraClient(config, log=logs.append).run()
+
+    return asyncio.run(scenario()), arrivals, logs
+
+
+def test_a_file_is_paced_by_its_timestamps_not_its_header_rate(tmp_path):
+    """An AVI that says 50 fps for frames 40 ms apart: frames leave 40 ms apart (1 s of video takes 1 s, not 0.5 s)
+    and the annotated video keeps the source's timing (plays at the right speed, 25 fps)."""
+    import av
+
+    frames = 25  # 0.96 s of video by its timestamps; 0.48 s by its header
+    video = write_mislabelled_avi(tmp_path / "mislabelled.avi", frames)
+    out = tmp_path / "annotated.mp4"
+    summary, arrivals, logs = run_against_stand_in({"source": str(video), "output": str(out), "stream_id": "ts"})
+    assert summary["frames_sent"] == summary["results"] == frames and "failure" not in summary
+    span = arrivals[-1] - arrivals[0]
+    assert 0.85 < span < 1.5, f"{frames} frames 40 ms apart were sent over {span:.2f} s"
+    assert summary["fps_target"] == pytest.approx(25, rel=0.05) and summary["pacing"] == "timestamps"
+    assert summary["source_declared_fps"] == 50
+    assert any("declares 50 fps but its timestamps advance at 25 fps" in line for line in logs), logs
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        times = [float(frame.pts * frame.time_base) for frame in container.decode(stream)]
+        rate = stream.average_rate
+    assert len(times) == summary["frames_written"] == frames
+    assert times[-1] - times[0] == pytest.approx(0.96, abs=0.01)
+    assert np.diff(times) == pytest.approx([0.04] * (frames - 1), abs=0.002)
+    assert float(rate) == pytest.approx(25, rel=0.1)
+
+
+def test_a_fixed_fps_sends_every_frame_at_that_rate_and_keeps_the_source_timing_in_the_output(tmp_path):
+    """--fps 50 on a 25 fps file: every frame goes, 20 ms apart; the annotated video still plays at 25 fps."""
+    import av
+
+    frames = 25
+    video = write_mislabelled_avi(tmp_path / "mislabelled.avi", frames)
+    out = tmp_path / "annotated.mp4"
+    summary, arrivals, _ = run_against_stand_in({"source": str(video), "output": str(out), "fps": 50})
+    assert summary["frames_sent"] == frames and 0.4 < arrivals[-1] - arrivals[0] < 0.8
+    with av.open(str(out)) as container:
+        times = [float(frame.pts * frame.time_base) for frame in container.decode(video=0)]
+    assert times[-1] - times[0] == pytest.approx(0.96, abs=0.01)
+
+
+def test_warns_when_the_server_drops_frames():
+    """A sender faster than the server: the server answers `dropped`; the client says so while it runs (once, not
+    per frame) and in its summary."""
+
+    def every_other_dropped(index: int) -> dict:
+        return {"type": "dropped", "frame": index} if index % 2 else result(index)
+
+    summary, _, logs = run_against_stand_in({"source": "pattern", "fps": 50, "frames": 20}, every_other_dropped)
+    assert summary["dropped"] == 10 and summary["results"] == 10
+    warnings = [line for line in logs if "dropped" in line]
+    assert len(warnings) == 1 and "--fps" in warnings[0], logs
+    assert "50 % of the frames sent were dropped" in format_summary(summary)
+    quiet, _, quiet_logs = run_against_stand_in({"source": "pattern", "fps": 50, "frames": 5})
+    assert quiet["dropped"] == 0 and not any("dropped" in line for line in quiet_logs)
+    assert "dropped by the server" not in format_summary(quiet)
 
 
 # ---- against a real server -----------------------------------------------------------------------
