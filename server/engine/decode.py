@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 FORMATS = ("JPEG", "PNG")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MAX_DIMENSION = 2**31 - 1  # the PNG specification's bound on width and height
 
 
 class FrameRejected(ValueError):
@@ -41,8 +43,8 @@ def check_size(data: bytes, limits: FrameLimits) -> None:
 def decode_image(data: bytes, limits: FrameLimits) -> np.ndarray:
     """JPEG or PNG bytes -> RGB uint8 [H, W, 3]. Raises FrameRejected with a protocol error code."""
     check_size(data, limits)
-    if data.startswith(PNG_SIGNATURE) and len(data) >= 24:  # IHDR first: check the size before Pillow does
-        _check_dimensions(*struct.unpack(">II", data[16:24]), limits)
+    if data.startswith(PNG_SIGNATURE):  # IHDR first: check the size before Pillow does
+        _check_dimensions(*png_size(data), limits)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
         _check_dimensions(*image.size, limits)
@@ -58,6 +60,21 @@ def decode_image(data: bytes, limits: FrameLimits) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)  # [H, W, 3] uint8
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, which must come first, be 13 bytes long and pass its CRC: a size
+    read from a corrupt header would call random bytes "too large" instead of undecodable."""
+    if len(data) < 33:
+        raise FrameRejected("undecodable", "cannot decode PNG image: truncated header")
+    length, kind = struct.unpack(">I4s", data[8:16])
+    (crc,) = struct.unpack(">I", data[29:33])
+    if length != 13 or kind != b"IHDR" or zlib.crc32(data[12:29]) != crc:
+        raise FrameRejected("undecodable", "cannot decode PNG image: corrupt IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    if width > PNG_MAX_DIMENSION or height > PNG_MAX_DIMENSION:
+        raise FrameRejected("undecodable", f"cannot decode PNG image: invalid size {width}x{height}")
+    return width, height
 
 
 def _check_dimensions(width: int, height: int, limits: FrameLimits) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from server.engine import BudgetError, BudgetPolicy, GlobalBudget, ModelRunner, 
 from server.engine.decode import FrameLimits, FrameRejected, decode_image
 from server.engine.registry import StreamRegistry
 from server.engine.scheduler import PendingFrame, PlannedFrame, Scheduler, StepPlan
-from tests.server.conftest import encode, frames
+from tests.server.conftest import encode, frames, png_header_only
 
 
 def pending(stream: str, frame: int, queued_at: float, session: int = 1) -> PendingFrame:
@@ -157,6 +158,23 @@ def test_decode_png_exact_and_limits():
     with pytest.raises(FrameRejected) as gif:
         decode_image(encode(frame, "GIF"), FrameLimits())
     assert gif.value.code == "undecodable"
+
+
+def test_a_corrupt_png_header_is_undecodable_and_a_valid_large_one_too_large():
+    """The PNG size is read from the IHDR chunk before Pillow sees the data: only from a chunk whose CRC holds."""
+    signature = b"\x89PNG\r\n\x1a\n"
+    rng = np.random.default_rng(0)
+    corrupt = [signature + rng.bytes(int(n)) for n in rng.integers(0, 300, 20)]
+    huge = png_header_only(20_000, 20_000)
+    bad_crc = huge[:29] + bytes([huge[29] ^ 1]) + huge[30:]
+    over_spec = png_header_only(2**31, 1)  # a valid CRC, but PNG dimensions stop at 2^31 - 1
+    for data in [*corrupt, bad_crc, over_spec, signature, huge[:32]]:
+        with pytest.raises(FrameRejected) as rejected:
+            decode_image(data, FrameLimits())
+        assert rejected.value.code == "undecodable", rejected.value.message
+    with pytest.raises(FrameRejected) as too_large:
+        decode_image(huge, FrameLimits())
+    assert too_large.value.code == "image_too_large"
 
 
 # ---- runner: a stream inside a batch equals the same stream alone ---------------------------

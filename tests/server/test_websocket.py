@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from tests.server.conftest import API_KEY, encode, frames, wait_until
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR declares width x height (no pixel data to speak of)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+from tests.server.conftest import API_KEY, encode, frames, png_header_only, wait_until
 
 
 def test_concurrent_streams_get_their_results_in_order(client):
@@ -118,8 +105,8 @@ def test_malformed_frames_get_errors_and_the_stream_keeps_its_state(make_client)
     bad = [
         ("truncated jpeg", jpeg[: len(jpeg) // 2], "undecodable"),
         ("random bytes", np.random.default_rng(0).bytes(500), "undecodable"),
-        ("0x0 png", _png_header_only(0, 0), "empty_image"),
-        ("huge image", _png_header_only(20_000, 20_000), "image_too_large"),
+        ("0x0 png", png_header_only(0, 0), "empty_image"),
+        ("huge image", png_header_only(20_000, 20_000), "image_too_large"),
         ("too many bytes", b"\x89PNG" + bytes(70 * 1024), "frame_too_large"),
         ("empty message", b"", "empty_frame"),
     ]
