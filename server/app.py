@@ -52,7 +52,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         default_budget=default,
         target_latency_s=settings.target_latency_ms / 1000,
         limits=FrameLimits(
-            settings.max_frame_bytes, settings.max_frame_width, settings.max_frame_height, settings.max_frame_pixels
+            settings.max_frame_bytes, settings.max_frame_width, settings.max_frame_height, settings.max_frame_pixels,
+            settings.max_frame_aspect_ratio,
         ),
         torch_threads=settings.inference_threads,
         seeds_per_step=settings.seeds_per_step,

@@ -44,6 +44,7 @@ FLAGS: list[tuple[str, dict]] = [
     ("--max-frame-width", dict(type=int)),
     ("--max-frame-height", dict(type=int)),
     ("--max-frame-pixels", dict(type=int)),
+    ("--max-frame-aspect-ratio", dict(type=float, help="long side / short side of a frame at most (8)")),
     ("--api-key", dict(help="require this key (prefer EVENTFUL_API_KEY: flags show up in process lists)")),
     ("--host", dict()),
     ("--port", dict(type=int)),

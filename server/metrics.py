@@ -15,7 +15,8 @@ from server.engine.stats import EngineSnapshot, FrameEvent, LatencyStats, StepSt
 
 PREFIX = "eventful"
 ERROR_CODES = (
-    "empty_frame", "frame_too_large", "image_too_large", "empty_image", "undecodable", "unsupported_size",
+    "empty_frame", "frame_too_large", "image_too_large", "bad_aspect_ratio", "empty_image", "undecodable",
+    "unsupported_size",
 )
 REFUSAL_REASONS = ("max_streams", "in_use", "not_ready")
 

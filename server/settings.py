@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     max_frame_width: int = Field(4096, ge=1)
     max_frame_height: int = Field(4096, ge=1)
     max_frame_pixels: int = Field(4096 * 2160, ge=1)
+    max_frame_aspect_ratio: float = Field(
+        8.0, ge=1.0, description="long side / short side of a frame (a short-side resize scales the long side too)")
 
     # auth
     api_key: SecretStr | None = None

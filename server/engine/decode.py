@@ -30,6 +30,7 @@ class FrameLimits:
     max_width: int = 4096
     max_height: int = 4096
     max_pixels: int = 4096 * 2160
+    max_aspect_ratio: float = 8.0  # long side / short side: a short-side resize makes the long side this many times it
 
 
 def check_size(data: bytes, limits: FrameLimits) -> None:
@@ -85,6 +86,11 @@ def _check_dimensions(width: int, height: int, limits: FrameLimits) -> None:
             "image_too_large",
             f"image is {width}x{height}; limits are {limits.max_width}x{limits.max_height} "
             f"and {limits.max_pixels} pixels",
+        )
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise FrameRejected(
+            "bad_aspect_ratio",
+            f"image is {width}x{height}; the long side may be at most {limits.max_aspect_ratio:g} times the short side",
         )
 
 

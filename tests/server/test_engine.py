@@ -177,6 +177,18 @@ def test_a_corrupt_png_header_is_undecodable_and_a_valid_large_one_too_large():
     assert too_large.value.code == "image_too_large"
 
 
+def test_frames_past_the_aspect_ratio_limit_are_refused_from_the_header():
+    """A 4096x1 PNG is tiny, but a short-side resize to 256 would make it 256x1048576: refused before decoding."""
+    strip = encode(np.zeros((1, 4096, 3), np.uint8))
+    assert len(strip) < 200
+    for data in [strip, png_header_only(1, 4096), png_header_only(90, 10), encode(np.zeros((10, 90, 3), np.uint8))]:
+        with pytest.raises(FrameRejected) as rejected:
+            decode_image(data, FrameLimits())
+        assert rejected.value.code == "bad_aspect_ratio", rejected.value.message
+    assert decode_image(encode(np.zeros((10, 80, 3), np.uint8)), FrameLimits()).shape == (10, 80, 3)  # 8:1 is in
+    assert decode_image(strip, FrameLimits(max_aspect_ratio=4096)).shape == (1, 4096, 3)
+
+
 # ---- runner: a stream inside a batch equals the same stream alone ---------------------------
 
 

@@ -107,6 +107,7 @@ def test_malformed_frames_get_errors_and_the_stream_keeps_its_state(make_client)
         ("random bytes", np.random.default_rng(0).bytes(500), "undecodable"),
         ("0x0 png", png_header_only(0, 0), "empty_image"),
         ("huge image", png_header_only(20_000, 20_000), "image_too_large"),
+        ("256x1 strip", encode(np.zeros((1, 256, 3), np.uint8)), "bad_aspect_ratio"),
         ("too many bytes", b"\x89PNG" + bytes(70 * 1024), "frame_too_large"),
         ("empty message", b"", "empty_frame"),
     ]
@@ -130,7 +131,8 @@ def test_malformed_frames_get_errors_and_the_stream_keeps_its_state(make_client)
     metrics = client.get("/metrics").text
     assert 'eventful_decode_errors_total{code="undecodable"} 2.0' in metrics
     assert 'eventful_decode_errors_total{code="image_too_large"} 1.0' in metrics
-    assert "eventful_frames_failed_total 6.0" in metrics
+    assert 'eventful_decode_errors_total{code="bad_aspect_ratio"} 1.0' in metrics
+    assert "eventful_frames_failed_total 7.0" in metrics
 
 
 def test_ping_and_unknown_control_messages(client):
