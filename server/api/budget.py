@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Path, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Response, status
 
 from server.api.deps import EngineDep
 from server.api.schemas import (
@@ -22,6 +23,23 @@ from server.engine import Engine, GlobalBudget, StreamOverride
 
 router = APIRouter(prefix="/v1", tags=["budget"])
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id as in the WebSocket path")]
+
+
+JSON_MEDIA_TYPE = re.compile(r"application/(json|[^/;\s]+\+json)")
+
+
+def require_json(request: Request) -> None:
+    """A body in another media type (a form, text, none declared) is a 415 that says so, not a 422 about its shape."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not JSON_MEDIA_TYPE.fullmatch(media_type):
+        got = f"got {media_type!r}" if media_type else "none given"
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be application/json ({got})")
+
+
+JSON_BODY = {
+    "dependencies": [Depends(require_json)],
+    "responses": {415: {"description": "the body is not declared as JSON (Content-Type must be application/json)"}},
+}
 
 
 def _budget_out(engine: Engine) -> BudgetOut:
@@ -65,7 +83,7 @@ def get_budget(engine: EngineDep) -> BudgetOut:
 
 
 @router.put(
-    "/budget", response_model=BudgetOut, summary="Set the global budget policy",
+    "/budget", response_model=BudgetOut, summary="Set the global budget policy", **JSON_BODY,
     description=(
         "`{\"mode\": \"fixed\", \"tokens\": R}` or `{\"mode\": \"fixed\", \"fraction\": F}`, or "
         "`{\"mode\": \"auto\", \"target_latency_ms\": T}` (optionally `min_tokens`, `max_tokens`): the budget "
@@ -75,11 +93,13 @@ def get_budget(engine: EngineDep) -> BudgetOut:
     ),
 )
 def put_budget(engine: EngineDep, body: Annotated[BudgetIn, Body()]) -> BudgetOut:
-    if isinstance(body, FixedBudgetIn):
-        engine.set_global_budget(GlobalBudget("fixed", tokens=body.tokens, fraction=body.fraction))
-    elif isinstance(body, AutoBudgetIn):
+    policy = body.root
+    if isinstance(policy, FixedBudgetIn):
+        engine.set_global_budget(GlobalBudget("fixed", tokens=policy.tokens, fraction=policy.fraction))
+    elif isinstance(policy, AutoBudgetIn):
         engine.set_global_budget(GlobalBudget(
-            "auto", target_latency_ms=body.target_latency_ms, min_tokens=body.min_tokens, max_tokens=body.max_tokens
+            "auto", target_latency_ms=policy.target_latency_ms, min_tokens=policy.min_tokens,
+            max_tokens=policy.max_tokens,
         ))
     return _budget_out(engine)
 
@@ -91,6 +111,7 @@ def get_stream_budget(engine: EngineDep, stream_id: StreamId) -> StreamBudgetOut
 
 @router.put(
     "/streams/{stream_id}/budget", response_model=StreamBudgetOut, summary="Override or cap a stream's budget",
+    **JSON_BODY,
     description=(
         "`{\"tokens\": R}` or `{\"fraction\": F}` replace the global budget for this stream; `{\"max_tokens\": R}` "
         "caps it. Overrides are kept by stream id, whether or not the stream is connected."

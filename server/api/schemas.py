@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic_core import PydanticCustomError
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: no unknown fields, and strict types (`true` is not 1 token, `"64"` is not 64; a JSON integer
+    is still a float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FixedBudgetIn(_Strict):
@@ -36,7 +40,26 @@ class AutoBudgetIn(_Strict):
     max_tokens: int | None = Field(None, ge=0, description="the controller's ceiling (default num_patches)")
 
 
-BudgetIn = Annotated[FixedBudgetIn | AutoBudgetIn, Field(discriminator="mode")]
+BUDGET_MODES = ("fixed", "auto")
+
+
+class BudgetIn(RootModel[Annotated[FixedBudgetIn | AutoBudgetIn, Field(discriminator="mode")]]):
+    """The global budget policy; `mode` (required) says which fields follow."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _require_mode(cls, value: Any) -> Any:
+        """Name the field when `mode` is missing or unknown (the discriminator alone says "Unable to extract tag")."""
+        if isinstance(value, dict):
+            modes = ", ".join(BUDGET_MODES)
+            if "mode" not in value:
+                raise PydanticCustomError("missing", "field 'mode' is required: one of {modes}", {"modes": modes})
+            if value["mode"] not in BUDGET_MODES:
+                raise PydanticCustomError(
+                    "literal_error", "field 'mode' must be one of {modes}, not {mode}",
+                    {"modes": modes, "mode": repr(value["mode"])},
+                )
+        return value
 
 
 class ControllerOut(BaseModel):

@@ -35,6 +35,14 @@ def test_global_budget_fixed_and_auto(client):
         ({"mode": "fixed", "tokens": -1}, "tokens"),
         ({"mode": "fixed", "tokens": 17}, "tokens"),  # more than the model's 16 patch tokens
         ({"mode": "fixed", "tokens": "many"}, "tokens"),
+        ({"mode": "fixed", "tokens": True}, "tokens"),  # strict: not 1 token
+        ({"mode": "fixed", "tokens": "4"}, "tokens"),  # strict: a number, not a string of one
+        ({"mode": "fixed", "tokens": 4.5}, "tokens"),
+        ({"mode": "fixed", "fraction": "0.5"}, "fraction"),
+        ({"mode": "fixed", "fraction": True}, "fraction"),
+        ({"mode": "auto", "target_latency_ms": "50"}, "target_latency_ms"),
+        ({"mode": "auto", "target_latency_ms": 50, "min_tokens": False}, "min_tokens"),
+        ({"mode": "auto", "target_latency_ms": 50, "max_tokens": "8"}, "max_tokens"),
         ({"mode": "fixed", "fraction": 1.5}, "fraction"),
         ({"mode": "fixed", "tokens": 3, "fraction": 0.5}, "fraction"),  # exactly one of the two
         ({"mode": "fixed"}, "tokens"),
@@ -62,6 +70,10 @@ def test_global_budget_validation_names_the_field(client, body, field):
         ({"tokens": 100}, "tokens"),
         ({"max_tokens": 17}, "max_tokens"),
         ({"fraction": -0.1}, "fraction"),
+        ({"tokens": True}, "tokens"),
+        ({"tokens": "4"}, "tokens"),
+        ({"fraction": "0.5"}, "fraction"),
+        ({"max_tokens": False}, "max_tokens"),
         ({}, "max_tokens"),
         ({"tokens": 2, "max_tokens": 3}, "max_tokens"),
     ],
@@ -70,6 +82,41 @@ def test_stream_budget_validation_names_the_field(client, body, field):
     response = client.put("/v1/streams/cam/budget", json=body)
     assert response.status_code == 422, response.text
     assert field in response.json()["message"]
+
+
+def test_global_budget_numbers_may_be_json_integers_or_floats(client):
+    """Strict types refuse strings and booleans, not a float field given as a JSON integer."""
+    assert client.put("/v1/budget", json={"mode": "fixed", "fraction": 1}).json()["effective_tokens"] == 16
+    auto = client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 50, "max_tokens": 8})
+    assert auto.status_code == 200 and auto.json()["target_latency_ms"] == 50
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"tokens": 40}, "field 'mode' is required: one of fixed, auto"),
+        ({"mode": "turbo", "tokens": 40}, "field 'mode' must be one of fixed, auto, not 'turbo'"),
+        ({"mode": None}, "field 'mode' must be one of fixed, auto, not None"),
+    ],
+)
+def test_global_budget_without_a_valid_mode_says_so(client, body, says):
+    response = client.put("/v1/budget", json=body)
+    assert response.status_code == 422, response.text
+    assert says in response.json()["message"] and "discriminator" not in response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/budget", "/v1/streams/cam/budget"])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_budget_put_without_a_json_content_type_is_415_and_says_so(client, path, content_type):
+    body = b'{"mode": "fixed", "tokens": 3}' if path == "/v1/budget" else b'{"tokens": 3}'
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.put(path, content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    assert response.json()["detail"].startswith("Content-Type must be application/json")
+    assert client.get("/v1/budget").json()["effective_tokens"] == 4  # unchanged
+    assert client.get("/v1/streams/cam/budget").json()["override"] is None
+    with_charset = client.put(path, content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert with_charset.status_code == 200 and with_charset.json()["effective_tokens"] == 3
 
 
 def test_stream_budget_override_cap_and_delete(client):
