@@ -1,7 +1,8 @@
 """Per-stream records: eventful state (created on the first frame, on the model's device), counters, latencies.
 
 A record lives while its stream is connected and, after a disconnect, for `ttl_s` more seconds so that a quick
-reconnect under the same stream id resumes without a dense frame. Not thread-safe: the engine holds its lock.
+reconnect under the same stream id resumes without a dense frame, as long as its slot is not needed: at most
+`max_streams` records are held in all. Not thread-safe: the engine holds its lock.
 """
 
 from __future__ import annotations
@@ -100,14 +101,22 @@ class StreamRegistry:
                 CLOSE_TRY_AGAIN_LATER, f"server is at its limit of {self.max_streams} streams", "max_streams"
             )
         if record is None:
-            retained = sorted((r for r in self.records.values() if not r.connected), key=lambda r: r.disconnected_at)
-            for old in retained[: max(0, len(self.records) + 1 - 2 * self.max_streams)]:
-                del self.records[old.stream_id]  # bound the retained states: the oldest go first
+            self._make_room()
             record = self.records[stream_id] = StreamRecord(stream_id)
         self._next_session += 1
         record.session = Session(self._next_session, stream_id, deliver)
         record.disconnected_at = None
         return record, record.session
+
+    def _make_room(self) -> None:
+        """Before a new record: at most max_streams records (states) in all. Retained states use free stream slots
+        only; the oldest give way to a stream that connects (there is one to free: fewer than max_streams are
+        connected)."""
+        excess = len(self.records) + 1 - self.max_streams
+        if excess > 0:
+            retained = sorted((r for r in self.records.values() if not r.connected), key=lambda r: r.disconnected_at)
+            for old in retained[:excess]:
+                del self.records[old.stream_id]
 
     def close(self, session: Session, now: float) -> None:
         """Detach a connection; its stream's state is freed now (ttl 0) or kept for ttl_s."""

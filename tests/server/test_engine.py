@@ -142,6 +142,24 @@ def test_registry_limits_ttl_and_eviction():
     assert registry.reap(now=14.0) == [] and registry.reap(now=15.0) == ["a"]
 
 
+def test_registry_holds_at_most_max_streams_states_connected_first():
+    """Retained states only use free stream slots: 300 distinct ids keep max_streams records, the newest; streams
+    that connect push the oldest retained out, and a retained stream resumes without pushing any out."""
+    registry = StreamRegistry(max_streams=4, ttl_s=60.0)
+    for i in range(300):
+        _, session = registry.open(f"s{i}", print)
+        registry.close(session, now=float(i))
+        assert len(registry.records) <= 4
+    assert sorted(registry.records) == ["s296", "s297", "s298", "s299"] and registry.retained_count == 4
+    registry.open("c0", print)
+    registry.open("c1", print)
+    assert sorted(registry.records) == ["c0", "c1", "s298", "s299"]
+    resumed, _ = registry.open("s298", print)
+    assert resumed.connected and sorted(registry.records) == ["c0", "c1", "s298", "s299"]
+    registry.open("c2", print)
+    assert sorted(registry.records) == ["c0", "c1", "c2", "s298"] and registry.retained_count == 0
+
+
 # ---- decode ----------------------------------------------------------------------------------
 
 

@@ -241,6 +241,20 @@ def test_quick_reconnect_resumes_the_state_within_the_ttl(make_client):
         assert ws.receive_json()["dense"]
 
 
+def test_retained_states_stay_within_max_streams(make_client):
+    client = make_client(max_streams=2, stream_ttl_s=60)
+    video = frames(1)
+    for i in range(5):
+        with client.websocket_connect(f"/v1/streams/gone{i}") as ws:
+            ws.send_bytes(encode(video[0]))
+            assert ws.receive_json()["type"] == "result"
+    wait_until(lambda: not any(s["connected"] for s in client.get("/v1/streams").json()["streams"]),
+               what="every stream to be closed")
+    listed = client.get("/v1/streams").json()
+    assert [s["stream_id"] for s in listed["streams"]] == ["gone3", "gone4"]  # the newest are kept
+    assert "eventful_retained_streams 2.0" in client.get("/metrics").text
+
+
 def test_websocket_needs_the_api_key_when_one_is_set(make_client):
     client = make_client(api_key=API_KEY)
     with client.websocket_connect("/v1/streams/k") as ws, pytest.raises(WebSocketDisconnect) as refused:
