@@ -19,6 +19,7 @@ from model.videomae import VideoMAE
 from model.vit import VisionTransformer
 from model.yolos import YolosDetector
 from server.api import budget, health, streams, web
+from server.api.access_log import install_token_redaction
 from server.api.deps import require_api_key
 from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget, ModelRunner
 from server.engine.clip_runner import ClipRunner
@@ -90,6 +91,7 @@ def create_app(
     """The application. model: an already loaded model (else settings.model is loaded on the engine thread);
     registry: where metrics are registered (a fresh CollectorRegistry by default)."""
     settings = settings or Settings()
+    install_token_redaction()  # ?token=<key> is written to uvicorn's logs as token=***
     metrics = Metrics(registry or CollectorRegistry(), settings.target_latency_ms / 1000, settings.max_batch_size)
     engine = Engine(engine_config(settings), lambda: build_runner(settings, model), stats=metrics)
 

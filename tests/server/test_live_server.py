@@ -122,3 +122,19 @@ def test_live_server_answers_every_video_frame_as_the_model_does(shared_dir, tmp
         assert message["updated_fraction"] == pytest.approx(out.updated_fraction[0].item(), abs=1e-6)
         if model.config.label_names:
             assert top[0]["label"] == model.config.label_names[indices[0]]
+
+
+def test_live_server_keeps_the_api_key_out_of_its_log(tiny_checkpoint, tmp_path):
+    """`?token=` (REST and WebSocket) is written to the real process's log as `token=***`."""
+    args = ["--model", str(tiny_checkpoint), "--num-heads", "2", "--image-size", "32", "--log-level", "info"]
+    log_path = tmp_path / "server.log"
+    with live_server(args, log_path, env={"EVENTFUL_API_KEY": API_KEY}) as base:
+        with httpx.Client(base_url=base, trust_env=False, timeout=10) as http:
+            assert http.get(f"/v1/streams?token={API_KEY}").status_code == 200
+        with connect(ws_url(base, "logged", API_KEY), proxy=None) as ws:
+            ws.send(encode(frames(1)[0]))
+            assert recv_json(ws)["type"] == "result"
+    log = log_path.read_text()
+    assert '"GET /v1/streams?token=*** HTTP/1.1" 200' in log
+    assert '"WebSocket /v1/streams/logged?token=***" [accepted]' in log
+    assert API_KEY not in log
