@@ -21,6 +21,8 @@ log = logging.getLogger("eventful.api")
 
 MAX_UNSENT_MESSAGES = 256  # a client that stops reading its results is disconnected past this many
 MAX_CONTROL_MESSAGE_CHARS = 4096  # longer text messages are answered invalid_message without being parsed
+CONTROL_BURST = 32  # text (control) messages a connection may send at once ...
+CONTROL_RATE_PER_S = 10.0  # ... and on average; past that they are not processed (one rate_limited error a run)
 CLOSE_POLICY_VIOLATION = 1008
 
 
@@ -52,6 +54,24 @@ def encode(message: StreamMessage | dict[str, Any], latency_s: float | None = No
     return json.dumps(payload)
 
 
+class TokenBucket:
+    """`burst` tokens at most, refilled at `rate_per_s`; `take()` spends one if there is one."""
+
+    def __init__(self, burst: int, rate_per_s: float):
+        self.burst, self.rate_per_s = burst, rate_per_s
+        self.tokens = float(burst)
+        self._updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate_per_s)
+        self._updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class StreamConnection:
     """Reads binary frames (and small JSON control messages), writes results / dropped / error messages."""
 
@@ -64,6 +84,8 @@ class StreamConnection:
         self._handle: StreamHandle | None = None
         self._writer: asyncio.Task | None = None
         self.overflowed = False  # more than MAX_UNSENT_MESSAGES waited: the client is not reading
+        self._control_budget = TokenBucket(CONTROL_BURST, CONTROL_RATE_PER_S)
+        self._control_limited = False  # the last text message was over the rate limit (its error was sent)
 
     async def serve(self) -> None:
         """Accepted socket in, closed socket out."""
@@ -109,7 +131,17 @@ class StreamConnection:
                 self._on_text(text)
 
     def _on_text(self, text: str) -> None:
-        """Text messages are JSON control messages; only {"type": "ping"} exists (answered with a pong)."""
+        """Text messages are JSON control messages; only {"type": "ping"} exists (answered with a pong). Over the
+        rate limit a message is not processed: the first of a run gets a rate_limited error, the rest nothing (a
+        client is never closed for its own control messages)."""
+        if not self._control_budget.take():
+            if not self._control_limited:
+                self._control_limited = True
+                self._enqueue(_error(
+                    "rate_limited", f"at most {CONTROL_BURST} control messages at once and {CONTROL_RATE_PER_S:g} "
+                    "a second; messages over the limit are not answered"))
+            return
+        self._control_limited = False
         if len(text) > MAX_CONTROL_MESSAGE_CHARS:
             self._enqueue(_error(
                 "invalid_message", f"control messages are at most {MAX_CONTROL_MESSAGE_CHARS} characters"))

@@ -138,3 +138,18 @@ def test_live_server_keeps_the_api_key_out_of_its_log(tiny_checkpoint, tmp_path)
     assert '"GET /v1/streams?token=*** HTTP/1.1" 200' in log
     assert '"WebSocket /v1/streams/logged?token=***" [accepted]' in log
     assert API_KEY not in log
+
+
+def test_live_server_rate_limits_a_ping_burst_without_closing(tiny_checkpoint, tmp_path):
+    """2000 pings at once over a real socket from a client that reads: never closed as a slow reader."""
+    args = ["--model", str(tiny_checkpoint), "--num-heads", "2", "--image-size", "32", "--log-level", "warning"]
+    with live_server(args, tmp_path / "server.log") as base, connect(ws_url(base, "pings"), proxy=None) as ws:
+        for _ in range(2000):
+            ws.send('{"type": "ping"}')
+        ws.send(encode(frames(1)[0]))
+        kinds = []
+        while not kinds or kinds[-1] != "result":
+            message = recv_json(ws)
+            kinds.append(message["type"] if message["type"] != "error" else message["code"])
+            assert len(kinds) <= 2001
+    assert set(kinds) == {"pong", "rate_limited", "result"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
-from tests.server.conftest import API_KEY, encode, frames, png_header_only, wait_until
+from tests.server.conftest import API_KEY, encode, frames, png_header_only, receive_until, wait_until
 
 
 def test_concurrent_streams_get_their_results_in_order(client):
@@ -141,6 +143,27 @@ def test_ping_and_unknown_control_messages(client):
         assert ws.receive_json() == {"type": "pong", "frames": 0}
         ws.send_text('{"type": "subscribe"}')
         assert ws.receive_json()["code"] == "invalid_message"
+
+
+def test_a_burst_of_pings_is_rate_limited_and_the_reading_client_stays(client):
+    """2000 pings at once from a client that reads: a burst of pongs, then one rate_limited error per run of pings
+    over the limit (the rest get no answer); never a close, and frames keep being served."""
+    from server.api.connection import CONTROL_BURST
+
+    with client.websocket_connect("/v1/streams/pinger") as ws:
+        for _ in range(2000):
+            ws.send_text('{"type": "ping"}')
+        ws.send_bytes(encode(frames(1)[0]))
+        result, answers = receive_until(ws, "result", limit=2001)
+        time.sleep(0.3)  # the bucket refills
+        ws.send_text('{"type": "ping"}')
+        later = ws.receive_json()
+    pongs = [m for m in answers if m["type"] == "pong"]
+    errors = [m for m in answers if m["type"] == "error"]
+    assert len(pongs) + len(errors) == len(answers)
+    assert {e["code"] for e in errors} == {"rate_limited"} and all(e["frame"] is None for e in errors)
+    assert CONTROL_BURST <= len(pongs) < 2 * CONTROL_BURST and 1 <= len(errors) <= len(pongs)
+    assert result["frame"] == 0 and later == {"type": "pong", "frames": 1}
 
 
 @pytest.mark.parametrize("depth", [2_000, 100_000])
