@@ -14,8 +14,9 @@ import os
 import pickle
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -717,6 +718,41 @@ def resolve_hf_id(model_id: str, revision: str | None = None) -> Path:
     return Path(folder)
 
 
+@dataclass(frozen=True)
+class WeightsSource:
+    """Which form of load_model's spec a string is, and so where the model's weights come from."""
+
+    form: Literal["timm_file", "hf_directory", "named", "hf_id"]
+    weights: Literal["checkpoint", "random"]  # a named architecture has deterministic random weights
+    source: str  # the checkpoint file or HF directory (resolved), the HF id, or the architecture's name
+
+    @property
+    def description(self) -> str:
+        if self.weights == "random":
+            return f"random weights (the named architecture {self.source!r}: no checkpoint, its outputs mean nothing)"
+        kind = {"timm_file": "checkpoint file", "hf_directory": "model directory", "hf_id": "Hugging Face model"}
+        return f"weights from the {kind[self.form]} {self.source}"
+
+
+def weights_source(spec: str) -> WeightsSource:
+    """Where load_model(spec) takes the weights from, in its order: a file, a directory, a named architecture, a
+    Hugging Face id. Looks only at the local file system. Raises FileNotFoundError when spec is none of them."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return WeightsSource("timm_file", "checkpoint", str(path.resolve()))
+    if path.is_dir():
+        return WeightsSource("hf_directory", "checkpoint", str(path.resolve()))
+    if spec.lower() in NAMED_CONFIGS:
+        return WeightsSource("named", "random", spec.lower())
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith((".safetensors", *_TORCH_SUFFIXES)):
+        return WeightsSource("hf_id", "checkpoint", spec)
+    raise FileNotFoundError(
+        f"cannot load model {spec!r}; tried: a checkpoint file or model directory at {path.resolve()} (nothing "
+        f"there); a named architecture (known: {', '.join(sorted(NAMED_CONFIGS))}); a Hugging Face id "
+        "('org/name', not a file name)"
+    )
+
+
 def load_model(
     spec: str,
     image_size: tuple[int, int] | None = None,
@@ -732,17 +768,18 @@ def load_model(
     to image_size (see adapt_image_size). num_heads applies to timm files and named architectures;
     labels_path (one name per line) overrides the label names.
     """
+    source = weights_source(spec)
     path = Path(spec).expanduser()
-    if path.is_file():
+    if source.form == "timm_file":
         model = load_timm_checkpoint(path, num_heads=num_heads, image_size=image_size, labels_path=labels_path)
-    elif path.is_dir():
+    elif source.form == "hf_directory":
         model = load_hf_directory(path, image_size=image_size)
-    elif spec.lower() in NAMED_CONFIGS:
+    elif source.form == "named":
         config = NAMED_CONFIGS[spec.lower()]
         if num_heads is not None:
             config = replace(config, num_heads=num_heads)
         model = build_model(adapt_image_size(config, image_size))
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith((".safetensors", *_TORCH_SUFFIXES)):
+    else:
         try:
             folder = resolve_hf_id(spec)
         except FileNotFoundError as err:
@@ -751,12 +788,6 @@ def load_model(
                 f"and as a Hugging Face id: {err}"
             ) from err
         model = load_hf_directory(folder, image_size=image_size)
-    else:
-        raise FileNotFoundError(
-            f"cannot load model {spec!r}; tried: a checkpoint file or model directory at {path.resolve()} (nothing "
-            f"there); a named architecture (known: {', '.join(sorted(NAMED_CONFIGS))}); a Hugging Face id "
-            "('org/name', not a file name)"
-        )
-    if labels_path is not None and not path.is_file():
+    if labels_path is not None and source.form != "timm_file":
         model.config = _with_labels(model.config, labels_path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

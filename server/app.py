@@ -4,6 +4,7 @@ thread unless one is given) and stops it on shutdown."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,11 +15,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
 from model.eventful import EventfulConfig
-from model.loaders import load_model
+from model.loaders import WeightsSource, load_model, weights_source
 from model.videomae import VideoMAE
 from model.vit import VisionTransformer
 from model.yolos import YolosDetector
 from server.api import budget, health, streams, web
+from server.api import model as model_api
 from server.api.access_log import install_token_redaction
 from server.api.deps import require_api_key
 from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget, ModelRunner
@@ -27,6 +29,8 @@ from server.engine.decode import FrameLimits
 from server.engine.detect_runner import DetectRunner
 from server.metrics import Metrics
 from server.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 DESCRIPTION = """Real-time streaming inference with Eventful Transformers.
 
@@ -62,11 +66,25 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def load_configured_model(settings: Settings) -> VisionTransformer:
+    """settings.model, loaded; a warning when it is a named architecture (random weights)."""
     image_size = tuple(settings.image_size) if settings.image_size else None
-    return load_model(
+    model = load_model(
         settings.model, image_size=image_size, device=settings.torch_device, dtype=settings.torch_dtype,
         num_heads=settings.num_heads, labels_path=settings.labels,
     )
+    source = weights_source(settings.model)
+    if source.weights == "random":
+        logger.warning("serving %s; give --model a checkpoint file, a model directory or a Hugging Face id for real "
+                       "outputs", source.description)
+    return model
+
+
+def configured_weights(settings: Settings) -> WeightsSource | None:
+    """Where settings.model's weights come from (None for a spec that does not load: the engine reports why)."""
+    try:
+        return weights_source(settings.model)
+    except FileNotFoundError:
+        return None
 
 
 def build_runner(settings: Settings, model: VisionTransformer | None = None) -> ModelRunner:
@@ -107,11 +125,14 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.model_spec = settings.model if model is None else None
+    app.state.weights = configured_weights(settings) if model is None else None  # GET /v1/model, /readyz
 
     auth = [Depends(require_api_key)]
     app.include_router(health.router, dependencies=auth if settings.health_require_key else [])
     app.include_router(health.metrics_router, dependencies=auth if settings.metrics_require_key else [])
     app.include_router(budget.router, dependencies=auth)
+    app.include_router(model_api.router, dependencies=auth)
     app.include_router(streams.router)
     app.include_router(streams.ws_router)
     app.include_router(web.router)  # the browser camera page at /, open (it asks for the key itself)

@@ -21,9 +21,11 @@ def healthz() -> Health:
     "/readyz", response_model=Health, summary="The model is loaded and the inference thread runs",
     responses={503: {"model": Health}},
 )
-def readyz(engine: EngineDep):
+def readyz(request: Request, engine: EngineDep):
     if engine.ready:
-        return Health(status="ready")
+        weights = request.app.state.weights
+        random = weights is not None and weights.weights == "random"
+        return Health(status="ready", detail=f"serving {weights.description}" if random else None)
     if engine.load_error is not None:
         detail = f"model failed to load: {engine.load_error}"
     else:

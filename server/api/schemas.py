@@ -152,6 +152,25 @@ class StreamsOut(BaseModel):
     total_state_bytes: int
 
 
+class ModelOut(BaseModel):
+    """The loaded model: what it is and where its weights come from."""
+
+    model: str | None = Field(description="--model as given (null: the application was given a model object)")
+    weights: Literal["checkpoint", "random", "unknown"] = Field(
+        description="random: a named architecture with deterministic random weights (its outputs mean nothing); "
+        "checkpoint: loaded from weights_source; unknown: a model object given in-process")
+    weights_source: str | None = Field(
+        description="the checkpoint file or model directory (resolved path), the Hugging Face id, or the "
+        "architecture's name")
+    task: Literal["classify", "detect", "clip"]
+    image_size: tuple[int, int] = Field(description="model input (height, width)")
+    patch_size: int
+    num_patches: int = Field(description="patch tokens per frame (per clip for a clip model): the dense budget")
+    num_classes: int
+    device: str
+    dtype: str
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = None

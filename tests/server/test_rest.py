@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+import server.app
 from server.settings import Settings
 from tests.server.conftest import API_KEY, encode, frames
 
@@ -188,9 +191,48 @@ def test_readyz_is_503_while_the_model_loads(tiny_model, monkeypatch):
         assert client.get("/readyz").status_code == 200
 
 
+def test_a_server_on_random_weights_says_so_at_start_up_in_v1_model_and_readyz(caplog):
+    """A named architecture has deterministic random weights: a warning when it loads, `"weights": "random"` in
+    GET /v1/model, and a detail in /readyz (still 200: the server works, its answers mean nothing)."""
+    settings = Settings(model="deit-tiny-patch16-224", image_size=(32, 32), budget_tokens=2, torch_threads=1)
+    app = server.app.create_app(settings)
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert app.state.engine.wait_ready(60)
+        described = client.get("/v1/model").json()
+        ready = client.get("/readyz")
+    assert described["weights"] == "random" and described["weights_source"] == "deit-tiny-patch16-224"
+    assert described["model"] == "deit-tiny-patch16-224" and described["task"] == "classify"
+    assert described["num_patches"] == 4 and described["image_size"] == [32, 32]
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert "random weights" in ready.json()["detail"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("random weights" in text and "deit-tiny-patch16-224" in text for text in warnings), warnings
+
+
+def test_a_server_on_a_checkpoint_names_it(tiny_model, tmp_path, caplog):
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(tiny_model.state_dict(), checkpoint)
+    settings = Settings(model=str(checkpoint), num_heads=2, budget_tokens=2, torch_threads=1)
+    app = server.app.create_app(settings)
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert app.state.engine.wait_ready(60)
+        described = client.get("/v1/model").json()
+        ready = client.get("/readyz").json()
+    assert described["weights"] == "checkpoint" and described["weights_source"] == str(checkpoint.resolve())
+    assert described["num_patches"] == 16 and described["num_classes"] == 10
+    assert ready == {"status": "ready", "detail": None}
+    assert not any("random weights" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_given_in_process_has_unknown_weights(client):
+    described = client.get("/v1/model").json()
+    assert described["weights"] == "unknown" and described["weights_source"] is None
+
+
 def test_rest_needs_the_key_but_health_and_metrics_do_not(make_client):
     client = make_client(api_key=API_KEY)
-    for method, url in [("get", "/v1/budget"), ("get", "/v1/streams"), ("put", "/v1/streams/x/budget")]:
+    for method, url in [("get", "/v1/budget"), ("get", "/v1/streams"), ("put", "/v1/streams/x/budget"),
+                        ("get", "/v1/model")]:
         response = client.request(method.upper(), url, json={"tokens": 1})
         assert response.status_code == 401, url
         assert response.headers["www-authenticate"] == "Bearer"

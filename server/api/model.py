@@ -1,0 +1,27 @@
+"""The loaded model: `GET /v1/model` (its architecture, and whether its weights are a checkpoint or random)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from model.config import DetectorConfig, VideoConfig
+from model.loaders import WeightsSource
+from server.api.deps import EngineDep
+from server.api.schemas import ModelOut
+
+router = APIRouter(prefix="/v1", tags=["model"])
+
+
+@router.get("/model", response_model=ModelOut, summary="The loaded model and where its weights come from",
+            responses={503: {"description": "the model is not loaded yet"}})
+def get_model(request: Request, engine: EngineDep) -> ModelOut:
+    runner = engine.runner  # EngineNotReady (503) while loading
+    config = runner.config
+    weights: WeightsSource | None = request.app.state.weights
+    task = "clip" if isinstance(config, VideoConfig) else "detect" if isinstance(config, DetectorConfig) else "classify"
+    return ModelOut(
+        model=request.app.state.model_spec, weights=weights.weights if weights else "unknown",
+        weights_source=weights.source if weights else None, task=task, image_size=tuple(config.image_size),
+        patch_size=config.patch_size, num_patches=runner.num_patches, num_classes=config.num_classes,
+        device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
+    )
