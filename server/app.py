@@ -22,6 +22,7 @@ from model.yolos import YolosDetector
 from server.api import budget, health, streams, web
 from server.api import model as model_api
 from server.api.access_log import install_token_redaction
+from server.api.connection import Connections, IdleLimits
 from server.api.deps import require_api_key
 from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget, ModelRunner
 from server.engine.clip_runner import ClipRunner
@@ -125,6 +126,9 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.connections = Connections(
+        IdleLimits(settings.idle_timeout_s, settings.first_frame_grace_s, settings.max_idle_streams)
+    )
     app.state.model_spec = settings.model if model is None else None
     app.state.weights = configured_weights(settings) if model is None else None  # GET /v1/model, /readyz
 

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1)
     seeds_per_step: int = Field(
         1, ge=1, description="frames that seed a stream's state (its first, computed densely) per eventful step")
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="close a connection that sent no frame this long (since it connected or its last)")
+    first_frame_grace_s: float = Field(
+        2.0, gt=0, description="a new connection's time for its first frame before it counts as idle")
+    max_idle_streams: int = Field(
+        4, ge=0, description="connections that may wait past the grace for a first frame; more are closed")
 
     # limits
     max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024)

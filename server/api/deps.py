@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, status
 from starlette.requests import HTTPConnection
 
+from server.api.connection import Connections
 from server.engine import Engine
 from server.settings import Settings
 
@@ -20,8 +21,13 @@ def get_settings(connection: HTTPConnection) -> Settings:
     return connection.app.state.settings
 
 
+def get_connections(connection: HTTPConnection) -> Connections:
+    return connection.app.state.connections
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ConnectionsDep = Annotated[Connections, Depends(get_connections)]
 
 
 def has_valid_key(connection: HTTPConnection, settings: Settings) -> bool:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, WebSocket, status
 
 from server.api.budget import StreamId
 from server.api.connection import StreamConnection
-from server.api.deps import AUTH, EngineDep, SettingsDep, has_valid_key
+from server.api.deps import AUTH, ConnectionsDep, EngineDep, SettingsDep, has_valid_key
 from server.api.schemas import STREAM_ID_PATTERN, StreamOut, StreamsOut
 from server.engine import StreamInfo
 
@@ -42,7 +42,9 @@ def get_stream(engine: EngineDep, stream_id: StreamId) -> StreamOut:
 
 
 @ws_router.websocket("/streams/{stream_id}")
-async def stream_socket(websocket: WebSocket, stream_id: str, engine: EngineDep, settings: SettingsDep) -> None:
+async def stream_socket(
+    websocket: WebSocket, stream_id: str, engine: EngineDep, settings: SettingsDep, connections: ConnectionsDep,
+) -> None:
     """Binary messages: JPEG/PNG frames. Text messages back: result / dropped / error (docs/protocol.md)."""
     await websocket.accept()
     if not has_valid_key(websocket, settings):
@@ -51,4 +53,4 @@ async def stream_socket(websocket: WebSocket, stream_id: str, engine: EngineDep,
     if not re.fullmatch(STREAM_ID_PATTERN, stream_id):
         await websocket.close(CLOSE_INVALID_STREAM_ID, f"invalid stream id (allowed: {STREAM_ID_PATTERN})")
         return
-    await StreamConnection(websocket, engine, stream_id).serve()
+    await StreamConnection(websocket, engine, stream_id, connections).serve()

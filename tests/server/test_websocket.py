@@ -222,6 +222,47 @@ def test_max_streams_refuses_with_a_close_reason(make_client):
     assert 'eventful_streams_refused_total{reason="max_streams"} 1.0' in client.get("/metrics").text
 
 
+def test_a_connection_without_frames_is_closed_after_the_idle_timeout_and_frees_its_slot(make_client):
+    client = make_client(max_streams=1, idle_timeout_s=1.0, first_frame_grace_s=0.1)
+    video = frames(5)
+    with client.websocket_connect("/v1/streams/idle") as ws:
+        wait_until(lambda: client.get("/v1/streams").json()["streams"] == [], timeout=5, what="the idle close")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 4408 and closed.value.reason == "idle: no frame in 1 s"
+    with client.websocket_connect("/v1/streams/camera") as ws:  # the slot is free again
+        for frame in video:  # a stream that keeps sending is never idle, however long it lives
+            ws.send_bytes(encode(frame))
+            assert ws.receive_json()["type"] == "result"
+            time.sleep(0.2)
+        ws.send_text('{"type": "ping"}')  # control messages do not count as frames
+        assert ws.receive_json()["type"] == "pong"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 4408
+
+
+def test_connections_waiting_for_a_first_frame_are_bounded(make_client):
+    """Past the first frame's grace, at most max_idle_streams connections may wait without a frame; another is
+    closed (4408) at the end of its grace. A camera that sends at once is served all along."""
+    client = make_client(max_idle_streams=1, first_frame_grace_s=0.1, idle_timeout_s=30)
+    connections = client.app.state.connections
+    video = frames(2)
+    with client.websocket_connect("/v1/streams/idle1") as first:
+        wait_until(lambda: connections.idle_count == 1, timeout=5, what="the first to be idle")
+        with client.websocket_connect("/v1/streams/idle2") as second, pytest.raises(WebSocketDisconnect) as closed:
+            second.receive_json()
+        assert closed.value.code == 4408 and "limit of 1 connections waiting longer" in closed.value.reason
+        with client.websocket_connect("/v1/streams/camera") as camera:
+            camera.send_bytes(encode(video[0]))
+            assert camera.receive_json()["type"] == "result"
+        first.send_bytes(encode(video[1]))  # the idle one may still start
+        assert first.receive_json()["type"] == "result"
+        assert connections.idle_count == 0
+    streams = client.get("/v1/streams").json()["streams"]
+    assert streams == []
+
+
 def test_a_stream_id_is_one_connection_at_a_time(client):
     with client.websocket_connect("/v1/streams/dup"):
         with client.websocket_connect("/v1/streams/dup") as ws, pytest.raises(WebSocketDisconnect) as refused:
