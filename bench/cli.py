@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    f = sub.add_parser("fidelity", help="every policy and the adaptive chooser vs frame skipping at equal compute")
+    f.add_argument("--model", required=True, help="checkpoint file (timm), HF directory, HF id or named architecture")
+    f.add_argument("--videos", nargs="+", required=True, help="video files PyAV can decode")
+    f.add_argument("--ratios", type=_parse_budgets, default=[1.5, 2, 3, 4],
+                   help="compute ratios (dense MACs over the policy's), comma-separated, each >= 1")
+    f.add_argument("--frames", type=int, default=90, help="frames per video, from the start")
+    f.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 352x640")
+    f.add_argument("--labels", default=None, help="class names file for timm checkpoints")
+    f.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
+    f.add_argument("--audit-share", type=float, default=0.05, help="adaptive: share of compute spent measuring")
+    f.add_argument("--seed", type=int, default=0, help="adaptive: the audit draw's seed")
+    f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    f.add_argument("--json", dest="json_path", default=None, help="write the report here")
     s = sub.add_parser("server", help="the live server under N streams of real video: eventful vs dense")
     _live_server_arguments(s)
     s.add_argument("--streams", default="1,4", help="stream counts, comma-separated")
@@ -185,6 +198,42 @@ def run_server(args: argparse.Namespace) -> int:
     return _finish(format_table(report), report, args.json_path)
 
 
+def run_fidelity(args: argparse.Namespace) -> int:
+    from bench.fidelity_bench import coverage, print_table, run_video
+    from model.chooser import AdaptiveConfig
+    from model.loaders import load_model
+    from model.preprocess import Preprocessor, read_video_frames
+
+    _check_readable(args.videos)
+    if args.frames < 4:
+        print("error: --frames must be at least 4", file=sys.stderr)
+        return 2
+    if any(r < 1 for r in args.ratios):
+        print("error: --ratios must each be >= 1", file=sys.stderr)
+        return 2
+    try:
+        adaptive = AdaptiveConfig(audit_share=args.audit_share, seed=args.seed)
+    except ValueError as err:
+        print(f"error: --audit-share: {err}", file=sys.stderr)
+        return 2
+    _torch_threads(args.threads)
+    model = load_model(args.model, image_size=args.image_size, labels_path=args.labels).eval()
+    report = {"model": args.model, "level": args.level, "image_size": list(model.config.image_size),
+              "tokens": model.config.num_tokens, "ratios": args.ratios, "audit_share": args.audit_share,
+              "videos": []}
+    for path in args.videos:
+        frames = read_video_frames(path, max_frames=args.frames)
+        if len(frames) < 4:
+            print(f"error: {path} has fewer than 4 decodable frames", file=sys.stderr)
+            return 2
+        images = Preprocessor(model.config.preprocess)(frames)
+        report["videos"].append(run_video(model, images, args.ratios, video=path, level=args.level,
+                                          adaptive=adaptive,
+                                          progress=lambda v, r, p: print(f"  {v} x{r:g} {p}", file=sys.stderr)))
+    report["coverage"] = coverage(report)
+    return _finish(print_table(report), report, args.json_path)
+
+
 def run_model(args: argparse.Namespace) -> int:
     from bench.model_bench import print_table, run_model_bench
     from model.eventful import EventfulConfig
@@ -279,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "model":
             return run_model(args)
+        if args.command == "fidelity":
+            return run_fidelity(args)
         if args.command == "clip":
             return run_clip(args)
         if args.command == "detect":

@@ -1,0 +1,228 @@
+"""`eventful-bench fidelity`: every policy against the dense model and against frame skipping at equal compute.
+
+For each video and compute ratio, each policy family runs frame by frame at the setting that spends 1/ratio of
+the dense MACs (frame skipping; keyframe + sparse at several keyframe intervals; top-r) and `adaptive` (the
+per-stream chooser with its online dense audits, audit compute counted in its ratio). Fidelity is measured on
+every frame against the dense model on that frame: on the class logits (top-1 agreement, relative L2) and on the
+final patch-token features after the last LayerNorm (what a detection or tracking head reads): per-token relative
+L2 over all tokens, and over the moving 10 % (the tokens whose dense feature changed most since the last frame).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from model.chooser import AdaptiveConfig, AdaptiveSchedule
+from model.eventful import EventfulConfig, EventfulViT
+from model.macs import dense_macs
+from model.policy import StreamBudget
+from model.schedule import FramePolicy, policy_for_ratio
+from model.vit import VisionTransformer
+
+KEYFRAME_INTERVALS = (2, 3, 4, 6, 8)
+MOVING_SHARE = 0.1
+
+
+@dataclass
+class Served:
+    """What one policy served on every frame of a video."""
+
+    logits: torch.Tensor  # [T, K]
+    features: torch.Tensor  # [T, Np, C] final patch tokens after the last LayerNorm
+    macs: list[int]
+    actions: list[str]
+    estimates: list[dict] = field(default_factory=list)  # adaptive: the chooser's audit estimates (per ratio)
+
+
+def _patch_features(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    # tokens: [B, N, C] final residual stream -> [B, Np, C] normed patch tokens
+    return model.norm(tokens[:, model.config.num_prefix_tokens :])
+
+
+@torch.inference_mode()
+def dense_reference(model: VisionTransformer, images: torch.Tensor) -> Served:
+    logits, features = [], []
+    for t in range(images.shape[0]):
+        tokens = model.forward_features(images[t : t + 1])
+        logits.append(model.forward_head(tokens)[0])
+        features.append(_patch_features(model, tokens)[0])
+    macs = dense_macs(model.config)
+    return Served(torch.stack(logits), torch.stack(features), [macs] * images.shape[0], ["dense"] * images.shape[0])
+
+
+@torch.inference_mode()
+def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level: str = "tokenwise") -> Served:
+    """Serve every frame as `schedule` says: a FramePolicy, or an AdaptiveSchedule (which also measures: a shadow
+    sparse step before a keyframe, and audits that run the dense model after a frame is served and reseed)."""
+    runner = EventfulViT(model, EventfulConfig(level=level))
+    state = runner.new_state()
+    logits, features, macs, actions = [], [], [], []
+    adaptive = isinstance(schedule, AdaptiveSchedule)
+    last: list[torch.Tensor] = []  # [logits [K], features [Np, C]] of the last computed frame
+
+    def compute(frame: torch.Tensor, action: str, budget) -> int:
+        if action == "dense":
+            state.flush()
+        out = runner.step(frame, [state], [budget])
+        last[:] = [out.logits[0], _patch_features(model, out.tokens)[0]]
+        return out.macs[0]
+
+    for t in range(images.shape[0]):
+        frame = images[t : t + 1]
+        if adaptive:
+            action, budget = schedule.next_action(frame[0])
+        else:
+            action, budget = schedule.action(t), schedule.budget
+        shadow, shadow_macs = None, 0
+        if adaptive and action == "dense" and (shadow_budget := schedule.shadow_budget()) is not None:
+            out = runner.step(frame, [state], [shadow_budget])  # the sparse chain on the keyframe, before reseeding
+            shadow, shadow_macs = out.logits[0], out.macs[0]
+        cost = 0 if action == "reuse" else compute(frame, action, budget)
+        served_logits, served_features = last
+        logits.append(served_logits)
+        features.append(served_features)
+        if adaptive:
+            def audit(f=frame) -> torch.Tensor:
+                compute(f, "dense", StreamBudget.dense())  # the audit's MACs are the schedule's to count
+                return last[0]
+
+            extra, _ = schedule.after_frame(t, action, served_logits, audit, shadow, shadow_macs, cost)
+            cost += extra
+        macs.append(cost)
+        actions.append(action)
+    served = Served(torch.stack(logits), torch.stack(features), macs, actions)
+    if adaptive:
+        served.estimates = schedule.estimates
+    return served
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a, b: [..., D] -> [...]
+    return (a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)
+
+
+def score(served: Served, dense: Served, moving: torch.Tensor) -> dict[str, float]:
+    """Fidelity of `served` against `dense` on every frame. moving: [T, Np] bool, the moving tokens per frame."""
+    rel = _rel_l2(served.logits.float(), dense.logits.float())  # [T]
+    token_rel = _rel_l2(served.features.float(), dense.features.float())  # [T, Np]
+    quarter = max(1, rel.numel() // 4)
+    moving_rel = [float(token_rel[t][moving[t]].mean()) for t in range(1, moving.shape[0])]
+    return {
+        "top1_agreement": float((served.logits.argmax(-1) == dense.logits.argmax(-1)).float().mean()),
+        "rel_l2": float(rel.mean()),
+        "rel_l2_first_quarter": float(rel[:quarter].mean()),
+        "rel_l2_last_quarter": float(rel[-quarter:].mean()),
+        "token_rel_l2": float(token_rel.mean()),
+        "moving_token_rel_l2": statistics.fmean(moving_rel) if moving_rel else 0.0,
+    }
+
+
+def moving_tokens(dense: Served, share: float = MOVING_SHARE) -> torch.Tensor:
+    """[T, Np] bool: per frame, the `share` of patch tokens whose dense feature changed most since the last frame."""
+    feats = dense.features.float()
+    change = torch.zeros(feats.shape[:2])
+    change[1:] = (feats[1:] - feats[:-1]).norm(dim=-1)
+    k = max(1, round(share * feats.shape[1]))
+    top = change.topk(k, dim=1).indices
+    return torch.zeros_like(change, dtype=torch.bool).scatter_(1, top, True)
+
+
+def fixed_policies(model: VisionTransformer, ratio: float, level: str) -> list[tuple[str, FramePolicy]]:
+    """(family, policy) pairs that spend 1/ratio of the dense compute."""
+    out = [("skip", policy_for_ratio("skip", ratio, model.config, level=level))]
+    for k in KEYFRAME_INTERVALS:
+        policy = policy_for_ratio("keyframe", ratio, model.config, interval=k, level=level)
+        if policy is not None:
+            out.append((f"keyframe{k}", policy))
+    topr = policy_for_ratio("topr", ratio, model.config, level=level)
+    if topr is not None:
+        out.append(("topr", topr))
+    return out
+
+
+
+
+
+def run_video(model: VisionTransformer, images: torch.Tensor, ratios: list[float], *, video: str,
+              level: str = "tokenwise", adaptive: AdaptiveConfig | None = None, progress=None) -> dict:
+    """One video's rows: every fixed policy family and `adaptive` at every ratio."""
+    dense = dense_reference(model, images)
+    moving = moving_tokens(dense)
+    top1 = dense.logits.argmax(-1)
+    stability = float((top1[1:] == top1[:-1]).float().mean()) if top1.numel() > 1 else 1.0
+    dense_frame_macs = dense.macs[0]
+    results = []
+    for ratio in ratios:
+        for family, policy in fixed_policies(model, ratio, level):
+            served = run_schedule(model, images, policy, level)
+            results.append(_row(ratio, family, policy.name, served, dense, moving, dense_frame_macs))
+            if progress:
+                progress(video, ratio, family)
+        schedule = AdaptiveSchedule(model.config, ratio, adaptive or AdaptiveConfig(), level=level)
+        served = run_schedule(model, images, schedule, level)
+        row = _row(ratio, "adaptive", "adaptive", served, dense, moving, dense_frame_macs)
+        row.update(_audit_report(served, dense))
+        row["choices"] = schedule.choice_counts()
+        results.append(row)
+        if progress:
+            progress(video, ratio, "adaptive")
+    return {"video": video, "frames": images.shape[0], "dense_stability": stability, "results": results}
+
+
+def _row(ratio: float, family: str, setting: str, served: Served, dense: Served, moving: torch.Tensor,
+         dense_frame_macs: int) -> dict:
+    mac_ratio = dense_frame_macs * len(served.macs) / max(1, sum(served.macs))
+    return {"ratio": ratio, "policy": family, "setting": setting, "mac_ratio": mac_ratio,
+            **score(served, dense, moving)}
+
+
+def _audit_report(served: Served, dense: Served) -> dict:
+    """Whether the chooser's final audit intervals hold the true values over the same frames."""
+    if not served.estimates:
+        return {"audits": 0, "audit_interval": None, "audit_covers": None}
+    final = served.estimates[-1]
+    true_rel = float(_rel_l2(served.logits.float(), dense.logits.float()).mean())
+    true_top1 = float((served.logits.argmax(-1) == dense.logits.argmax(-1)).float().mean())
+    lo, hi = final["rel_l2_interval"]
+    tlo, thi = final["top1_interval"]
+    return {
+        "audits": final["audits"],
+        "audit_rel_l2_interval": [lo, hi],
+        "audit_top1_interval": [tlo, thi],
+        "audit_covers": bool(lo <= true_rel <= hi and tlo <= true_top1 <= thi),
+    }
+
+
+def print_table(report: dict) -> str:
+    lines = [f"model {report['model']}  level {report['level']}  image {report['image_size']}"]
+    header = (f"{'ratio':>5} {'policy':<11} {'setting':<22} {'MACx':>5} {'top1%':>6} {'relL2':>6} {'1stQ':>6} "
+              f"{'lastQ':>6} {'tokL2':>6} {'movL2':>6}  vs skip (relL2, movL2)")
+    for video in report["videos"]:
+        lines.append(f"\n{video['video']}: {video['frames']} frames, dense top-1 stable on "
+                     f"{100 * video['dense_stability']:.0f}% of consecutive frames")
+        lines.append(header)
+        skip = {r["ratio"]: r for r in video["results"] if r["policy"] == "skip"}
+        for r in video["results"]:
+            s = skip[r["ratio"]]
+            lines.append(
+                f"{r['ratio']:5.2g} {r['policy']:<11} {r['setting']:<22} {r['mac_ratio']:5.2f} "
+                f"{100 * r['top1_agreement']:6.1f} {r['rel_l2']:6.3f} {r['rel_l2_first_quarter']:6.3f} "
+                f"{r['rel_l2_last_quarter']:6.3f} {r['token_rel_l2']:6.3f} {r['moving_token_rel_l2']:6.3f}  "
+                f"{r['rel_l2'] / max(s['rel_l2'], 1e-12):5.2f}x "
+                f"{r['moving_token_rel_l2'] / max(s['moving_token_rel_l2'], 1e-12):5.2f}x"
+                + (f"  audits {r['audits']} covers {r['audit_covers']} {r.get('choices', '')}"
+                   if r["policy"] == "adaptive" else "")
+            )
+    if "coverage" in report:
+        lines.append(f"\naudit intervals holding the true values: {report['coverage']}")
+    return "\n".join(lines)
+
+
+def coverage(report: dict) -> dict:
+    """How often the adaptive rows' audit intervals held the true values, over (video, ratio) cases."""
+    cases = [r["audit_covers"] for v in report["videos"] for r in v["results"]
+             if r["policy"] == "adaptive" and r.get("audit_covers") is not None]
+    return {"cases": len(cases), "covered": sum(cases), "share": (sum(cases) / len(cases)) if cases else None}

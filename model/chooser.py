@@ -1,0 +1,356 @@
+"""A per-stream policy chooser fed by online dense audits, at a fixed compute ratio.
+
+The stream's compute per frame is 1/ratio of a dense frame. A share of it (`audit_share`) pays for measuring;
+the rest serves frames with the chosen policy (frame skipping, or keyframe + sparse at one of several keyframe
+intervals, each with its token budget solved for the same compute).
+
+What it measures, all against the dense model's logits:
+  - audits: on frames drawn at random, the dense model runs after the frame is served and the served answer is
+    compared with it (a keyframe is an audit for free: its answer is the dense one). The dense result then
+    reseeds the stream (its compute is not wasted). The audited errors give the stream's fidelity estimate with
+    an interval (`estimate()`);
+  - the reuse curve: every dense result (keyframes and audits) paired with the earlier ones gives the error of
+    serving a result d frames old, e_reuse(d): what frame skipping at any interval would cost;
+  - shadows: at a keyframe of a keyframe + sparse policy the sparse step also runs on that frame before the
+    state is reseeded: its error against the keyframe's dense answer, over e_reuse at the same age, is q_k,
+    the share of the change that policy's sparse frames miss.
+Prediction: skip at the serving ratio costs the mean of e_reuse over its cycle; keyframe(k) costs q_k times the
+mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction; keyframe candidates
+are tried in turn (explored) at the start, after a scene cut and every `reexplore_every` frames. A scene cut
+(a large global change of the input) forces a keyframe and forgets what was measured.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ViTConfig
+from model.macs import dense_macs
+from model.policy import StreamBudget
+from model.schedule import FrameAction, FramePolicy, policy_for_ratio
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    audit_share: float = 0.05  # of the stream's compute spent on audits and shadows
+    intervals: tuple[int, ...] = (2, 3, 4, 6, 8)  # keyframe intervals tried (those above the serving ratio)
+    max_interval_over_ratio: float = 3.0  # keyframe candidates up to this multiple of the serving ratio
+    explore_candidates: int = 2  # keyframe candidates: the smallest intervals above the serving ratio
+    shadows_per_candidate: int = 1  # q samples before a keyframe candidate counts as explored
+    switch_margin: float = 0.95  # a keyframe candidate replaces skipping only if predicted below this share
+    reexplore_every: int = 300  # frames between explorations
+    cut_threshold: float = 0.3  # mean |change| of the 16x16-pooled normalised input that counts as a scene cut
+    max_lag: int = 16  # reuse-curve ages kept
+    confidence: float = 0.9
+    audits_for_estimate: int = 8  # audits before the estimate rests on them alone
+    model_error: float = 0.15  # relative error allowed for the curves' model of the frames served
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.audit_share <= 0.5:
+            raise ValueError(f"audit_share must be in [0, 0.5], got {self.audit_share}")
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@dataclass
+class _Measures:
+    reuse: dict[int, list[float]] = field(default_factory=dict)  # age -> errors of a result that old
+    reuse_agree: dict[int, list[bool]] = field(default_factory=dict)  # age -> top-1 kept at that age
+    q: dict[float, list[float]] = field(default_factory=dict)  # keyframe interval -> shadow ratios
+
+
+class AdaptiveSchedule:
+    """Frame by frame: `next_action(image)`, the caller serves, `shadow_budget()` before a keyframe's dense step,
+    then `after_frame(...)` (which may run an audit). Deterministic for a given seed."""
+
+    def __init__(self, config: ViTConfig, ratio: float, adaptive: AdaptiveConfig | None = None,
+                 level: str = "tokenwise"):
+        self.vit = config
+        self.config = adaptive or AdaptiveConfig()
+        self.ratio = ratio
+        self.level = level
+        self.serving_ratio = ratio / (1.0 - self.config.audit_share)
+        self.dense_macs = dense_macs(config)
+        self.skip = policy_for_ratio("skip", self.serving_ratio, config)
+        self.keyframes = [
+            p for k in self.config.intervals
+            if self.serving_ratio < k <= self.config.max_interval_over_ratio * self.serving_ratio
+            and (p := policy_for_ratio("keyframe", self.serving_ratio, config, interval=k, level=level))
+            is not None and p.tokens > 0
+        ][: self.config.explore_candidates]
+        self.rng = random.Random(self.config.seed)
+        self.measures = _Measures()
+        self.policy: FramePolicy = self.keyframes[0] if self.keyframes else self.skip
+        self.phase = 0  # frames since the policy's schedule (re)started
+        self.frame = 0
+        self.spent = 0.0  # MACs of everything, served and measured
+        self.dense_history: list[tuple[int, torch.Tensor]] = []  # (frame, dense logits), recent
+        self.audit_errors: list[float] = []
+        self.audit_agree: list[bool] = []
+        self.estimates: list[dict] = []
+        self.choices: dict[str, int] = {}
+        self.served_log: list[tuple[str, int, float | None]] = []  # (action, age of its basis, keyframe interval)
+        self.exploring = list(self.keyframes)
+        self.last_explore = 0
+        self._prev_pooled: torch.Tensor | None = None
+        self._forced = False
+        self._audit_draw = False
+
+    # ---- each frame ------------------------------------------------------------------------------
+
+    def next_action(self, image: torch.Tensor) -> tuple[FrameAction, StreamBudget]:
+        """This frame's action and budget. image: [3, H, W] (normalised), for the scene-cut test."""
+        pooled = F.adaptive_avg_pool2d(image.float()[None], 16)[0]  # [3, 16, 16]
+        change = float((pooled - self._prev_pooled).abs().mean()) if self._prev_pooled is not None else 0.0
+        cut = change > self.config.cut_threshold
+        self._prev_pooled = pooled
+        if cut:
+            self.measures = _Measures()
+            self.dense_history.clear()
+            self.exploring = list(self.keyframes)
+            self._start(self.exploring[0] if self.exploring else self.skip)
+        elif self.frame - self.last_explore >= self.config.reexplore_every and not self.exploring:
+            self.exploring = [p for p in self.keyframes if p != self.policy] + (
+                [self.policy] if self.policy in self.keyframes else [])
+            self.measures.q.clear()
+            self.last_explore = self.frame
+            if self.exploring and self.policy.kind == "skip":
+                self._start(self.exploring[0])
+        self._forced = cut
+        action = self.policy.action(self.phase)
+        self._audit_draw = self.rng.random() < self._audit_probability()
+        self.choices[self.policy.name] = self.choices.get(self.policy.name, 0) + 1
+        return action, self.policy.budget
+
+    def shadow_budget(self) -> StreamBudget | None:
+        """Before a keyframe's dense step: the sparse budget to run on this frame first (a shadow), or None."""
+        if self.policy.kind != "keyframe" or self._forced or self.phase == 0:
+            return None
+        wanted = len(self.measures.q.get(self.policy.interval, [])) < self.config.shadows_per_candidate
+        cost = self._sparse_fraction(self.policy) * self.dense_macs
+        return self.policy.budget if (wanted or self._credit() >= cost) else None
+
+    def after_frame(self, t: int, action: FrameAction, served: torch.Tensor, dense_fn,
+                    shadow: torch.Tensor | None = None, shadow_macs: int = 0, served_macs: int = 0) -> tuple[int, bool]:
+        """Record what was served; returns (extra MACs spent measuring, whether the state was reseeded by an audit).
+
+        served: [K] logits served on this frame; dense_fn(): the dense logits of this frame (an audit)."""
+        extra = shadow_macs
+        reseeded = False
+        if action == "dense":
+            dense = served
+            if shadow is not None:
+                age = self._age(t)
+                reuse = self._reuse_error(age, dense)
+                if reuse is not None and reuse > 1e-6:
+                    self.measures.q.setdefault(self.policy.interval, []).append(_rel_l2(shadow, dense) / reuse)
+            self._record_dense(t, dense)
+            if self._audit_draw:
+                self._record_audit(served, dense)
+        elif self._audit_draw and self._credit(served_macs) >= self.dense_macs:
+            dense = dense_fn()
+            extra += self.dense_macs
+            self._record_audit(served, dense)
+            self._record_dense(t, dense)
+            reseeded = True
+        interval = self.policy.interval if self.policy.kind == "keyframe" else None
+        self.served_log.append((action, self.phase if action != "dense" else 0, interval))
+        self.spent += served_macs + extra
+        self.frame += 1
+        # an audit's dense result reseeds the stream (and is what a skipping stream reuses): the cycle restarts
+        self.phase = 1 if reseeded else self.phase + 1
+        self._maybe_choose()
+        self.estimates.append(self.estimate())
+        return extra, reseeded
+
+    # ---- measuring -------------------------------------------------------------------------------
+
+    def _audit_probability(self) -> float:
+        # an audit costs a dense frame; the stream spends 1/ratio of one per frame
+        return min(1.0, self.config.audit_share / self.ratio * 1.0)
+
+    def _credit(self, pending: int = 0) -> float:
+        """MACs the stream may still spend measuring without exceeding 1/ratio of dense per frame so far."""
+        return (self.frame + 1) * self.dense_macs / self.ratio - self.spent - pending
+
+    def _age(self, t: int) -> int:
+        return t - self.dense_history[-1][0] if self.dense_history else 0
+
+    def _reuse_error(self, age: int, dense: torch.Tensor) -> float | None:
+        if not self.dense_history or age <= 0:
+            return None
+        return _rel_l2(self.dense_history[-1][1], dense)
+
+    def _record_dense(self, t: int, dense: torch.Tensor) -> None:
+        for s, old in self.dense_history:
+            age = t - s
+            if 0 < age <= self.config.max_lag:
+                self.measures.reuse.setdefault(age, []).append(_rel_l2(old, dense))
+                self.measures.reuse_agree.setdefault(age, []).append(bool(old.argmax() == dense.argmax()))
+        self.dense_history.append((t, dense.detach()))
+        self.dense_history = [(s, d) for s, d in self.dense_history if t - s < self.config.max_lag]
+
+    def _record_audit(self, served: torch.Tensor, dense: torch.Tensor) -> None:
+        self.audit_errors.append(_rel_l2(served, dense))
+        self.audit_agree.append(bool(served.argmax() == dense.argmax()))
+
+    def _sparse_fraction(self, policy: FramePolicy) -> float:
+        from model.schedule import sparse_frame_macs
+
+        return sparse_frame_macs(self.vit, policy.tokens, self.level) / self.dense_macs
+
+    # ---- predicting and choosing -----------------------------------------------------------------
+
+    def reuse_curve(self, age: int) -> float | None:
+        """e_reuse(age): measured where there are samples, else a power law fitted to the ages that have them."""
+        if age <= 0:
+            return 0.0
+        means = {a: statistics.fmean(v) for a, v in self.measures.reuse.items() if v}
+        if age in means:
+            return means[age]
+        points = [(math.log(a), math.log(max(m, 1e-6))) for a, m in means.items()]
+        if not points:
+            return None
+        if len(points) == 1:
+            alpha = 0.7
+            (x0, y0), = points
+        else:
+            xs, ys = zip(*points, strict=True)
+            mx, my = statistics.fmean(xs), statistics.fmean(ys)
+            var = sum((x - mx) ** 2 for x in xs)
+            alpha = min(1.5, max(0.2, sum((x - mx) * (y - my) for x, y in points) / var)) if var > 0 else 0.7
+            x0, y0 = mx, my
+        return math.exp(y0 + alpha * (math.log(age) - x0))
+
+    def _cycle_mean(self, interval: float) -> float | None:
+        """Mean e_reuse over the frames of a skip cycle of this interval (0 on its keyframes)."""
+        policy = FramePolicy("skip", interval=interval)
+        ages, age = [], 0
+        for n in range(48):
+            age = 0 if policy.is_keyframe(n) else age + 1
+            ages.append(age)
+        values = [self.reuse_curve(a) for a in ages]
+        return None if any(v is None for v in values) else statistics.fmean(values)
+
+    def predictions(self) -> dict[str, float]:
+        out = {}
+        skip = self._cycle_mean(self.skip.interval)
+        if skip is not None:
+            out[self.skip.name] = skip
+        for policy in self.keyframes:
+            q = self.measures.q.get(policy.interval)
+            cycle = self._cycle_mean(policy.interval)
+            if q and cycle is not None:
+                out[policy.name] = statistics.median(q) * cycle
+        return out
+
+    def _start(self, policy: FramePolicy) -> None:
+        self.policy = policy
+        self.phase = 0
+
+    def _maybe_choose(self) -> None:
+        if self.exploring:
+            current = self.exploring[0]
+            if len(self.measures.q.get(current.interval, [])) >= self.config.shadows_per_candidate:
+                self.exploring.pop(0)
+                if self.exploring:
+                    self._start(self.exploring[0])
+                    return
+            else:
+                return
+            self.last_explore = self.frame
+        predictions = self.predictions()
+        if self.skip.name not in predictions:
+            return
+        best = min((p for p in self.keyframes if p.name in predictions), key=lambda p: predictions[p.name],
+                   default=None)
+        choice = self.skip
+        if best is not None and predictions[best.name] < self.config.switch_margin * predictions[self.skip.name]:
+            choice = best
+        if choice != self.policy:
+            # keep the phase where the switch leaves the state usable: a keyframe policy needs a fresh keyframe
+            self._start(choice)
+
+    # ---- what the stream reports -----------------------------------------------------------------
+
+    def estimate(self) -> dict:
+        """The stream's fidelity so far (mean logit rel-L2 and top-1 agreement over its served frames), with
+        intervals. With enough audits, from the audits alone; before that, from the measured curves applied to
+        the frames served (a reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d))."""
+        n = len(self.audit_errors)
+        z = statistics.NormalDist().inv_cdf(0.5 + self.config.confidence / 2)
+        if n >= self.config.audits_for_estimate:
+            mean = statistics.fmean(self.audit_errors)
+            half = _t_quantile(self.config.confidence, n - 1) * statistics.stdev(self.audit_errors) / math.sqrt(n)
+            agree = sum(self.audit_agree)
+            return {"audits": n, "source": "audits", "rel_l2": mean, "rel_l2_interval": (max(0.0, mean - half),
+                    mean + half), "top1": agree / n, "top1_interval": _wilson(agree, n, z), "policy": self.policy.name}
+        return self._modelled_estimate(n, z)
+
+    def _modelled_estimate(self, audits: int, z: float) -> dict:
+        errors, agreement, spreads = [], [], []
+        for action, age, interval in self.served_log:
+            if action == "dense" or age == 0:
+                errors.append(0.0)
+                agreement.append(1.0)
+                continue
+            e = self.reuse_curve(age)
+            samples = self.measures.reuse.get(age, [])
+            agree = self.measures.reuse_agree.get(age)
+            if e is None:
+                return {"audits": audits, "source": "none", "rel_l2": None, "rel_l2_interval": (0.0, math.inf),
+                        "top1": None, "top1_interval": (0.0, 1.0), "policy": self.policy.name}
+            rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)) if len(samples) >= 2 else 0.5
+            p_agree = statistics.fmean(agree) if agree else 1.0 - min(1.0, e)
+            if action == "sparse" and interval is not None and self.measures.q.get(interval):
+                qs = self.measures.q[interval]
+                q = statistics.median(qs)
+                e, p_agree = q * e, 1.0 - min(1.0, q) * (1.0 - p_agree)
+                rse = math.hypot(rse, 0.5 if len(qs) < 2 else statistics.stdev(qs) / math.sqrt(len(qs)) / max(q, 1e-9))
+            errors.append(e)
+            agreement.append(p_agree)
+            spreads.append(rse)
+        if not errors:
+            return {"audits": audits, "source": "none", "rel_l2": None, "rel_l2_interval": (0.0, math.inf),
+                    "top1": None, "top1_interval": (0.0, 1.0), "policy": self.policy.name}
+        mean, top1 = statistics.fmean(errors), statistics.fmean(agreement)
+        rse = max(spreads, default=0.0) + self.config.model_error
+        n = len(errors)
+        half_top1 = z * math.sqrt(max(top1 * (1 - top1), 0.25 / n) / max(1, n / 4)) + self.config.model_error / 2
+        return {"audits": audits, "source": "model", "rel_l2": mean,
+                "rel_l2_interval": (max(0.0, mean * (1 - z * rse)), mean * (1 + z * rse)),
+                "top1": top1, "top1_interval": (max(0.0, top1 - half_top1), min(1.0, top1 + half_top1)),
+                "policy": self.policy.name}
+
+    def choice_counts(self) -> dict[str, int]:
+        return dict(self.choices)
+
+
+def _wilson(successes: int, n: int, z: float) -> tuple[float, float]:
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student t quantile (Cornish-Fisher expansion of the normal quantile; exact enough for dof >= 1
+    at the confidences used here, and never below the normal quantile)."""
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / dof + g2 / dof**2 + g3 / dof**3
+
+
+__all__ = ["AdaptiveConfig", "AdaptiveSchedule"]

@@ -1,0 +1,134 @@
+"""Policies as schedules over frames and tokens, and the adaptive chooser: each against the path it must equal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.fidelity_bench import dense_reference, run_schedule
+from model.chooser import AdaptiveConfig, AdaptiveSchedule
+from model.config import ViTConfig
+from model.macs import dense_macs
+from model.schedule import FramePolicy, mac_fraction, policy_for_ratio
+from model.vit import VisionTransformer
+
+CONFIG = ViTConfig(
+    image_size=(48, 64), patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_dim=128, num_classes=10
+)  # 48 patches + class token
+
+
+@pytest.fixture(scope="module")
+def vit() -> VisionTransformer:
+    torch.manual_seed(0)
+    model = VisionTransformer(CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model
+
+
+def video(frames: int = 24, seed: int = 1) -> torch.Tensor:
+    """A drifting random clip: each frame changes a few regions of the previous one. [T, 3, 48, 64]"""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 48, 64, generator=gen)
+    out = []
+    for _ in range(frames):
+        x = x.clone()
+        i, j = int(torch.randint(0, 40, (1,), generator=gen)), int(torch.randint(0, 56, (1,), generator=gen))
+        x[:, i : i + 8, j : j + 8] += torch.randn(3, 8, 8, generator=gen)
+        out.append(x)
+    return torch.stack(out)
+
+
+def test_skip_serves_the_last_dense_result_again(vit):
+    images = video(12)
+    dense = dense_reference(vit, images)
+    served = run_schedule(vit, images, FramePolicy("skip", interval=3))
+    for t in range(12):
+        key = 3 * (t // 3)
+        assert torch.allclose(served.logits[t], dense.logits[key], atol=1e-4)
+        assert torch.allclose(served.features[t], dense.features[key], atol=1e-4)
+    assert served.actions == ["dense", "reuse", "reuse"] * 4
+    assert served.macs == [dense_macs(CONFIG), 0, 0] * 4  # a reused frame costs nothing
+
+
+def test_keyframe_policy_at_interval_one_is_dense(vit):
+    images = video(8)
+    dense = dense_reference(vit, images)
+    served = run_schedule(vit, images, FramePolicy("keyframe", interval=1, tokens=4))
+    assert served.actions == ["dense"] * 8
+    assert torch.allclose(served.logits, dense.logits, atol=1e-4)
+    assert torch.allclose(served.features, dense.features, atol=1e-4)
+
+
+@pytest.mark.parametrize("interval", [1.5, 2.5, 3.0, 4.0])
+def test_fractional_intervals_keep_exactly_one_keyframe_per_interval(interval):
+    policy = FramePolicy("skip", interval=interval)
+    keys = sum(policy.is_keyframe(n) for n in range(120))
+    assert keys == math.ceil(120 / interval)
+
+
+@pytest.mark.parametrize(
+    "kind,interval,ratio",
+    [("topr", None, 1.2), ("topr", None, 1.4), ("keyframe", 6, 1.5), ("keyframe", 6, 2.0), ("keyframe", 6, 3.0)],
+)  # this tiny model's patch embedding alone is a quarter of a dense frame: top-r cannot go far below it
+def test_policies_solved_for_a_ratio_spend_it_and_run_at_it(vit, kind, interval, ratio):
+    policy = policy_for_ratio(kind, ratio, CONFIG, interval=interval)
+    assert policy is not None
+    fraction = mac_fraction(policy, CONFIG)
+    assert fraction <= 1 / ratio  # never more than asked
+    bigger = FramePolicy(policy.kind, interval=policy.interval, tokens=policy.tokens + 1)
+    assert mac_fraction(bigger, CONFIG) > 1 / ratio  # the largest budget that fits
+    frames = 12
+    served = run_schedule(vit, video(frames), policy)
+    macs = served.macs[1:] if kind == "topr" else served.macs  # top-r's first frame seeds it densely
+    measured = sum(macs) / (len(macs) * dense_macs(CONFIG))
+    assert measured == pytest.approx(fraction, rel=1e-6)  # the accounting is the step's own
+
+
+def test_a_keyframe_interval_at_or_below_the_ratio_is_refused():
+    assert policy_for_ratio("keyframe", 3.0, CONFIG, interval=3) is None
+    with pytest.raises(ValueError, match="policy must be one of"):
+        FramePolicy("sometimes")
+    with pytest.raises(ValueError, match="audit_share"):
+        AdaptiveConfig(audit_share=0.6)
+
+
+def _adaptive_run(vit, images, ratio=2.0, seed=0, share=0.2):
+    schedule = AdaptiveSchedule(CONFIG, ratio, AdaptiveConfig(audit_share=share, seed=seed))
+    return schedule, run_schedule(vit, images, schedule)
+
+
+def test_the_chooser_is_deterministic_for_a_seed_and_stays_within_its_compute(vit):
+    images = video(40)
+    a_schedule, a = _adaptive_run(vit, images)
+    b_schedule, b = _adaptive_run(vit, images)
+    assert a.actions == b.actions and a.macs == b.macs and torch.equal(a.logits, b.logits)
+    assert a_schedule.choice_counts() == b_schedule.choice_counts()
+    assert len(a_schedule.choice_counts()) >= 2  # it explored keyframe candidates and chose
+    # audits and shadows included, the stream spends at most 1/ratio of dense (a forced keyframe aside)
+    assert sum(a.macs) <= 40 * dense_macs(CONFIG) / 2.0 * 1.02
+
+
+def test_an_audit_compares_the_served_answer_with_the_dense_model_on_that_frame(vit):
+    images = video(40)
+    dense = dense_reference(vit, images)
+    schedule, served = _adaptive_run(vit, images, share=0.5)
+    assert schedule.audit_errors, "no audit ran"
+    # every audit's error is the served answer's distance from the dense model on the same frame
+    errors = sorted(
+        float((served.logits[t] - dense.logits[t]).norm() / dense.logits[t].norm()) for t in range(40)
+    )
+    for error in schedule.audit_errors:
+        assert min(abs(error - e) for e in errors) < 1e-4
+
+
+def test_a_scene_cut_forces_a_keyframe(vit):
+    images = video(20)
+    images[10:] = torch.randn(10, 3, 48, 64, generator=torch.Generator().manual_seed(9))  # a cut at frame 10
+    schedule = AdaptiveSchedule(CONFIG, 3.0, AdaptiveConfig(audit_share=0.0))
+    served = run_schedule(vit, images, schedule)
+    assert served.actions[10] == "dense"
