@@ -43,9 +43,10 @@ JSON_BODY = {
 
 
 def _budget_out(engine: Engine) -> BudgetOut:
-    budget, tokens = engine.global_budget()
+    view = engine.budget_view()  # the budget and the controller read together (the metrics show the same)
+    budget, tokens = view.budget, view.tokens
     controller = None
-    state = engine.controller_state() if budget.mode == "auto" else None
+    state = view.controller if budget.mode == "auto" else None
     if state is not None:
         controller = ControllerOut(
             target_latency_ms=1000 * state.target_s,

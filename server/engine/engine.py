@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -84,6 +84,15 @@ class StreamInfo:
     frame_size: tuple[int, int] | None
 
 
+@dataclass(frozen=True)
+class BudgetView:
+    """The global budget as the API and the metrics show it, read at one instant (see Engine.budget_view)."""
+
+    budget: GlobalBudget
+    tokens: int  # what a stream without an override gets now
+    controller: ControllerState | None  # None before the model is loaded
+
+
 @dataclass(eq=False)
 class StreamHandle:
     """What a connection holds: its session in the engine (opaque to the API)."""
@@ -114,6 +123,7 @@ class Engine:
         self._shed_age: float | None = None  # ... or the age (s) past which a frame is dropped before a step
         self._ready = threading.Event()
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
+        self._last_arrival_at: float | None = None  # perf_counter() of the latest frame from any stream
         self._started = False
         self._stopping = False
         self._paused = False
@@ -226,6 +236,7 @@ class Engine:
         with self._cond:
             self._count_received(session)
             session.last_received_at = received_at
+            self._last_arrival_at = received_at
             if self._controller is not None:
                 self._controller.observe_arrival(received_at, session.stream_id)
             if session.closed:
@@ -262,17 +273,18 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         with self._cond:
-            policy, controller, now = self._policy, self._controller, time.perf_counter()
+            policy = self._policy
+            view = self._budget_view(time.perf_counter())
             connected = [r.stream_id for r in self._registry.records.values() if r.connected]
             tokens = [policy.resolve(i).tokens for i in connected] if policy else []
-            auto = policy is not None and policy.get_global()[0].mode == "auto"
-            state = controller.state(now) if controller is not None else None
+            auto = view is not None and view.budget.mode == "auto"
+            state = view.controller if view is not None else None
             return EngineSnapshot(
                 ready=self.ready,
                 active_streams=self._registry.connected_count,
                 retained_streams=self._registry.retained_count,
                 state_bytes=self._registry.state_bytes,
-                budget_tokens=policy.get_global()[1] if policy else 0,
+                budget_tokens=view.tokens if view else 0,
                 num_patches=policy.num_patches if policy else 0,
                 target_latency_s=state.target_s if auto and state else 0.0,
                 measured_p95_s=state.measured_p95_s if state else None,
@@ -281,9 +293,36 @@ class Engine:
             )
 
     def controller_state(self) -> ControllerState | None:
-        """The budget controller's view now (None before the model is loaded)."""
+        """The budget controller's view now, as budget_view shows it (None before the model is loaded)."""
         with self._cond:
-            return self._controller.state(time.perf_counter()) if self._controller is not None else None
+            view = self._budget_view(time.perf_counter())
+            return view.controller if view is not None else None
+
+    def budget_view(self) -> BudgetView:
+        """The global budget and the controller's state at one instant: what GET /v1/budget and the metrics show.
+        Raises EngineNotReady before the model is loaded."""
+        with self._cond:
+            view = self._budget_view(time.perf_counter())
+        if view is None:
+            raise EngineNotReady("the model is not loaded yet")
+        return view
+
+    def _budget_view(self, now: float) -> BudgetView | None:
+        """Under the lock. Without traffic (no frame from any stream in the controller's window, about 1 s) nothing
+        of the last decision is shown: no measured p95 (not one of frames from seconds ago), no streams, tokens or
+        saturation; in auto mode the budget is the level the controller holds, which its next decision starts
+        from."""
+        policy, controller = self._policy, self._controller
+        if policy is None or controller is None:
+            return None
+        budget, tokens = policy.get_global()
+        state = controller.state(now)
+        if self._last_arrival_at is None or now - self._last_arrival_at > controller.config.window_s:
+            state = replace(state, measured_p95_s=None, tokens_mean=None, tokens_min=None, tokens_max=None, streams=0,
+                            saturated=False, reason=None, max_batch=None, max_age_s=None)
+            if budget.mode == "auto":
+                tokens = state.level
+        return BudgetView(budget, tokens, state)
 
     def _info(self, record: StreamRecord) -> StreamInfo:
         resolved = self._policy.resolve(record.stream_id) if self._policy else ResolvedBudget(0, "global")

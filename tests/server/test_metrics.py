@@ -85,6 +85,47 @@ def test_metrics_move_with_traffic(client):
     assert scrape(client)["eventful_budget_tokens"] == 10
 
 
+def budget_and_metrics(client) -> tuple[dict, dict[str, float]]:
+    return client.get("/v1/budget").json(), scrape(client)
+
+
+def test_auto_mode_without_traffic_rest_and_metrics_agree(client):
+    """With no frame in the controller's window (1 s), GET /v1/budget's measured_p95_ms is null and the gauge NaN (not
+    a p95 of older frames), the last decision's streams and tokens are gone, and the budget (REST effective_tokens,
+    level_tokens and eventful_budget_tokens) is the level auto mode holds: what its next decision starts from."""
+    import math
+    import time
+
+    def agree(rest: dict, gauges: dict[str, float]) -> None:
+        controller = rest["controller"]
+        assert rest["effective_tokens"] == controller["level_tokens"] == gauges["eventful_budget_tokens"]
+        assert gauges["eventful_target_latency_seconds"] == controller["target_latency_ms"] / 1000
+
+    def idle(rest: dict, gauges: dict[str, float]) -> None:
+        agree(rest, gauges)
+        controller = rest["controller"]
+        assert controller["measured_p95_ms"] is None and math.isnan(gauges["eventful_measured_p95_latency_seconds"])
+        assert controller["streams"] == 0 and controller["tokens_mean"] is None and not controller["saturated"]
+        assert gauges["eventful_controller_saturated"] == 0
+
+    client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 1000})
+    rest, gauges = budget_and_metrics(client)
+    idle(rest, gauges)
+    assert rest["effective_tokens"] == 4  # auto mode starts from the budget in effect
+    with client.websocket_connect("/v1/streams/auto") as ws:
+        for frame in frames(30):
+            ws.send_bytes(encode(frame))
+            ws.receive_json()
+            time.sleep(0.02)
+        rest, gauges = budget_and_metrics(client)
+    agree(rest, gauges)
+    assert rest["controller"]["measured_p95_ms"] > 0 and gauges["eventful_measured_p95_latency_seconds"] > 0
+    assert rest["controller"]["streams"] == 1
+    time.sleep(1.3)  # no traffic for more than the window
+    rest, gauges = budget_and_metrics(client)
+    idle(rest, gauges)
+
+
 def test_metrics_module_on_its_own_registry():
     registry = CollectorRegistry()
     metrics = Metrics(registry, target_latency_s=0.05, max_batch_size=4)
