@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import socket
 import sys
+from typing import TYPE_CHECKING
 
+import uvicorn
 from pydantic import ValidationError
 
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.api.connection import Connections
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -84,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
-    import uvicorn
 
     # The inference thread gets the intra-op threads; this (event loop) thread does no tensor work and must not
     # start an OpenMP team of its own (e.g. through an import-time kernel check): with more OpenMP workers than
@@ -104,11 +110,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {engine.load_error}", file=sys.stderr)
         engine.stop()
         return 2
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         ws_max_size=2 * settings.max_frame_bytes,  # larger frames get a polite frame_too_large error first
     )
-    return 0
+    server = StreamClosingServer(config, app.state.connections)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # 3: uvicorn's exit status when it cannot start (e.g. the port is taken)
+
+
+class StreamClosingServer(uvicorn.Server):
+    """uvicorn's Server, except that on shutdown the stream connections are closed first, with 1012 and a reason
+    (uvicorn's own 1012 close has none): it stops listening, closes the streams, then shuts down as usual."""
+
+    def __init__(self, config: uvicorn.Config, connections: Connections):
+        super().__init__(config)
+        self.connections = connections
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for listening in self.servers:
+            listening.close()
+        await self.connections.close_all()
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ spoken to over a real WebSocket (the `websockets` client) and scraped over HTTP.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import httpx
@@ -153,3 +154,19 @@ def test_live_server_rate_limits_a_ping_burst_without_closing(tiny_checkpoint, t
             kinds.append(message["type"] if message["type"] != "error" else message["code"])
             assert len(kinds) <= 2001
     assert set(kinds) == {"pong", "rate_limited", "result"}
+
+
+def test_live_server_closes_streams_with_1012_and_a_reason_on_sigterm(tiny_checkpoint, tmp_path):
+    args = ["--model", str(tiny_checkpoint), "--num-heads", "2", "--image-size", "32", "--log-level", "warning"]
+    started = []
+    with pytest.raises(RuntimeError, match="the server died"):  # this test stops it
+        with live_server(args, tmp_path / "server.log", on_start=started.append) as base:
+            with connect(ws_url(base, "bye"), proxy=None) as ws:
+                ws.send(encode(frames(1)[0]))
+                assert recv_json(ws)["type"] == "result"
+                started[0].send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as closed:
+                    recv_json(ws)
+            started[0].wait(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert closed.value.rcvd.reason == "server shutting down; reconnect in a few seconds"
