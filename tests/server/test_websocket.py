@@ -245,7 +245,7 @@ def test_a_connection_without_frames_is_closed_after_the_idle_timeout_and_frees_
 def test_connections_waiting_for_a_first_frame_are_bounded(make_client):
     """Past the first frame's grace, at most max_idle_streams connections may wait without a frame; another is
     closed (4408) at the end of its grace. A camera that sends at once is served all along."""
-    client = make_client(max_idle_streams=1, first_frame_grace_s=0.1, idle_timeout_s=30)
+    client = make_client(max_idle_streams=1, first_frame_grace_s=0.5, idle_timeout_s=30)
     connections = client.app.state.connections
     video = frames(2)
     with client.websocket_connect("/v1/streams/idle1") as first:
