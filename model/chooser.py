@@ -89,10 +89,13 @@ class AdaptiveSchedule:
         ][: self.config.explore_candidates]
         self.rng = random.Random(self.config.seed)
         self.measures = _Measures()
-        self.policy: FramePolicy = self.keyframes[0] if self.keyframes else self.skip
+        self.policy: FramePolicy = self.skip
+        self.pending: FramePolicy | None = None  # takes over at the current policy's next keyframe
+        self.shadowed: FramePolicy | None = None  # this keyframe ends a cycle of this keyframe policy
         self.phase = 0  # frames since the policy's schedule (re)started
         self.frame = 0
         self.spent = 0.0  # MACs of everything, served and measured
+        self.measured = 0.0  # MACs of audits and shadows
         self.dense_history: list[tuple[int, torch.Tensor]] = []  # (frame, dense logits), recent
         self.audit_errors: list[float] = []
         self.audit_agree: list[bool] = []
@@ -117,15 +120,20 @@ class AdaptiveSchedule:
             self.measures = _Measures()
             self.dense_history.clear()
             self.exploring = list(self.keyframes)
-            self._start(self.exploring[0] if self.exploring else self.skip)
+            self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
         elif self.frame - self.last_explore >= self.config.reexplore_every and not self.exploring:
             self.exploring = [p for p in self.keyframes if p != self.policy] + (
                 [self.policy] if self.policy in self.keyframes else [])
             self.measures.q.clear()
             self.last_explore = self.frame
-            if self.exploring and self.policy.kind == "skip":
-                self._start(self.exploring[0])
+
         self._forced = cut
+        self.shadowed = None
+        if self.policy.is_keyframe(self.phase) and not cut:
+            if self.policy.kind == "keyframe" and self.phase > 0:
+                self.shadowed = self.policy
+            if self.pending is not None:  # a switch costs nothing extra: it happens on a keyframe
+                self.policy, self.pending, self.phase = self.pending, None, 0
         action = self.policy.action(self.phase)
         self._audit_draw = self.rng.random() < self._audit_probability()
         self.choices[self.policy.name] = self.choices.get(self.policy.name, 0) + 1
@@ -133,11 +141,10 @@ class AdaptiveSchedule:
 
     def shadow_budget(self) -> StreamBudget | None:
         """Before a keyframe's dense step: the sparse budget to run on this frame first (a shadow), or None."""
-        if self.policy.kind != "keyframe" or self._forced or self.phase == 0:
+        if self.shadowed is None:
             return None
-        wanted = len(self.measures.q.get(self.policy.interval, [])) < self.config.shadows_per_candidate
-        cost = self._sparse_fraction(self.policy) * self.dense_macs
-        return self.policy.budget if (wanted or self._credit() >= cost) else None
+        cost = self._sparse_fraction(self.shadowed) * self.dense_macs  # paid from the measuring credit
+        return self.shadowed.budget if self._credit() >= cost else None
 
     def after_frame(self, t: int, action: FrameAction, served: torch.Tensor, dense_fn,
                     shadow: torch.Tensor | None = None, shadow_macs: int = 0, served_macs: int = 0) -> tuple[int, bool]:
@@ -152,11 +159,13 @@ class AdaptiveSchedule:
                 age = self._age(t)
                 reuse = self._reuse_error(age, dense)
                 if reuse is not None and reuse > 1e-6:
-                    self.measures.q.setdefault(self.policy.interval, []).append(_rel_l2(shadow, dense) / reuse)
+                    self.measures.q.setdefault(self.shadowed.interval, []).append(_rel_l2(shadow, dense) / reuse)
             self._record_dense(t, dense)
+            if shadow is None and self.shadowed is not None and self.exploring:
+                self._start(self.skip)  # the candidate's shadow could not be paid: skip until it can
             if self._audit_draw:
                 self._record_audit(served, dense)
-        elif self._audit_draw and self._credit(served_macs) >= self.dense_macs:
+        elif self._audit_draw and self._credit() >= self.dense_macs:
             dense = dense_fn()
             extra += self.dense_macs
             self._record_audit(served, dense)
@@ -165,22 +174,29 @@ class AdaptiveSchedule:
         interval = self.policy.interval if self.policy.kind == "keyframe" else None
         self.served_log.append((action, self.phase if action != "dense" else 0, interval))
         self.spent += served_macs + extra
+        self.measured += extra
         self.frame += 1
-        # an audit's dense result reseeds the stream (and is what a skipping stream reuses): the cycle restarts
-        self.phase = 1 if reseeded else self.phase + 1
+        # an audit's dense result reseeds the stream (and is what a skipping stream reuses); the schedule goes on
+        self.phase += 1
         self._maybe_choose()
+        if action == "dense" and self.pending is not None:
+            # this frame was dense anyway: it is the new policy's first keyframe (a switch costs nothing)
+            self.policy, self.pending, self.phase = self.pending, None, 1
         self.estimates.append(self.estimate())
         return extra, reseeded
 
     # ---- measuring -------------------------------------------------------------------------------
 
     def _audit_probability(self) -> float:
-        # an audit costs a dense frame; the stream spends 1/ratio of one per frame
-        return min(1.0, self.config.audit_share / self.ratio * 1.0)
+        """Once the credit holds a dense frame, each frame is audited with this probability (at a random phase of
+        the serving cycle, so the audited frames are a fair sample); unspent credit is not left idle."""
+        trying = bool(self.exploring) and self._target() == self.exploring[0]
+        return 0.25 if self._credit() >= self.dense_macs and not trying else 0.0  # a candidate's shadow first
 
-    def _credit(self, pending: int = 0) -> float:
-        """MACs the stream may still spend measuring without exceeding 1/ratio of dense per frame so far."""
-        return (self.frame + 1) * self.dense_macs / self.ratio - self.spent - pending
+    def _credit(self) -> float:
+        """MACs the stream may still spend measuring: its audit share of 1/ratio of dense per frame so far, less
+        what audits and shadows took (serving at the serving ratio spends the rest)."""
+        return (self.frame + 1) * self.config.audit_share * self.dense_macs / self.ratio - self.measured
 
     def _age(self, t: int) -> int:
         return t - self.dense_history[-1][0] if self.dense_history else 0
@@ -254,18 +270,29 @@ class AdaptiveSchedule:
         return out
 
     def _start(self, policy: FramePolicy) -> None:
-        self.policy = policy
-        self.phase = 0
+        """Switch at the current policy's next keyframe (or stay, cancelling a pending switch)."""
+        self.pending = None if policy == self.policy else policy
+
+    def _target(self) -> FramePolicy:
+        return self.pending or self.policy
 
     def _maybe_choose(self) -> None:
         if self.exploring:
             current = self.exploring[0]
             if len(self.measures.q.get(current.interval, [])) >= self.config.shadows_per_candidate:
                 self.exploring.pop(0)
-                if self.exploring:
-                    self._start(self.exploring[0])
-                    return
+            elif self._target() != current:
+                # try the candidate once its shadow, at the end of its first cycle, will be paid for; skip till then
+                accrued = current.interval * self.config.audit_share * self.dense_macs / self.ratio
+                if self._credit() + accrued >= self._sparse_fraction(current) * self.dense_macs:
+                    self._start(current)
+                elif self._target() != self.skip:
+                    self._start(self.skip)
+                return
             else:
+                return
+            if self.exploring:
+                self._start(self.skip)
                 return
             self.last_explore = self.frame
         predictions = self.predictions()
@@ -276,8 +303,7 @@ class AdaptiveSchedule:
         choice = self.skip
         if best is not None and predictions[best.name] < self.config.switch_margin * predictions[self.skip.name]:
             choice = best
-        if choice != self.policy:
-            # keep the phase where the switch leaves the state usable: a keyframe policy needs a fresh keyframe
+        if choice != self._target():
             self._start(choice)
 
     # ---- what the stream reports -----------------------------------------------------------------

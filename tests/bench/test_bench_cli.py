@@ -162,3 +162,47 @@ def test_model_command_rejects_too_few_frames(clip, capsys):
     argv = ["model", "--model", "deit-tiny-patch16-224", "--video", str(clip), "--frames", "1"]
     assert main(argv) == 2
     assert "--frames" in capsys.readouterr().err
+
+
+def test_a_stream_with_dense_refreshes_is_timed_by_both_kinds_of_frame():
+    from bench.model_bench import _typical_ms
+
+    # one dense 30 ms frame in every 3, sparse 10 ms between: 50/3 ms a frame, never the sparse median alone
+    times = [30.0, 10.0, 10.0] * 10
+    dense = [True, False, False] * 10
+    assert _typical_ms(times, dense) == pytest.approx(50 / 3)
+    assert _typical_ms([5.0, 7.0, 6.0], [False] * 3) == 6.0
+
+
+FIDELITY_KEYS = {"ratio", "policy", "mac_ratio", "top1_agreement", "rel_l2", "rel_l2_first_quarter",
+                 "rel_l2_last_quarter", "token_rel_l2", "moving_token_rel_l2"}
+
+
+def test_fidelity_command_end_to_end(clip, tmp_path, capsys):
+    out = tmp_path / "fidelity.json"
+    argv = ["fidelity", "--model", "deit-tiny-patch16-224", "--videos", str(clip), str(clip), "--frames", "6",
+            "--ratios", "2", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model"] == "deit-tiny-patch16-224" and len(report["videos"]) == 2
+    video = report["videos"][0]
+    assert {"video", "frames", "dense_stability", "results"} <= video.keys() and video["frames"] == 6
+    policies = [r["policy"] for r in video["results"]]
+    assert "skip" in policies and "adaptive" in policies and "keyframe4" in policies
+    for row in video["results"]:
+        assert FIDELITY_KEYS <= row.keys()
+        assert row["ratio"] == 2
+        assert row["mac_ratio"] > 1  # measured, first dense frame included (over 6 frames, keyframe8 is near 1.3)
+    skip = next(r for r in video["results"] if r["policy"] == "skip")
+    assert skip["mac_ratio"] == pytest.approx(2.0)
+    adaptive = next(r for r in video["results"] if r["policy"] == "adaptive")
+    assert adaptive["mac_ratio"] >= 1.9  # audits and shadows are paid from the same compute
+    assert report["videos"][1]["results"] == video["results"]  # deterministic: the same clip, the same figures
+
+
+@pytest.mark.parametrize("flag,value,message", [("--audit-share", "0.7", "audit"), ("--ratios", "0.5", "ratios")])
+def test_fidelity_command_rejects_bad_settings(clip, capsys, flag, value, message):
+    argv = ["fidelity", "--model", "deit-tiny-patch16-224", "--videos", str(clip), "--frames", "6", flag, value]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
