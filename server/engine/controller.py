@@ -67,17 +67,30 @@ from server.engine.step_cost import DenseStepModel, StepCostModel
 
 @dataclass(frozen=True)
 class ControllerConfig:
+    """Every parameter of the controller. The core (cost model, PI loop on the log p95, anti-windup, shedding at
+    saturation) comes first; each mechanism beyond it has one switch (off: that mechanism alone is skipped) with its
+    parameters beneath it. docs/controller.md#ablation says what each is worth on each device profile:
+
+    - knee_memory: after r rose into a p95 clearly over the target, cut r back under that step and keep a ceiling
+      there (KneeMemory);
+    - tail_cap: a window's p95 is fed back capped at what its middle half and the recent windows' tails say;
+    - noise_aim: the aim is lowered by the spread of the window p95s measured lately;
+    - capacity (None: off): where frames come together, S is held within a share of the frame period;
+    - load_memory: per stream count, the integrator last used is restored when that load comes back;
+    - drain_restore: a fast cut r did not cause is undone once the burst has drained;
+    - slowdown_revert: a slowdown the cost model followed and then undid takes u and r back (and the fit);
+    - shed_regime: past the device's capacity, shedding runs at a fraction of the integral gain, without fast cut;
+    - seed_pricing: a step with a seeding frame gives the other streams what fits beside a dense frame;
+    - dense_hysteresis (None: off): at the plain dense step r stays until the step misses S by this share.
+    """
+
     target_s: float  # p95 end-to-end latency to hold
     num_patches: int  # the dense budget
     min_tokens: int = 0  # global floor of r for controlled streams
     max_tokens: int | None = None  # global ceiling (None: num_patches)
-    aim: float = 0.97  # hold the measured p95 at this fraction of the target (noise margin) ...
-    aim_noise_gain: float = 0.5  # ... lowered by exp(-this * (sigma - noise_free)), sigma: the spread (std of the log)
-    noise_free: float = 0.04  # of the window p95s measured lately: a noisy p95 needs a wider margin to stay under
+    aim: float = 0.97  # hold the measured p95 at this fraction of the target (noise margin)
     window_s: float = 1.0  # p95 over the frames of this window (at least min_samples, from at most 4 windows back)
     min_samples: int = 8
-    tail_windows: int = 6  # a window's p95 is fed back capped at tail_slack times its middle half's mean times the
-    tail_slack: float = 1.2  # tail (p95 / that mean) of the last this many windows, less the largest (host stalls)
     kp: float = 0.3  # proportional gain on the log error
     ki: float = 1.2  # integral gain, per second
     deadband: float = 0.04  # |log error| below this counts as on target
@@ -88,29 +101,43 @@ class ControllerConfig:
     shed_gain: float = 1.0  # saturated and over the aim: u falls (1 + this) times as fast (the batch limit is coarse)
     shed_tolerance: float = 0.2  # saturated, no batch limit fits: the largest within this share of the least latency
     min_age_share: float = 0.3  # the age limit is at least this share of the frame period (or full step, if shorter)
-    shed_calm_s: float = 1.0  # saturated this long: the transient is over; feedback without the fast cut, at ...
-    shed_ki_scale: float = 0.3  # ... this share of the integral gain (the shedding actuators are steep)
     hold_s: float = 0.5  # after streams join or leave: feed-forward only, latencies before then are forgotten
     jump_factor: float = 1.0  # the median latency of the recent frames over target * this: cut at once ...
     jump_window_s: float = 0.3  # ... judged over this window (at least 5 frames) ...
     jump_every_s: float = 0.5  # ... at most this often
-    drain_s: float = 3.0  # a fast cut r did not cause is undone once the frames are back under the aim (by rise_room)
-    restore_every_s: float | None = 5.0  # within this long (and at most once this often; None: never)
-    ceiling_trigger: float = 1.1  # after the p95 went over this multiple of the target, r rises at most to where ...
+    hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
+    hysteresis_fraction: float = 0.04  # ... and this fraction of itself
+    u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
+    u_max: float = 0.0
+    u_initial: float = math.log(0.45)  # about two steps (the one a frame waits for, its own) plus overhead
+    # ---- mechanisms beyond the core: one switch each, then its parameters ----
+    knee_memory: bool = True  # after the p95 went over ceiling_trigger times the target, r rises at most to where ...
+    ceiling_trigger: float = 1.1
     ceiling_margin: float = 0.95  # ... the step is predicted at this share of the step at the last window's highest r
     ceiling_creep_per_s: float = 0.005  # (for this many streams); this ceiling then creeps up this fast ...
     ceiling_creep_fast_per_s: float = 0.01  # ... or this fast while the latency is ceiling_far (log) under the aim
     ceiling_far: float = 0.25
-    knee_cut: bool = True  # when it goes over, r is cut to the ceiling at once and feedback waits a window
+    knee_cut: bool = True  # (with knee_memory) going over cuts r to the ceiling at once, and feedback waits a window
     knee_rise: float = 0.05  # a knee (ceiling, cut) only where r rose by this much within knee_lookback_s before
     knee_lookback_s: float = 3.0
+    tail_cap: bool = True  # a window's p95 is fed back capped at tail_slack times its middle half's mean times the
+    tail_windows: int = 6  # tail (p95 / that mean) of the last this many windows, less the largest (host stalls)
+    tail_slack: float = 1.2
+    noise_aim: bool = True  # the aim is lowered by exp(-aim_noise_gain * (sigma - noise_free)), sigma: the spread
+    aim_noise_gain: float = 0.5  # (std of the log) of the window p95s measured lately: a noisy p95 needs a wider
+    noise_free: float = 0.04  # margin to stay under
     capacity: float | None = 0.95  # where the target is at most 2 frame periods: S at most this share of the period
-    hysteresis_tokens: float = 2.0  # r changes only by at least this many tokens ...
-    hysteresis_fraction: float = 0.04  # ... and this fraction of itself
-    dense_hysteresis: float = 0.1  # at the full budget (the plain dense step) r stays until it misses S by this share
-    u_min: float = math.log(0.03)  # S between 3 % and 100 % of the target
-    u_max: float = 0.0
-    u_initial: float = math.log(0.45)  # about two steps (the one a frame waits for, its own) plus overhead
+    load_memory: bool = True  # the integrator last used with a stream count is restored when that count comes back
+    drain_restore: bool = True  # a fast cut r did not cause is undone once the frames are back under the aim ...
+    drain_s: float = 3.0  # ... (by rise_room) within this long ...
+    restore_every_s: float = 5.0  # ... and at most once this often
+    slowdown_revert: bool = True  # a slowdown that passes restores the cost model's fit, u and r from before it
+    shed_regime: bool = True  # saturated for shed_calm_s past the device's capacity: feedback without the fast cut,
+    shed_calm_s: float = 1.0  # at shed_ki_scale of the integral gain (the shedding actuators are steep)
+    shed_ki_scale: float = 0.3
+    seed_pricing: bool = True  # in a step with a seeding frame the others get what fits S beside a dense frame
+    dense_hysteresis: float | None = 0.1  # at the full budget (the plain dense step) r stays until it misses S by this
+    # share (None: leaves as soon as it misses)
 
     def __post_init__(self):
         if not self.target_s > 0:
@@ -311,7 +338,7 @@ class LatencyWindow:
             self._tail_at = now
         # the mean of the last windows' tails less the largest (one transient or one stall is not the load's shape)
         mean = None if len(samples) < 2 else (sum(samples) - max(samples)) / (len(samples) - 1)
-        return p95 if mean is None else min(p95, cfg.tail_slack * mean * location)
+        return p95 if mean is None or not cfg.tail_cap else min(p95, cfg.tail_slack * mean * location)
 
     def sample(self, now: float, p95: float, streams: int) -> None:
         """A window p95 (at most one a window), to tell how noisy it is."""
@@ -323,7 +350,7 @@ class LatencyWindow:
         """The share of the target the p95 is held at: cfg.aim, less where the window p95 is noisy."""
         cfg = self.config
         samples = self._p95_samples.get(streams, ())
-        if len(samples) < 5:
+        if len(samples) < 5 or not cfg.noise_aim:
             return cfg.aim
         sigma = float(np.std([v for _, v in samples]))
         return cfg.aim * math.exp(-cfg.aim_noise_gain * max(0.0, sigma - cfg.noise_free))
@@ -345,6 +372,7 @@ class BudgetController:
     def __init__(self, config: ControllerConfig, initial_tokens: int | None = None):
         self.config = config
         self.model = StepCostModel(config.num_patches)
+        self.model.revert = config.slowdown_revert
         self.dense_model = DenseStepModel()
         start = config.top_tokens if initial_tokens is None else initial_tokens
         self._level = float(min(max(start, config.min_tokens), config.top_tokens))  # L in effect
@@ -386,6 +414,7 @@ class BudgetController:
         the p95 went over a target at least as tight stays a limit for this one)."""
         tighter = config.target_s <= self.config.target_s
         self.config = config
+        self.model.revert = config.slowdown_revert
         self._level = float(min(max(initial_tokens, config.min_tokens), config.top_tokens))
         self._u = config.u_initial
         self._rise_credit = 0.0
@@ -477,7 +506,7 @@ class BudgetController:
         if streams != self._streams:
             # the load changed: the feed-forward answers it now; the latencies measured so far belong to the old
             # load (and the joiners' dense first frames to none), so feedback waits for fresh ones
-            if len(streams) in self._u_by_streams:
+            if cfg.load_memory and len(streams) in self._u_by_streams:
                 # a load seen before: what the feedback learned then (the step budget, as a share of the target)
                 self._u = self._u_by_streams[len(streams)]
             elif len(streams) < len(self._streams):
@@ -509,7 +538,8 @@ class BudgetController:
         ceiling_level = None if ceiling is None else self.model.level_within(ceiling, batch, fixed, caps)
         dense_step = self._dense_step(batch, demands, caps)
         # hysteresis: leaving dense costs a seeding step per stream, so it takes a clear miss
-        dense_room = budget * (1 + cfg.dense_hysteresis if self._level >= cfg.top_tokens else 1.0)
+        margin = cfg.dense_hysteresis if cfg.dense_hysteresis is not None and self._level >= cfg.top_tokens else 0.0
+        dense_room = budget * (1 + margin)
         dense_fits = dense_step is not None and dense_step <= dense_room
         if dense_fits and (ceiling_level is None or ceiling_level >= cfg.top_tokens):
             # the plain dense step fits: the most tokens there are, and cheaper than the eventful levels just below
@@ -572,7 +602,7 @@ class BudgetController:
         get what fits the step budget beside them (not under min_tokens; a one-off, the level held stays). Live, 4
         joiners seeding one a step at 4 -> 8 streams made steps of 120-140 ms where 93 were predicted, frames
         waited for them, and the latency of 200+ ms set off the fast cut (r 55 -> 11, then shedding)."""
-        if not any(d.seeding for d in demands):
+        if not self.config.seed_pricing or not any(d.seeding for d in demands):
             return level
         fixed, caps = self._fixed_and_caps(demands, seeds_fixed=True)
         if not caps:
@@ -655,7 +685,7 @@ class BudgetController:
         if over and whole:
             # clearly over the target with a whole window measured since the load changed (not the change's transient):
             # r rose into it: a knee (with r steady, noise or the device; shedding in the window, the frames dropped)
-            if rose:
+            if rose and cfg.knee_memory:
                 ceiling = self._knees.found(count, self.model.predict(count, count * top))  # the window's top step
                 under = self.model.level_within(ceiling, count, 0.0, [math.inf] * count)
                 if (cfg.knee_cut and self._level > under and self._knees.may_cut(now)
@@ -676,13 +706,14 @@ class BudgetController:
         # shedding for a while: the age limit (or batch limit) moves the latency about twice as much as S, so the
         # loop runs at a fraction of its gain and without the fast cut (live, at full gain the age limit swung
         # between 10 and 79 ms and the 1-s p95 between 80 and 180 ms, period ~1.5 s; at 0.3, 109-152 ms)
-        shedding = (self._last is not None and self._last.saturated and now - self._saturated_since >= cfg.shed_calm_s
+        shedding = (cfg.shed_regime and self._last is not None and self._last.saturated
+                    and now - self._saturated_since >= cfg.shed_calm_s
                     and self._beyond_capacity())
         if jumped and not self._knees.waiting(now) and now - self._last_jump >= cfg.jump_every_s and not shedding:
             # fast cut: at most halve at once, then let the window refill before judging again
             # r did not make it late, nor a new load (a whole window since it), nor shedding: a burst to drain
             if (not rose and whole and self._drain is None and not (self._last and self._last.saturated)
-                    and cfg.restore_every_s is not None and now - self._last_restore >= cfg.restore_every_s):
+                    and cfg.drain_restore and now - self._last_restore >= cfg.restore_every_s):
                 self._drain = (now, self._u, top)
             self._u -= min(math.log(median / (cfg.aim * cfg.target_s)), math.log(2.0))
             self._last_jump = now

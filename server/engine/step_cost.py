@@ -42,6 +42,7 @@ class StepCostModel:
         self.last_shift = 1.0  # the factor of the last (> 1: the device got slower)
         self.reverted = False  # the last shift undid a slowdown that passed (the model from before it is back)
         self.revert_steps = revert_steps
+        self.revert = True  # a slowdown that passes is undone (False: every slowdown is kept until the next shift)
         self.settled_steps = settled_steps
         self._before_slowdown: tuple | None = None  # the fit before the last slowdown (while it may be undone)
         self._since_slowdown = 0
@@ -86,7 +87,8 @@ class StepCostModel:
             self.last_shift = float(np.median(self._ratios)) if slower else max(self._ratios)
             self.reverted = False
             self._before_slowdown = None
-            if slower and self.observations >= self.settled_steps:  # (before that, shifts correct the fit)
+            # (before settled_steps, shifts correct the fit)
+            if slower and self.revert and self.observations >= self.settled_steps:
                 self._before_slowdown = self._fits[0]  # as it was before the first of the three
                 self._since_slowdown = 0
                 self._old_ratios.clear()
