@@ -76,17 +76,9 @@ class AdaptiveSchedule:
                  level: str = "tokenwise"):
         self.vit = config
         self.config = adaptive or AdaptiveConfig()
-        self.ratio = ratio
         self.level = level
-        self.serving_ratio = ratio / (1.0 - self.config.audit_share)
         self.dense_macs = dense_macs(config)
-        self.skip = policy_for_ratio("skip", self.serving_ratio, config)
-        self.keyframes = [
-            p for k in self.config.intervals
-            if self.serving_ratio < k <= self.config.max_interval_over_ratio * self.serving_ratio
-            and (p := policy_for_ratio("keyframe", self.serving_ratio, config, interval=k, level=level))
-            is not None and p.tokens > 0
-        ][: self.config.explore_candidates]
+        self._set_candidates(ratio)
         self.rng = random.Random(self.config.seed)
         self.measures = _Measures()
         self.policy: FramePolicy = self.skip
@@ -107,6 +99,30 @@ class AdaptiveSchedule:
         self._prev_pooled: torch.Tensor | None = None
         self._forced = False
         self._audit_draw = False
+
+    def _set_candidates(self, ratio: float) -> None:
+        if ratio < 1:
+            raise ValueError(f"compute ratio must be >= 1, got {ratio}")
+        self.ratio = ratio
+        self.serving_ratio = max(1.0, ratio / (1.0 - self.config.audit_share))
+        self.skip = policy_for_ratio("skip", self.serving_ratio, self.vit)
+        self.keyframes = [
+            p for k in self.config.intervals
+            if self.serving_ratio < k <= self.config.max_interval_over_ratio * self.serving_ratio
+            and (p := policy_for_ratio("keyframe", self.serving_ratio, self.vit, interval=k, level=self.level))
+            is not None and p.tokens > 0
+        ][: self.config.explore_candidates]
+
+    def set_ratio(self, ratio: float) -> None:
+        """A new compute ratio (a fidelity floor asks for more compute, or allows less). The reuse curve is kept (it
+        does not depend on the ratio); the candidates are solved again and explored afresh; the switch to the new
+        skip interval happens at the next keyframe."""
+        if ratio == self.ratio:
+            return
+        self._set_candidates(ratio)
+        self.measures.q.clear()
+        self.exploring = list(self.keyframes)
+        self._start(self.skip)
 
     # ---- each frame ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from server.engine.stats import EngineSnapshot, FrameEvent, LatencyStats, StepStats
+from server.engine.stats import AuditStats, EngineSnapshot, FrameEvent, LatencyStats, StepStats
 
 PREFIX = "eventful"
 ERROR_CODES = (
@@ -95,6 +95,20 @@ class Metrics:
                                registry=registry)
         self.ready = Gauge(f"{p}_ready", "1 when the model is loaded and the inference thread runs.",
                            registry=registry)
+        self.audits = Counter(f"{p}_audits_total", "Dense audits of adaptive streams (served answer vs dense).",
+                              registry=registry)
+        self.audit_disagreements = Counter(f"{p}_audit_top1_disagreements_total",
+                                           "Audits whose served top-1 class differed from the dense model's.",
+                                           registry=registry)
+        self.audit_macs = Counter(f"{p}_audit_macs_total",
+                                  "Multiply-accumulates spent on audits (share: against eventful_macs_total).",
+                                  registry=registry)
+        self.audit_rel_l2 = Histogram(f"{p}_audit_logit_rel_l2",
+                                      "Relative L2 error of the served logits against dense, per audit (all streams).",
+                                      buckets=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0], registry=registry)
+        self.floor_unmet = Gauge(f"{p}_fidelity_floor_unmet_streams",
+                                 "Adaptive streams whose fidelity floor cannot be met even with every frame dense.",
+                                 registry=registry)
         for code in ERROR_CODES:  # export every code from the start (at 0), so rates work from the first error
             self.decode_errors.labels(code=code)
         for reason in REFUSAL_REASONS:
@@ -132,6 +146,13 @@ class Metrics:
     def refused(self, reason: str) -> None:
         self.streams_refused.labels(reason=reason).inc()
 
+    def audit(self, stats: AuditStats) -> None:
+        self.audits.inc()
+        if not stats.top1_agrees:
+            self.audit_disagreements.inc()
+        self.audit_macs.inc(stats.macs)
+        self.audit_rel_l2.observe(stats.rel_l2)
+
     # ---- scrape ------------------------------------------------------------------------------
 
     def render(self, snapshot: EngineSnapshot) -> tuple[bytes, str]:
@@ -148,4 +169,5 @@ class Metrics:
         for stat, value in (("mean", mean), ("min", low), ("max", high)):
             self.stream_budget.labels(stat=stat).set(value)
         self.saturated.set(1 if snapshot.saturated else 0)
+        self.floor_unmet.set(snapshot.floor_unmet_streams)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

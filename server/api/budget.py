@@ -18,8 +18,11 @@ from server.api.schemas import (
     StreamBudgetIn,
     StreamBudgetOut,
     StreamOverrideOut,
+    StreamPolicyIn,
+    StreamPolicyOut,
 )
 from server.engine import Engine, GlobalBudget, StreamOverride
+from server.engine.frame_policy import StreamPolicySpec
 
 router = APIRouter(prefix="/v1", tags=["budget"])
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id as in the WebSocket path")]
@@ -133,3 +136,27 @@ def delete_stream_budget(engine: EngineDep, stream_id: StreamId) -> Response:
     if not engine.clear_stream_budget(stream_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} has no budget override")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/streams/{stream_id}/policy", response_model=StreamPolicyOut, summary="A stream's frame policy")
+def get_stream_policy(engine: EngineDep, stream_id: StreamId) -> StreamPolicyOut:
+    return StreamPolicyOut(**engine.stream_policy(stream_id))
+
+
+@router.put(
+    "/streams/{stream_id}/policy", response_model=StreamPolicyOut, summary="Set a stream's frame policy",
+    **JSON_BODY,
+    description=(
+        "`{\"policy\": \"adaptive\", \"ratio\": 3}` serves the stream at a third of the dense compute, choosing "
+        "between frame skipping and keyframe + sparse from dense audits (`audit_share`, default 0.05 of its "
+        "compute); `min_top1_agreement` / `max_rel_l2` set a fidelity floor the stream is given more compute for, "
+        "or reports it cannot meet (`floor_met`, `floor_error`). `{\"policy\": \"skip\", \"interval\": 4}`, "
+        "`{\"policy\": \"keyframe\", \"interval\": 4}` and `{\"policy\": \"eventful\"}` (the default) are fixed."
+    ),
+)
+def put_stream_policy(engine: EngineDep, stream_id: StreamId, body: StreamPolicyIn) -> StreamPolicyOut:
+    spec = StreamPolicySpec(
+        policy=body.policy, ratio=body.ratio, interval=body.interval, audit_share=body.audit_share,
+        min_top1_agreement=body.min_top1_agreement, max_rel_l2=body.max_rel_l2,
+    )
+    return StreamPolicyOut(**engine.set_stream_policy(stream_id, spec))

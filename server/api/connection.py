@@ -41,6 +41,7 @@ def encode(message: StreamMessage | dict[str, Any], latency_s: float | None = No
             "frame": message.frame,
             "budget": message.budget_tokens,
             "dense": message.dense,
+            "reused": message.reused,
             "updated_fraction": message.updated_fraction,
             "latency_ms": 1000 * (latency_s or 0.0),
             "batch_size": message.batch_size,

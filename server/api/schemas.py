@@ -115,6 +115,31 @@ class StreamBudgetIn(_Strict):
         return self
 
 
+class StreamPolicyIn(_Strict):
+    """A stream's frame policy: which frames run densely, sparsely or not at all (see docs/protocol.md)."""
+
+    policy: Literal["eventful", "skip", "keyframe", "adaptive"] = Field(
+        description="eventful: every frame at the token budget (default); skip: dense every k-th frame, the last "
+        "result reused between; keyframe: dense every `interval` frames, the token budget between; adaptive: "
+        "chosen per stream from dense audits at a compute `ratio`")
+    ratio: float | None = Field(None, ge=1.0, le=64.0, description="skip / adaptive: dense MACs over the stream's")
+    interval: int | None = Field(None, ge=1, le=256, description="keyframe (or skip): frames per dense frame")
+    audit_share: float = Field(0.05, ge=0.0, le=0.5, description="adaptive: share of its compute spent on audits")
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0, description="adaptive: fidelity floor")
+    max_rel_l2: float | None = Field(None, gt=0.0, le=10.0, description="adaptive: fidelity floor (logits)")
+
+
+class StreamPolicyOut(BaseModel):
+    stream_id: str
+    policy: str
+    setting: dict[str, Any]
+    serving: str | None = Field(None, description="the policy serving now (adaptive: its current choice)")
+    effective_ratio: float | None = Field(None, description="adaptive: the compute ratio now (a floor may lower it)")
+    fidelity: dict[str, Any] | None = Field(None, description="adaptive: the audited fidelity estimate")
+    floor_met: bool | None = None
+    floor_error: str | None = None
+
+
 class StreamOverrideOut(BaseModel):
     tokens: int | None = None
     fraction: float | None = None
@@ -143,6 +168,8 @@ class StreamOut(BaseModel):
     latency_p95_ms: float | None
     state_bytes: int
     frame_size: tuple[int, int] | None = Field(description="(height, width) of its last processed frame")
+    frames_reused: int = Field(0, description="frames answered with its last result again (skip, adaptive)")
+    policy: StreamPolicyOut | None = Field(None, description="its frame policy and, if adaptive, its fidelity")
 
 
 class StreamsOut(BaseModel):

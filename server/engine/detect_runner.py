@@ -20,6 +20,8 @@ from server.engine.scheduler import PlannedFrame, StepPlan
 class DetectRunner(ModelRunner):
     """A YolosDetector behind EventfulViT; outputs {"boxes": [{"label", "score", "box": [x0, y0, x1, y1]}]}."""
 
+    audits_supported = False  # per-query logits: the adaptive policy compares class logits
+
     def __init__(
         self, model: YolosDetector, eventful: EventfulConfig | None = None, threshold: float = 0.5,
         max_boxes: int = 100, limits: FrameLimits | None = None,

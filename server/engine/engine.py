@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -22,6 +22,7 @@ from model.policy import StreamBudget
 from server.engine.budget import BudgetPolicy, GlobalBudget, ResolvedBudget, StreamOverride
 from server.engine.controller import BudgetController, ControllerConfig, ControllerState, StreamDemand
 from server.engine.decode import FrameLimits, FrameRejected, check_size
+from server.engine.frame_policy import FramePlan, PolicyError, StreamPolicySpec, StreamSchedule
 from server.engine.messages import FrameDropped, FrameError, FrameResult, FrameTiming, StreamMessage
 from server.engine.registry import (
     CLOSE_TRY_AGAIN_LATER,
@@ -33,10 +34,20 @@ from server.engine.registry import (
 )
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.scheduler import PendingFrame, PlannedFrame, Scheduler, StepPlan
-from server.engine.stats import EngineSnapshot, FrameEvent, LatencyStats, NullStats, StatsSink, StepStats
+from server.engine.stats import (
+    AuditStats,
+    EngineSnapshot,
+    FrameEvent,
+    LatencyStats,
+    NullStats,
+    StatsSink,
+    StepStats,
+)
 
 log = logging.getLogger("eventful.engine")
 
+MAX_STREAM_POLICIES = 1024  # frame policies kept by stream id (set before or while a stream is connected)
+SEED = StreamBudget(tokens=0)  # with a flush: every token through the eventful path, seeding the state (a keyframe)
 ACTIVE_STREAM_S = 1.0  # a stream that sent a frame this recently is expected to send again (batching)
 WINDOW_STEP_FRACTION = 0.25  # wait for expected company up to this fraction of a recent step (at least the window)
 
@@ -82,6 +93,8 @@ class StreamInfo:
     latency_p95_ms: float | None
     state_bytes: int
     frame_size: tuple[int, int] | None
+    frames_reused: int = 0  # frames answered with the stream's last result again (skip, adaptive)
+    policy: dict | None = None  # the frame policy and, for adaptive streams, the fidelity estimate
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class Engine:
         self._ready = threading.Event()
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
         self._last_arrival_at: float | None = None  # perf_counter() of the latest frame from any stream
+        self._stream_policies: dict[str, StreamPolicySpec] = {}  # frame policies set over REST, by stream id
         self._started = False
         self._stopping = False
         self._paused = False
@@ -290,6 +304,8 @@ class Engine:
                 measured_p95_s=state.measured_p95_s if state else None,
                 stream_tokens=(sum(tokens) / len(tokens), min(tokens), max(tokens)) if tokens else None,
                 saturated=bool(auto and state and state.saturated),
+                floor_unmet_streams=sum(1 for r in self._registry.records.values()
+                                        if r.schedule is not None and r.schedule.floor_error is not None),
             )
 
     def controller_state(self) -> ControllerState | None:
@@ -341,6 +357,8 @@ class Engine:
             latency_p95_ms=None if p95 is None else 1000 * p95,
             state_bytes=record.state_bytes,
             frame_size=record.frame_size,
+            frames_reused=record.frames_reused,
+            policy=self._policy_view(record.stream_id, record),
         )
 
     # ---- budget (delegates to the policy; BudgetError for values out of range) ---------------
@@ -373,6 +391,35 @@ class Engine:
 
     def clear_stream_budget(self, stream_id: str) -> bool:
         return self.policy.clear_override(stream_id)
+
+    # ---- frame policies (skip, keyframe, adaptive; PolicyError for values out of range) --------
+
+    def set_stream_policy(self, stream_id: str, spec: StreamPolicySpec) -> dict:
+        """Set a stream's frame policy (it takes effect on its next frame; a changed policy starts afresh)."""
+        runner = self.runner
+        if spec.policy == "adaptive" and not runner.audits_supported:
+            raise PolicyError("policy", "the adaptive policy's audits compare class logits: it needs a classifier")
+        with self._cond:
+            if spec.policy == "eventful":
+                self._stream_policies.pop(stream_id, None)
+            else:
+                if stream_id not in self._stream_policies and len(self._stream_policies) >= MAX_STREAM_POLICIES:
+                    raise PolicyError("stream_id", f"at most {MAX_STREAM_POLICIES} streams may have a frame policy")
+                self._stream_policies[stream_id] = spec
+            record = self._registry.records.get(stream_id)
+            if record is not None:
+                record.schedule = None  # rebuilt from the new spec on the next frame
+            return self._policy_view(stream_id, record)
+
+    def stream_policy(self, stream_id: str) -> dict:
+        with self._cond:
+            return self._policy_view(stream_id, self._registry.records.get(stream_id))
+
+    def _policy_view(self, stream_id: str, record: StreamRecord | None) -> dict:
+        spec = self._stream_policies.get(stream_id, StreamPolicySpec())
+        if record is not None and record.schedule is not None and record.schedule.spec == spec:
+            return {"stream_id": stream_id, **record.schedule.view()}
+        return {"stream_id": stream_id, "policy": spec.policy, "setting": asdict(spec)}
 
     # ---- decode threads --------------------------------------------------------------------
 
@@ -445,19 +492,25 @@ class Engine:
             batch = self._wait_for_batch()
             if batch is None:
                 return False
-            plan, batch, records, plain_dense, seeding = self._plan(batch)
-        if not batch:
-            return True
-        try:
-            result = runner.execute(plan)
-        except Exception as err:
-            log.exception("step over %d streams failed", plan.batch_size)
-            self._step_failed(batch, records, err)
-            return True
-        try:
-            self._finish(batch, records, plan, result, plain_dense, seeding)
-        except Exception:  # never let bookkeeping take the inference thread down
-            log.exception("routing the results of a step failed")
+            plan, batch, records, plain_dense, seeding, reused = self._plan(batch)
+        result = None
+        if batch:
+            try:
+                result = runner.execute(plan)
+            except Exception as err:
+                log.exception("step over %d streams failed", plan.batch_size)
+                self._step_failed(batch, records, err)
+            else:
+                try:
+                    self._finish(batch, records, plan, result, plain_dense, seeding)
+                except Exception:  # never let bookkeeping take the inference thread down
+                    log.exception("routing the results of a step failed")
+        try:  # after every served frame has gone out: reused answers, then the policies' measuring (audits)
+            self._serve_reused(reused)
+            if result is not None:
+                self._after_scheduled(batch, records, plan, result, runner)
+        except Exception:
+            log.exception("serving reused results or auditing failed")
         return True
 
     def _wait_for_batch(self) -> list[PendingFrame] | None:
@@ -534,15 +587,18 @@ class Engine:
 
     def _plan(
         self, batch: list[PendingFrame],
-    ) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord], bool, int]:
+    ) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord], bool, int, list[tuple[PendingFrame, StreamRecord]]]:
         """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.
 
         A frame that would seed its stream's state (its first, or the first after a flush or plain dense steps:
         every token, through the eventful path) beyond `seeds_per_step` goes back to wait for the next step, unless
         the step runs the plain dense model: live, four joiners seeded in one step made a 300 ms step and every
         stream's frames 450-580 ms late for a second; one a step spreads that cost over steps the others barely
-        notice. Returns the plan, the frames / records it covers (in plan order), and for the controller: whether
-        the plain dense model runs (every budget full: a cost of its own) and how many frames seed (one-offs)."""
+        notice. A stream with a frame policy plans its own frames: a keyframe (dense, reseeding; not held back by
+        `seeds_per_step`: the stream's schedule pays for it), a sparse frame at the policy's budget, or a reuse (no
+        step: its last result is served again). Returns the plan, the frames / records it covers (in plan order),
+        for the controller whether the plain dense model runs (every budget full: a cost of its own) and how many
+        frames seed (one-offs), and the frames answered by reuse."""
         planned, kept, records = [], [], []
         self._decide_budgets(batch, time.perf_counter())
         live = []
@@ -552,14 +608,32 @@ class Engine:
                 self.stats.frame(FrameEvent("dropped"))  # its connection closed after it was queued
                 continue
             live.append((pending, record, self.policy.resolve(pending.stream_id).tokens))
-        plain_dense = all(StreamBudget(tokens).is_dense_for(self.runner.num_patches) for _, _, tokens in live)
+        frame_plans: dict[int, FramePlan] = {}  # by position in `live`
+        for j, (pending, record, tokens) in enumerate(live):
+            schedule = self._schedule(record)
+            if schedule is not None:
+                frame_plans[j] = schedule.plan(pending.image, tokens, record.last_result is not None)
+        reused = [(p, r) for j, (p, r, _) in enumerate(live) if j in frame_plans and frame_plans[j].action == "reuse"]
+        plain_dense = all(
+            StreamBudget(tokens).is_dense_for(self.runner.num_patches) if j not in frame_plans
+            else frame_plans[j].action == "dense" and record.schedule.spec.policy == "skip"
+            for j, (_, record, tokens) in enumerate(live) if frame_plans.get(j, FramePlan("dense")).action != "reuse"
+        )
         seeding = 0
-        for pending, record, tokens in live:
+        for j, (pending, record, tokens) in enumerate(live):
+            frame_plan = frame_plans.get(j)
+            if frame_plan is not None and frame_plan.action == "reuse":
+                continue
             if record.state is None:
                 record.state = self.runner.new_state()
                 record.state_bytes = record.state.nbytes
             flush = self._flushes(record, pending)
-            if not plain_dense and self._seeds(record, pending):
+            budget, shadow = StreamBudget(tokens), None
+            if frame_plan is not None:
+                flush = flush or frame_plan.action == "dense"
+                budget = frame_plan.budget if frame_plan.action == "sparse" else SEED
+                shadow = frame_plan.shadow
+            elif not plain_dense and self._seeds(record, pending):
                 if seeding >= self._seeds_per_step:
                     self._scheduler.defer(pending)  # its turn comes next step
                     continue
@@ -567,13 +641,76 @@ class Engine:
             record.frame_size = pending.frame_size
             planned.append(
                 PlannedFrame(
-                    pending.stream_id, pending.frame, pending.image, record.state, StreamBudget(tokens), flush,
-                    pending.frame_size,
+                    pending.stream_id, pending.frame, pending.image, record.state, budget, flush,
+                    pending.frame_size, shadow,
                 )
             )
             kept.append(pending)
             records.append(record)
-        return StepPlan(planned), kept, records, plain_dense, seeding
+        return StepPlan(planned), kept, records, plain_dense, seeding, reused
+
+    def _schedule(self, record: StreamRecord) -> StreamSchedule | None:
+        """The record's frame policy at run time, built from the spec set over REST (lock held)."""
+        spec = self._stream_policies.get(record.stream_id)
+        if spec is None:
+            record.schedule = None
+        elif record.schedule is None or record.schedule.spec != spec:
+            record.schedule = StreamSchedule(spec, self.runner.config)
+        return record.schedule
+
+    def _serve_reused(self, reused: list[tuple[PendingFrame, StreamRecord]]) -> None:
+        """Answer frames a policy reuses for: the stream's last result again, marked reused, at no model cost."""
+        now = time.perf_counter()
+        served = []
+        with self._cond:
+            for pending, record in reused:
+                session = record.session
+                if record.last_result is None or session is None or session.id != pending.session:
+                    continue
+                record.frames_processed += 1
+                record.frames_reused += 1
+                outputs, logits = record.last_result
+                session.send(
+                    FrameResult(
+                        frame=pending.frame, budget_tokens=0, dense=False, updated_fraction=0.0, outputs=outputs,
+                        received_at=pending.received_at,
+                        timing=FrameTiming(pending.decode_seconds, max(0.0, now - pending.queued_at), 0.0),
+                        batch_size=0, reused=True,
+                    )
+                )
+                self.stats.frame(FrameEvent("processed"))
+                served.append((pending, record, record.schedule, logits))
+        for pending, record, schedule, logits in served:
+            if schedule is not None:
+                schedule.after("reuse", logits, self._audit_for(pending, record, logits), None, 0, 0)
+
+    def _after_scheduled(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan,
+                         result: StepResult, runner: ModelRunner) -> None:
+        """Keep each stream's last result (what a reuse serves); let the frame policies measure (shadows, audits)."""
+        for pending, record, output in zip(batch, records, result.outputs, strict=True):
+            record.last_result = (output.outputs, output.logits)
+            schedule = record.schedule
+            if schedule is not None:
+                action = "dense" if output.dense else "sparse"
+                schedule.after(action, output.logits, self._audit_for(pending, record, output.logits),
+                               output.shadow_logits,
+                               output.macs, output.shadow_macs)
+
+    def _audit_for(self, pending: PendingFrame, record: StreamRecord, served: torch.Tensor | None):
+        """An audit of this frame: the dense model on it (reseeding the stream; its result is what a skipping stream
+        serves next), compared by the stream's policy with what was served."""
+
+        def audit():
+            out = self.runner.execute(StepPlan([PlannedFrame(
+                pending.stream_id, pending.frame, pending.image, record.state, SEED, True,
+                pending.frame_size)])).outputs[0]
+            record.last_result = (out.outputs, out.logits)
+            self.stats.audit(AuditStats(
+                rel_l2=float((served - out.logits).norm() / out.logits.norm().clamp_min(1e-12)),
+                top1_agrees=bool(served.argmax() == out.logits.argmax()), macs=out.macs))
+            return out.logits
+
+        return audit
 
     @property
     def _seeds_per_step(self) -> int:

@@ -30,6 +30,7 @@ class FrameResult:
     received_at: float  # time.perf_counter() when the message arrived
     timing: FrameTiming
     batch_size: int
+    reused: bool = False  # the stream's last result served again (frame policy skip / adaptive): no model step
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from model.state import StreamState
 from server.engine.messages import StreamMessage
@@ -71,6 +72,9 @@ class StreamRecord:
     frames_dropped: int = 0
     frames_failed: int = 0
     budget_tokens: int | None = None  # used by the last processed frame
+    frames_reused: int = 0  # answered with the last result again (skip, adaptive)
+    schedule: Any = None  # its frame policy at run time (server.engine.frame_policy.StreamSchedule), if set
+    last_result: tuple[dict, Any] | None = None  # (outputs, logits [K]) of its last computed frame
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=512))  # seconds, newest last
 
     @property

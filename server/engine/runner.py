@@ -37,6 +37,9 @@ class FrameOutput:
     updated_fraction: float
     macs: int
     outputs: dict[str, Any]
+    logits: torch.Tensor | None = None  # [K] on the CPU: what audits compare (classifier runners)
+    shadow_logits: torch.Tensor | None = None  # [K] the shadow step's logits (PlannedFrame.shadow)
+    shadow_macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class FrameRunner:
     """What every runner shares: the model's preprocessing behind frame limits, its device, dtype and labels."""
 
     dense_first_frame = True  # a stream's first frame computes every token (it seeds the stream's state)
+    audits_supported = False  # FrameOutput.logits are class logits an audit can compare (adaptive policy)
 
     def __init__(self, model: nn.Module, top_k: int = 5, limits: FrameLimits | None = None):
         self.model = model
@@ -99,6 +103,8 @@ class ModelRunner(FrameRunner):
     """A VisionTransformer behind EventfulViT and the classifier read-out (top-k); `read_out` is what other
     eventful models (detectors) change."""
 
+    audits_supported = True
+
     def __init__(
         self, model: VisionTransformer, eventful: EventfulConfig | None = None, top_k: int = 5,
         limits: FrameLimits | None = None,
@@ -112,18 +118,26 @@ class ModelRunner(FrameRunner):
     def execute(self, plan: StepPlan) -> StepResult:
         """One batched eventful step over the plan's streams, then the model's read-out per frame."""
         start = time.perf_counter()
+        images = torch.stack([p.image for p in plan.frames]).to(self.device, self.dtype)  # [B, 3, H, W]
+        shadows: dict[int, tuple[torch.Tensor, int]] = {}
+        for j, planned in enumerate(plan.frames):
+            if planned.shadow is not None and not planned.state.needs_dense:  # measured on the old state, first
+                shadow = self.eventful.step(images[j : j + 1], [planned.state], [planned.shadow])
+                shadows[j] = (shadow.logits[0].float().cpu(), shadow.macs[0])
         for planned in plan.frames:
             if planned.flush:
                 planned.state.flush()
-        images = torch.stack([p.image for p in plan.frames]).to(self.device, self.dtype)  # [B, 3, H, W]
         out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames])
         results = self.read_out(out, plan)
         fractions = out.updated_fraction.tolist()
+        logits = out.logits.float().cpu()  # [B, K]
         outputs = []
         for j, planned in enumerate(plan.frames):
             tokens = planned.budget.tokens
             used = self.num_patches if out.dense_frame[j] or tokens is None else min(tokens, self.num_patches)
-            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j]))
+            shadow_logits, shadow_macs = shadows.get(j, (None, 0))
+            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j], logits[j],
+                                       shadow_logits, shadow_macs))
         return StepResult(outputs, start, time.perf_counter() - start, out.dense_macs)
 
     def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:

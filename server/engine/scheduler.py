@@ -40,6 +40,7 @@ class PlannedFrame:
     budget: StreamBudget  # top-r: tokens per gate
     flush: bool  # the frame size changed: forget the stream's past before this frame
     frame_size: tuple[int, int] | None = None  # decoded (height, width): outputs in frame pixels (boxes)
+    shadow: StreamBudget | None = None  # a keyframe of an adaptive stream: a sparse step first, measured, not served
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,15 @@ class FrameEvent:
 
 
 @dataclass(frozen=True)
+class AuditStats:
+    """One dense audit of an adaptive stream: the served answer against the dense model on the same frame."""
+
+    rel_l2: float  # the served logits' relative L2 distance from the dense logits
+    top1_agrees: bool
+    macs: int  # what the audit cost (a dense frame)
+
+
+@dataclass(frozen=True)
 class LatencyStats:
     """End to end: binary message received -> result message handed to the socket."""
 
@@ -51,6 +60,7 @@ class EngineSnapshot:
     measured_p95_s: float | None = None  # end to end, over the controller's window (about the last second)
     stream_tokens: tuple[float, int, int] | None = None  # (mean, min, max) tokens per gate over connected streams
     saturated: bool = False  # auto mode: the minimum budget cannot meet the target; frames are being shed
+    floor_unmet_streams: int = 0  # adaptive streams whose fidelity floor is not met even at every frame dense
 
 
 class StatsSink(Protocol):
@@ -61,6 +71,8 @@ class StatsSink(Protocol):
     def latency(self, stats: LatencyStats) -> None: ...
 
     def refused(self, reason: str) -> None: ...
+
+    def audit(self, stats: AuditStats) -> None: ...
 
 
 class NullStats:
@@ -73,6 +85,9 @@ class NullStats:
         pass
 
     def latency(self, stats: LatencyStats) -> None:
+        pass
+
+    def audit(self, stats: AuditStats) -> None:
         pass
 
     def refused(self, reason: str) -> None:

@@ -1,0 +1,102 @@
+"""Frame policies per stream over REST and the WebSocket: skip, keyframe, adaptive with audits, and their limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.preprocess import Preprocessor
+from tests.server.conftest import encode, frames
+
+
+def _stream(client, name: str, video) -> list[dict]:
+    out = []
+    with client.websocket_connect(f"/v1/streams/{name}") as ws:
+        for frame in video:  # one at a time: each frame is answered before the next is sent (nothing dropped)
+            ws.send_bytes(encode(frame))
+            out.append(ws.receive_json())
+    return out
+
+
+def _dense_top(client, tiny_model, frame) -> list[int]:
+    image = Preprocessor(tiny_model.config.preprocess)([frame])
+    with torch.no_grad():
+        logits = tiny_model(image)[0]
+    return logits.softmax(-1).topk(3).indices.tolist()
+
+
+def test_skip_serves_the_dense_result_of_its_last_keyframe_again(make_client, tiny_model):
+    client = make_client(stream_ttl_s=60)  # the stream's record outlives its connection: its counters can be read
+    put = client.put("/v1/streams/cam/policy", json={"policy": "skip", "interval": 3})
+    assert put.status_code == 200 and put.json()["policy"] == "skip"
+    video = frames(7, seed=3)
+    messages = _stream(client, "cam", video)
+    assert [m["type"] for m in messages] == ["result"] * 7
+    assert [m["reused"] for m in messages] == [False, True, True, False, True, True, False]
+    for t, m in enumerate(messages):
+        key = 3 * (t // 3)
+        assert [c["index"] for c in m["outputs"]["top"]] == _dense_top(client, tiny_model, video[key])
+        assert m["dense"] == (t % 3 == 0)
+    info = client.get("/v1/streams/cam").json()
+    assert info["frames_reused"] == 4 and info["policy"]["policy"] == "skip"
+
+
+def test_keyframe_policy_runs_dense_every_interval_and_the_budget_between(client):
+    assert client.put("/v1/streams/cam/policy", json={"policy": "keyframe", "interval": 2}).status_code == 200
+    messages = _stream(client, "cam", frames(6, seed=4))
+    assert [m["dense"] for m in messages] == [True, False] * 3
+    assert [m["budget"] for m in messages] == [16, 4] * 3  # the stream's token budget on the frames between
+    assert not any(m["reused"] for m in messages)
+
+
+def test_a_stream_without_a_policy_is_served_as_before_beside_a_skipping_one(client):
+    """A policy changes only its own stream: the other's answers equal those it gets alone."""
+    video = frames(5, seed=5)
+    alone = _stream(client, "other", video)
+    client.put("/v1/streams/skipper/policy", json={"policy": "skip", "interval": 2})
+    with client.websocket_connect("/v1/streams/other2") as a, client.websocket_connect("/v1/streams/skipper") as b:
+        together = []
+        for frame in video:
+            a.send_bytes(encode(frame))
+            b.send_bytes(encode(frame))
+            together.append(a.receive_json())
+            b.receive_json()
+    assert [m["outputs"] for m in together] == [m["outputs"] for m in alone]
+
+
+def test_adaptive_streams_are_audited_and_report_their_fidelity(make_client):
+    client = make_client(stream_ttl_s=60)
+    body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5, "max_rel_l2": 5.0}
+    put = client.put("/v1/streams/cam/policy", json=body)
+    assert put.status_code == 200, put.text
+    messages = _stream(client, "cam", frames(40, seed=6))
+    assert all(m["type"] == "result" for m in messages)
+    view = client.get("/v1/streams/cam/policy").json()
+    assert view["policy"] == "adaptive" and view["effective_ratio"] >= 1
+    assert view["fidelity"]["audits"] >= 1 and view["floor_met"] is True
+    listed = client.get("/v1/streams").json()["streams"]
+    assert next(s for s in listed if s["stream_id"] == "cam")["policy"]["fidelity"]["audits"] >= 1
+    metrics = client.get("/metrics").text
+    audits = [line for line in metrics.splitlines() if line.startswith("eventful_audits_total")]
+    assert audits and float(audits[0].split()[-1]) >= 1
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"policy": "sometimes"}, "policy"),
+        ({"policy": "adaptive", "ratio": 2, "audit_share": 0.6}, "audit_share"),
+        ({"policy": "adaptive", "ratio": 2, "min_top1_agreement": 1.5}, "min_top1_agreement"),
+        ({"policy": "adaptive", "ratio": 2, "max_rel_l2": 0}, "max_rel_l2"),
+        ({"policy": "adaptive", "ratio": 0.5}, "ratio"),
+        ({"policy": "adaptive"}, "ratio"),
+        ({"policy": "keyframe"}, "interval"),
+        ({"policy": "skip", "interval": 2, "max_rel_l2": 0.1}, "max_rel_l2"),
+        ({"policy": "skip", "interval": "2"}, "interval"),
+    ],
+)
+def test_bad_policies_are_422_naming_the_field(client, body, field):
+    response = client.put("/v1/streams/cam/policy", json=body)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["message"]
+    assert client.get("/v1/streams/cam/policy").json()["policy"] == "eventful"  # nothing changed
