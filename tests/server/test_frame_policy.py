@@ -100,3 +100,15 @@ def test_bad_policies_are_422_naming_the_field(client, body, field):
     assert response.status_code == 422, response.text
     assert field in response.json()["message"]
     assert client.get("/v1/streams/cam/policy").json()["policy"] == "eventful"  # nothing changed
+
+
+def test_a_fidelity_floor_the_stream_misses_gets_it_more_compute(make_client):
+    client = make_client(stream_ttl_s=60)
+    body = {"policy": "adaptive", "ratio": 4, "audit_share": 0.2, "max_rel_l2": 1e-6}  # only dense frames meet it
+    assert client.put("/v1/streams/cam/policy", json=body).status_code == 200
+    messages = _stream(client, "cam", frames(95, seed=7))
+    view = client.get("/v1/streams/cam/policy").json()
+    assert view["effective_ratio"] < 4  # lowered at each missed check (every 30 frames): more compute
+    dense_share_late = sum(m["dense"] for m in messages[-30:]) / 30
+    dense_share_early = sum(m["dense"] for m in messages[:30]) / 30
+    assert dense_share_late > dense_share_early
