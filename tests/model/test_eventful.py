@@ -18,17 +18,6 @@ CONFIG = ViTConfig(
 )  # 6x8 = 48 patches + class token
 
 
-@pytest.fixture(scope="module")
-def vit() -> VisionTransformer:
-    torch.manual_seed(0)
-    model = VisionTransformer(CONFIG).eval()
-    with torch.no_grad():  # larger-than-init weights so changes propagate visibly
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    return model
-
-
 def video(frames: int = 8, seed: int = 1) -> torch.Tensor:
     """A drifting random 'video': each frame changes a few regions of the previous one."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,38 +9,9 @@ import torch
 
 from bench.fidelity_bench import dense_reference, run_schedule
 from model.chooser import AdaptiveConfig, AdaptiveSchedule
-from model.config import ViTConfig
 from model.macs import dense_macs
 from model.schedule import FramePolicy, mac_fraction, policy_for_ratio
-from model.vit import VisionTransformer
-
-CONFIG = ViTConfig(
-    image_size=(48, 64), patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_dim=128, num_classes=10
-)  # 48 patches + class token
-
-
-@pytest.fixture(scope="module")
-def vit() -> VisionTransformer:
-    torch.manual_seed(0)
-    model = VisionTransformer(CONFIG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    return model
-
-
-def video(frames: int = 24, seed: int = 1) -> torch.Tensor:
-    """A drifting random clip: each frame changes a few regions of the previous one. [T, 3, 48, 64]"""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 48, 64, generator=gen)
-    out = []
-    for _ in range(frames):
-        x = x.clone()
-        i, j = int(torch.randint(0, 40, (1,), generator=gen)), int(torch.randint(0, 56, (1,), generator=gen))
-        x[:, i : i + 8, j : j + 8] += torch.randn(3, 8, 8, generator=gen)
-        out.append(x)
-    return torch.stack(out)
+from tests.model.test_eventful import CONFIG, video
 
 
 def test_skip_serves_the_last_dense_result_again(vit):
