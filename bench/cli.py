@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 352x640")
     f.add_argument("--labels", default=None, help="class names file for timm checkpoints")
     f.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
-    f.add_argument("--audit-share", type=float, default=0.05, help="adaptive: share of compute spent measuring")
+    f.add_argument("--audit-share", type=float, default=0.02, help="adaptive: share of compute spent measuring")
     f.add_argument("--seed", type=int, default=0, help="adaptive: the audit draw's seed")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     f.add_argument("--json", dest="json_path", default=None, help="write the report here")

@@ -63,6 +63,7 @@ def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level
     logits, features, macs, actions = [], [], [], []
     adaptive = isinstance(schedule, AdaptiveSchedule)
     last: list[torch.Tensor] = []  # [logits [K], features [Np, C]] of the last computed frame
+    probes = _Probes(runner, state)
 
     def compute(frame: torch.Tensor, action: str, budget) -> int:
         if action == "dense":  # every token through the eventful path, seeding the state for the frames after
@@ -91,7 +92,8 @@ def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level
                 compute(f, "dense", SEED)  # the audit's MACs are the schedule's to count
                 return last[0]
 
-            extra, _ = schedule.after_frame(t, action, served_logits, audit, shadow, shadow_macs, cost)
+            probes.frame = frame
+            extra, _ = schedule.after_frame(t, action, served_logits, audit, shadow, shadow_macs, cost, probes)
             cost += extra
         macs.append(cost)
         actions.append(action)
@@ -99,6 +101,25 @@ def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level
     if adaptive:
         served.estimates = schedule.estimates
     return served
+
+
+class _Probes:
+    """A probe's copy of one stream's state, and its unserved sparse steps on the current frame."""
+
+    def __init__(self, runner: EventfulViT, state):
+        self.runner, self.state = runner, state
+        self.copy = None
+        self.frame: torch.Tensor | None = None  # [1, 3, H, W]
+
+    def start(self) -> None:
+        self.copy = self.state.clone()
+
+    def step(self, budget) -> tuple[torch.Tensor, int]:
+        out = self.runner.step(self.frame, [self.copy], [budget])
+        return out.logits[0], out.macs[0]
+
+    def stop(self) -> None:
+        self.copy = None
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,15 @@ What it measures, all against the dense model's logits:
     an interval (`estimate()`);
   - the reuse curve: every dense result (keyframes and audits) paired with the earlier ones gives the error of
     serving a result d frames old, e_reuse(d): what frame skipping at any interval would cost;
-  - shadows: at a keyframe of a keyframe + sparse policy the sparse step also runs on that frame before the
-    state is reseeded: its error against the keyframe's dense answer, over e_reuse at the same age, is q_k,
-    the share of the change that policy's sparse frames miss.
+  - probes: to try a keyframe + sparse candidate without serving it, a copy of the stream's state taken at a
+    keyframe runs the candidate's sparse step on the frames after (not served); at the first dense result at
+    least k frames later its error against the dense answer, over e_reuse at the same age, is q_k, the share of
+    the change that candidate's sparse frames miss. While a keyframe policy serves, a shadow (its sparse step
+    on each keyframe, before the state is reseeded) keeps measuring q_k at age k.
 Prediction: skip at the serving ratio costs the mean of e_reuse over its cycle; keyframe(k) costs q_k times the
-mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction; keyframe candidates
-are tried in turn (explored) at the start, after a scene cut and every `reexplore_every` frames. A scene cut
+mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction, frame skipping until a
+candidate is measured better; candidates are probed in turn at the start, after a scene cut and every
+`reexplore_every` frames; probing never changes what is served. A scene cut
 (a large global change of the input) forces a keyframe and forgets what was measured.
 """
 
@@ -38,11 +41,11 @@ from model.schedule import FrameAction, FramePolicy, policy_for_ratio
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    audit_share: float = 0.05  # of the stream's compute spent on audits and shadows
+    audit_share: float = 0.02  # of the stream's compute spent on audits, shadows and probes
     intervals: tuple[int, ...] = (2, 3, 4, 6, 8)  # keyframe intervals tried (those above the serving ratio)
     max_interval_over_ratio: float = 3.0  # keyframe candidates up to this multiple of the serving ratio
     explore_candidates: int = 2  # keyframe candidates: the smallest intervals above the serving ratio
-    shadows_per_candidate: int = 1  # q samples before a keyframe candidate counts as explored
+    shadows_per_candidate: int = 1  # q samples (probes) before a keyframe candidate counts as explored
     switch_margin: float = 0.95  # a keyframe candidate replaces skipping only if predicted below this share
     reexplore_every: int = 300  # frames between explorations
     cut_threshold: float = 0.3  # mean |change| of the 16x16-pooled normalised input that counts as a scene cut
@@ -99,6 +102,9 @@ class AdaptiveSchedule:
         self._prev_pooled: torch.Tensor | None = None
         self._forced = False
         self._audit_draw = False
+        self.probe: FramePolicy | None = None  # the candidate a probe copy of the state is running
+        self.probe_start = 0
+        self.probe_base: torch.Tensor | None = None  # dense logits of the frame the probe started from
 
     def _set_candidates(self, ratio: float) -> None:
         if ratio < 1:
@@ -137,6 +143,7 @@ class AdaptiveSchedule:
             self.dense_history.clear()
             self.exploring = list(self.keyframes)
             self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
+            self.probe = None  # its copy of the state is of the old scene (the caller drops it on the next start)
         elif self.frame - self.last_explore >= self.config.reexplore_every and not self.exploring:
             self.exploring = [p for p in self.keyframes if p != self.policy] + (
                 [self.policy] if self.policy in self.keyframes else [])
@@ -163,12 +170,16 @@ class AdaptiveSchedule:
         return self.shadowed.budget if self._credit() >= cost else None
 
     def after_frame(self, t: int, action: FrameAction, served: torch.Tensor, dense_fn,
-                    shadow: torch.Tensor | None = None, shadow_macs: int = 0, served_macs: int = 0) -> tuple[int, bool]:
+                    shadow: torch.Tensor | None = None, shadow_macs: int = 0, served_macs: int = 0,
+                    probes=None) -> tuple[int, bool]:
         """Record what was served; returns (extra MACs spent measuring, whether the state was reseeded by an audit).
 
-        served: [K] logits served on this frame; dense_fn(): the dense logits of this frame (an audit)."""
+        served: [K] logits served on this frame; dense_fn(): the dense logits of this frame (an audit);
+        probes: start() copies the stream's state (just seeded), step(budget) -> (logits, MACs) runs a sparse step
+        of this frame on the copy, stop() drops it (None: no probing)."""
         extra = shadow_macs
         reseeded = False
+        dense = None
         if action == "dense":
             dense = served
             if shadow is not None:
@@ -177,8 +188,6 @@ class AdaptiveSchedule:
                 if reuse is not None and reuse > 1e-6:
                     self.measures.q.setdefault(self.shadowed.interval, []).append(_rel_l2(shadow, dense) / reuse)
             self._record_dense(t, dense)
-            if shadow is None and self.shadowed is not None and self.exploring:
-                self._start(self.skip)  # the candidate's shadow could not be paid: skip until it can
             if self._audit_draw:
                 self._record_audit(served, dense)
         elif self._audit_draw and self._credit() >= self.dense_macs:
@@ -187,6 +196,8 @@ class AdaptiveSchedule:
             self._record_audit(served, dense)
             self._record_dense(t, dense)
             reseeded = True
+        if probes is not None:
+            extra += self._probe(t, dense, probes)
         interval = self.policy.interval if self.policy.kind == "keyframe" else None
         self.served_log.append((action, self.phase if action != "dense" else 0, interval))
         self.spent += served_macs + extra
@@ -201,13 +212,37 @@ class AdaptiveSchedule:
         self.estimates.append(self.estimate())
         return extra, reseeded
 
+    def _probe(self, t: int, dense: torch.Tensor | None, probes) -> int:
+        """Advance, finish or start a probe of the next candidate; returns the MACs it spent."""
+        spent = 0
+        if self.probe is not None:
+            logits, spent = probes.step(self.probe.budget)
+            age = t - self.probe_start
+            if dense is not None and age >= self.probe.interval:
+                reuse = _rel_l2(self.probe_base, dense)
+                if reuse > 1e-6:
+                    self.measures.q.setdefault(self.probe.interval, []).append(_rel_l2(logits, dense) / reuse)
+                self.probe = None
+            elif age > 4 * self.probe.interval:  # no dense result came: give up (a cut, a policy change)
+                self.probe = None
+            if self.probe is None:
+                probes.stop()
+        if self.probe is None and dense is not None and self.exploring and not self._forced:
+            candidate = self.exploring[0]
+            frames = candidate.interval + self.skip.interval  # until the first dense result k frames on, at most
+            cost = frames * self._sparse_fraction(candidate) * self.dense_macs
+            if self._credit() - spent >= cost:
+                probes.start()
+                self.probe, self.probe_start, self.probe_base = candidate, t, dense
+        return spent
+
     # ---- measuring -------------------------------------------------------------------------------
 
     def _audit_probability(self) -> float:
         """Once the credit holds a dense frame, each frame is audited with this probability (at a random phase of
         the serving cycle, so the audited frames are a fair sample); unspent credit is not left idle."""
-        trying = bool(self.exploring) and self._target() == self.exploring[0]
-        return 0.25 if self._credit() >= self.dense_macs and not trying else 0.0  # a candidate's shadow first
+        probing = self.probe is not None or bool(self.exploring)
+        return 0.25 if self._credit() >= self.dense_macs and not probing else 0.0  # probes first
 
     def _credit(self) -> float:
         """MACs the stream may still spend measuring: its audit share of 1/ratio of dense per frame so far, less
@@ -263,6 +298,21 @@ class AdaptiveSchedule:
             x0, y0 = mx, my
         return math.exp(y0 + alpha * (math.log(age) - x0))
 
+    def _agreement_at(self, age: int) -> float:
+        """Top-1 agreement of a result `age` frames old where that age has no samples: interpolated between age 0
+        (1.0) and the measured ages around it; beyond the oldest measured, its value."""
+        measured = sorted((a, statistics.fmean(v)) for a, v in self.measures.reuse_agree.items() if v)
+        below, above = (0, 1.0), None
+        for a, p in measured:
+            if a < age:
+                below = (a, p)
+            elif above is None:
+                above = (a, p)
+        if above is None:
+            return below[1]
+        (a0, p0), (a1, p1) = below, above
+        return p0 + (p1 - p0) * (age - a0) / (a1 - a0)
+
     def _cycle_mean(self, interval: float) -> float | None:
         """Mean e_reuse over the frames of a skip cycle of this interval (0 on its keyframes)."""
         policy = FramePolicy("skip", interval=interval)
@@ -297,18 +347,7 @@ class AdaptiveSchedule:
             current = self.exploring[0]
             if len(self.measures.q.get(current.interval, [])) >= self.config.shadows_per_candidate:
                 self.exploring.pop(0)
-            elif self._target() != current:
-                # try the candidate once its shadow, at the end of its first cycle, will be paid for; skip till then
-                accrued = current.interval * self.config.audit_share * self.dense_macs / self.ratio
-                if self._credit() + accrued >= self._sparse_fraction(current) * self.dense_macs:
-                    self._start(current)
-                elif self._target() != self.skip:
-                    self._start(self.skip)
-                return
-            else:
-                return
             if self.exploring:
-                self._start(self.skip)
                 return
             self.last_explore = self.frame
         predictions = self.predictions()
@@ -339,11 +378,12 @@ class AdaptiveSchedule:
         return self._modelled_estimate(n, z)
 
     def _modelled_estimate(self, audits: int, z: float) -> dict:
-        errors, agreement, spreads = [], [], []
+        errors, agreement, spreads, counts = [], [], [], []
         for action, age, interval in self.served_log:
             if action == "dense" or age == 0:
                 errors.append(0.0)
                 agreement.append(1.0)
+                counts.append(math.inf)
                 continue
             e = self.reuse_curve(age)
             samples = self.measures.reuse.get(age, [])
@@ -352,7 +392,8 @@ class AdaptiveSchedule:
                 return {"audits": audits, "source": "none", "rel_l2": None, "rel_l2_interval": (0.0, math.inf),
                         "top1": None, "top1_interval": (0.0, 1.0), "policy": self.policy.name}
             rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)) if len(samples) >= 2 else 0.5
-            p_agree = statistics.fmean(agree) if agree else 1.0 - min(1.0, e)
+            p_agree = statistics.fmean(agree) if agree else self._agreement_at(age)
+            counts.append(len(agree) if agree else 1)
             if action == "sparse" and interval is not None and self.measures.q.get(interval):
                 qs = self.measures.q[interval]
                 q = statistics.median(qs)
@@ -367,7 +408,10 @@ class AdaptiveSchedule:
         mean, top1 = statistics.fmean(errors), statistics.fmean(agreement)
         rse = max(spreads, default=0.0) + self.config.model_error
         n = len(errors)
-        half_top1 = z * math.sqrt(max(top1 * (1 - top1), 0.25 / n) / max(1, n / 4)) + self.config.model_error / 2
+        # each frame's agreement is a share measured on `count` pairs of that age: binomial spread, frames weighted
+        variance = sum(max(p * (1 - p), 0.05) / c for p, c in zip(agreement, counts, strict=True) if c != math.inf)
+        # plus the curves' model error: half the disagreement rate either way (ages are interpolated), and a point
+        half_top1 = z * math.sqrt(variance) / n + 0.5 * (1 - top1) + 0.01
         return {"audits": audits, "source": "model", "rel_l2": mean,
                 "rel_l2_interval": (max(0.0, mean * (1 - z * rse)), mean * (1 + z * rse)),
                 "top1": top1, "top1_interval": (max(0.0, top1 - half_top1), min(1.0, top1 + half_top1)),

@@ -86,6 +86,11 @@ class StreamState:
         self.needs_dense = True
         self.frames_since_dense = 0
 
+    def clone(self) -> StreamState:
+        """An independent copy of every buffer (a probe of another budget runs on it without touching this one)."""
+        layers = [LayerState(**{name: t.clone() for name, t in layer.tensors().items()}) for layer in self.layers]
+        return StreamState(layers, self.level, self.num_tokens, self.frames_since_dense, self.needs_dense)
+
     def to(self, device: torch.device | str) -> StreamState:
         """Move every buffer to `device` (in place); returns self."""
         for layer in self.layers:

@@ -124,7 +124,7 @@ class StreamPolicyIn(_Strict):
         "chosen per stream from dense audits at a compute `ratio`")
     ratio: float | None = Field(None, ge=1.0, le=64.0, description="skip / adaptive: dense MACs over the stream's")
     interval: int | None = Field(None, ge=1, le=256, description="keyframe (or skip): frames per dense frame")
-    audit_share: float = Field(0.05, ge=0.0, le=0.5, description="adaptive: share of its compute spent on audits")
+    audit_share: float = Field(0.02, ge=0.0, le=0.5, description="adaptive: share of its compute spent on audits")
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0, description="adaptive: fidelity floor")
     max_rel_l2: float | None = Field(None, gt=0.0, le=10.0, description="adaptive: fidelity floor (logits)")
 

@@ -682,7 +682,8 @@ class Engine:
                 served.append((pending, record, record.schedule, logits))
         for pending, record, schedule, logits in served:
             if schedule is not None:
-                schedule.after("reuse", logits, self._audit_for(pending, record, logits), None, 0, 0)
+                schedule.after("reuse", logits, self._audit_for(pending, record, logits), None, 0, 0,
+                               _Probes(self.runner, pending, record))
 
     def _after_scheduled(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan,
                          result: StepResult, runner: ModelRunner) -> None:
@@ -693,8 +694,8 @@ class Engine:
             if schedule is not None:
                 action = "dense" if output.dense else "sparse"
                 schedule.after(action, output.logits, self._audit_for(pending, record, output.logits),
-                               output.shadow_logits,
-                               output.macs, output.shadow_macs)
+                               output.shadow_logits, output.macs, output.shadow_macs,
+                               _Probes(runner, pending, record))
 
     def _audit_for(self, pending: PendingFrame, record: StreamRecord, served: torch.Tensor | None):
         """An audit of this frame: the dense model on it (reseeding the stream; its result is what a skipping stream
@@ -796,3 +797,23 @@ class Engine:
                 record.frames_dropped += 1
             session.send(FrameDropped(frame))
         self.stats.frame(FrameEvent("dropped"))
+
+
+class _Probes:
+    """An adaptive stream's probe: a copy of its state (in its record) that runs a candidate budget's sparse steps on
+    its frames, not served (model/chooser.py); on the inference thread, after the frame was served."""
+
+    def __init__(self, runner: ModelRunner, pending: PendingFrame, record: StreamRecord):
+        self.runner, self.pending, self.record = runner, pending, record
+
+    def start(self) -> None:
+        self.record.probe_state = self.record.state.clone()
+
+    def step(self, budget: StreamBudget) -> tuple[torch.Tensor, int]:
+        p = self.pending
+        out = self.runner.execute(StepPlan([PlannedFrame(
+            p.stream_id, p.frame, p.image, self.record.probe_state, budget, False, p.frame_size)])).outputs[0]
+        return out.logits, out.macs
+
+    def stop(self) -> None:
+        self.record.probe_state = None

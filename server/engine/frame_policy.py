@@ -36,7 +36,7 @@ class StreamPolicySpec:
     policy: str = "eventful"
     ratio: float | None = None  # skip / adaptive: dense MACs over the stream's
     interval: int | None = None  # keyframe: frames per dense frame (skip: instead of ratio)
-    audit_share: float = 0.05  # adaptive: share of the stream's compute spent on audits
+    audit_share: float = 0.02  # adaptive: share of the stream's compute spent on audits
     min_top1_agreement: float | None = None  # adaptive: fidelity floor on top-1 agreement with dense
     max_rel_l2: float | None = None  # adaptive: fidelity floor on the logits' relative L2 error
 
@@ -107,12 +107,13 @@ class StreamSchedule:
         return FramePlan(action, budget if action == "sparse" else None, shadow)
 
     def after(self, action: FrameAction, served: torch.Tensor | None, audit, shadow: torch.Tensor | None,
-              served_macs: int, shadow_macs: int) -> int:
+              served_macs: int, shadow_macs: int, probes=None) -> int:
         """After the frame is served (adaptive: may run an audit through `audit()`, which returns the dense logits
         of the frame and reseeds the stream). Returns the MACs spent measuring."""
         if self.adaptive is None or served is None:
             return 0
-        extra, _ = self.adaptive.after_frame(self.frames, action, served, audit, shadow, shadow_macs, served_macs)
+        extra, _ = self.adaptive.after_frame(self.frames, action, served, audit, shadow, shadow_macs, served_macs,
+                                             probes)
         self.frames += 1
         if self.frames % FLOOR_CHECK_FRAMES == 0:
             self._check_floor()

@@ -75,6 +75,7 @@ class StreamRecord:
     frames_reused: int = 0  # answered with the last result again (skip, adaptive)
     schedule: Any = None  # its frame policy at run time (server.engine.frame_policy.StreamSchedule), if set
     last_result: tuple[dict, Any] | None = None  # (outputs, logits [K]) of its last computed frame
+    probe_state: StreamState | None = None  # adaptive policy: a copy of `state` a candidate budget runs on
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=512))  # seconds, newest last
 
     @property
