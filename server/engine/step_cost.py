@@ -170,7 +170,15 @@ class StepCostModel:
         load counted as at least token_floor_load dense frames a step (a fit at one operating point can make the cost
         vanish, and r would then swing between its bounds; but steps at the minimum r, shedding, carry a token load
         near 0, and a floor per that load made the token cost 3x the device's: after 8 streams at r = 4 the cost
-        model gave 4 streams r 18-40 where 58 fit)."""
+        model gave 4 streams r 18-40 where 58 fit).
+
+        A sign is restored along the fit's covariance: what the data cannot tell from that parameter moves with it.
+        Every stream at one r makes the token load proportional to the batch, so b and c are told apart by the prior
+        alone; on a device whose step is flat in r (launch-bound), the fit leans to b < 0, and clamping b alone kept
+        the rise in c each step brought: c climbed 7x in 5 s while every step took 15 ms."""
+        for i in (1, 0):
+            if self.theta[i] < 0 and self.cov[i, i] > 0:
+                self.theta = self.theta - self.cov[:, i] * self.theta[i] / self.cov[i, i]
         self.theta[0] = max(self.theta[0], 0.0)
         self.theta[1] = max(self.theta[1], 0.0)
         floor = 0.1 * self._mean_step / max(self._mean_x_tokens, self.token_floor_load)

@@ -1,6 +1,7 @@
 """A simulated engine for the budget controller: cameras, latest-frame-wins, one batched step at a time.
 
-Deterministic (seeded). Step time = speed * (a + b*batch + c*tokens/num_patches) * lognormal noise; a stream's
+Deterministic (seeded). Step time = speed * (a + max(launch_s, b*batch + c*tokens/num_patches)) * lognormal noise
+(launch_s: the host issues the step's kernels meanwhile, a time that does not shrink with r; 0 on a CPU); a stream's
 first frame (and its first after plain dense steps) seeds its state, densely through the eventful path, at
 seed_factor times the cost of a dense frame there. With dense_per_frame set, a step whose streams are all at the full
 budget runs the plain dense model instead: speed * (a + dense_per_frame*batch). The host may stall (stall_rate):
@@ -8,6 +9,11 @@ a step running then takes longer (the correlated bursts of late frames seen live
 stream sends a frame every 1/fps s (random phase, or all at once: aligned); a frame waits for the running step (an
 idle device waits batch_window_s for company), a newer frame of its stream replaces it (dropped).
 Latency = ready -> step end + overhead (decode, protocol).
+
+Two device profiles (`PROFILES`): "cpu", the project's 2-core CPU (a large token cost, 10 % step noise, OS jitter,
+cameras in step near the device's capacity), and "gpu", a GPU-like device (2 % noise, a 3 ms fixed cost a step, a
+per-stream cost a tenth of the CPU's, a launch time of 12 ms a step that hides the compute of small batches, and
+a plain dense step cheaper than the eventful one at one stream).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class SimConfig:
     a: float = 0.004  # s per step
     b: float = 0.003  # s per stream
     c: float = 0.060  # s per frame of dense tokens
+    launch_s: float = 0.0  # s a step's kernel launches take on the host, overlapping the compute (b and c terms)
     noise: float = 0.08  # lognormal sigma of the step time
     overhead_s: float = 0.004  # decode + protocol, per frame
     max_batch: int = 8
@@ -107,6 +114,24 @@ class SimTrace:
             if late or off:
                 last_bad = i
         return (last_bad + 1) * bin_s
+
+    def budget_settle_time(self, step_at: float, end: float, band: float = 0.15, dwell_s: float = 2.0,
+                           bin_s: float = 0.5) -> float:
+        """Seconds after step_at until r is back: from then on, at every bin_s for dwell_s, the last second's mean r
+        stays within band of the phase's steady mean (its last 60 %). The budget's half of settling, with a dwell as
+        recovery_time has (the latency's half): a noisy device moves r in a steady phase too."""
+        steady = self.mean_tokens(end - 0.6 * (end - step_at), end)
+        entered = None
+        for i in range(int((end - step_at) / bin_s)):
+            stop = step_at + (i + 1) * bin_s
+            if self.window(max(step_at, stop - 1.0), stop) and abs(
+                    self.mean_tokens(max(step_at, stop - 1.0), stop) / steady - 1) > band:
+                entered = None
+                continue
+            entered = stop - bin_s if entered is None else entered
+            if stop - entered >= dwell_s - 1e-9:
+                return entered - step_at
+        return end - step_at
 
     def recovery_time(self, step_at: float, end: float, target: float, dwell_s: float = 2.0) -> float:
         """Seconds after step_at until the last second's p95 is back under 1.1 * target for dwell_s: the measure
@@ -217,8 +242,7 @@ def simulate(
             flushed.update(batch)
         else:
             paid = [sim.seed_factor * sim.num_patches if new else r for new, r in zip(seeding, tokens, strict=True)]
-            eventful = sum(paid)
-            cost = phase.speed * (sim.a + sim.b * len(batch) + sim.c * eventful / sim.num_patches)
+            cost = phase.speed * eventful_step_s(sim, len(batch), sum(paid))
             flushed.difference_update(batch)
         step = cost * float(np.exp(rng.normal(0, sim.noise)))
         if any(start <= t < end for start, end in slows):
@@ -270,6 +294,24 @@ def simulate(
     return trace
 
 
+def eventful_step_s(sim: SimConfig, batch: int, tokens: float) -> float:
+    """An eventful step's time without noise: its fixed part, then the launches or the compute, whichever is longer."""
+    return max(sim.a + sim.launch_s, sim.a + sim.b * batch + sim.c * tokens / sim.num_patches)
+
+
+# the device profiles: the 2-core CPU (step terms fitted live with DeiT-Tiny, 10 fps cameras the load generator keeps
+# in step, seeds one a step as the engine) and a GPU-like device (ViT-L-like steps: fixed and launch-bound parts large,
+# strong batching gains, low noise; frames decoded on two host threads)
+PROFILES: dict[str, SimConfig] = {
+    "cpu": SimConfig(fps=10, a=0.041, b=0.0043, c=0.053, noise=0.1, overhead_s=0.012, spike_prob=0.05, spike_s=0.08,
+                     dense_per_frame=0.02, seed_factor=2.0, seeds_per_step=1, aligned=True, batch_window_s=0.005,
+                     join_offset_s=0.05),
+    "gpu": SimConfig(fps=30, a=0.003, launch_s=0.012, b=0.0005, c=0.010, noise=0.02, overhead_s=0.010,
+                     dense_per_frame=0.0095, seed_factor=1.0, seeds_per_step=1, aligned=True, batch_window_s=0.005,
+                     decode_s=0.002, join_offset_s=0.05),
+}
+
+
 def largest_fixed_tokens(phases: list[Phase], duration_s: float, target_s: float, sim: SimConfig = SimConfig(),
                          settle_s: float = 2.0) -> int:
     """The largest fixed r whose steady p95 meets the target (bisection; p95 grows with r)."""
@@ -288,7 +330,7 @@ def warmup_timings(sim: SimConfig) -> tuple[list[tuple[int, float, float]], dict
     """What the engine's warm-up times on this simulated device: sparse steps at an eighth and half the tokens and a
     plain dense step (where there is one), at one stream and at the largest batch; no noise (a quiet machine)."""
     n, sizes = sim.num_patches, sorted({1, sim.max_batch})
-    eventful = [(b, b * r, sim.a + sim.b * b + sim.c * b * r / n) for b in sizes for r in (n // 8, n // 2)]
+    eventful = [(b, b * r, eventful_step_s(sim, b, b * r)) for b in sizes for r in (n // 8, n // 2)]
     dense = {} if sim.dense_per_frame is None else {b: sim.a + sim.dense_per_frame * b for b in sizes}
     return eventful, dense
 

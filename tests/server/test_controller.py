@@ -14,13 +14,16 @@ from dataclasses import replace
 
 import pytest
 
+from bench.controller_ablation import DOMINANCE_MARGIN, FIXED_GRID, SCENARIOS, Scenario, phase_stats
 from server.engine.controller import BudgetController, ControllerConfig, StreamDemand
 from server.engine.step_cost import StepCostModel, water_level
 from tests.server.conftest import encode, frames, wait_until
 from tests.server.controller_sim import (
+    PROFILES,
     Phase,
     SimConfig,
     controller_decider,
+    eventful_step_s,
     fixed_decider,
     largest_fixed_tokens,
     new_controller,
@@ -168,7 +171,9 @@ def test_where_the_plain_dense_step_fits_the_controller_goes_dense_not_to_dearer
         assert trace.mean_tokens(3, 10) == 196 and trace.p95(3, 10) <= target
         assert trace.mean_tokens(13, 20) < 60  # 3 streams: eventful, far under the top
         assert trace.recovery_time(20, 30, target) <= 1.0
-        assert trace.mean_tokens(21, 30) == 196 and trace.p95(21, 30) <= target  # dense at once, within the target
+        # dense at once, within the target (a noisy step may drop it out of dense for a moment: dense_hysteresis,
+        # off by default, holds it at 196; the ablation in docs/controller.md found it worth no target)
+        assert trace.mean_tokens(21, 30) >= 0.95 * 196 and trace.p95(21, 30) <= target
         levels = [d.level for t, d in trace.decisions if 20 <= t < 30]
         assert all(r == 196 or r < 90 for r in levels)  # never through the dear levels in between
 
@@ -496,7 +501,7 @@ def test_host_stalls_that_r_did_not_cause_do_not_swing_r():
     best = largest_fixed_tokens([Phase(0, 4)], 30, TARGET, sim, settle_s=3)
     means = []
     for seed in range(8):
-        controller = new_controller(TARGET, sim, min_tokens=4)
+        controller = new_controller(TARGET, sim, min_tokens=4, tail_cap=True)
         trace = simulate([Phase(0, 1), Phase(5, 4)], 30, controller_decider(controller), replace(sim, seed=seed))
         assert trace.p95(8, 30) <= 1.1 * TARGET, seed
         means.append(trace.mean_tokens(8, 30))
@@ -514,7 +519,7 @@ def test_cameras_in_step_hold_the_target_at_the_device_capacity():
     best = largest_fixed_tokens([Phase(0, 4)], 12, TARGET, sim, settle_s=3)
     uncapped = []
     for seed in range(4):
-        controller = new_controller(TARGET, sim, warm=True, min_tokens=4)
+        controller = new_controller(TARGET, sim, warm=True, min_tokens=4, capacity=0.95)
         trace = simulate(LOAD_STEPS, 50, controller_decider(controller), replace(sim, seed=seed))
         for phase, start, end in phase_spans(LOAD_STEPS, 50):
             assert trace.p95(start + STEADY_AFTER_S, end) <= 1.05 * TARGET, (seed, phase)
@@ -555,11 +560,11 @@ def test_a_host_contended_for_a_moment_costs_r_for_that_moment_only():
     for seed in range(6):
         timeline = replace(sim, seed=seed)
         best = best_fixed(timeline)
-        controller = new_controller(TARGET, timeline, warm=True, min_tokens=4)
+        controller = new_controller(TARGET, timeline, warm=True, min_tokens=4, capacity=0.95, slowdown_revert=True)
         trace = simulate(phases, 35, controller_decider(controller), timeline)
         assert trace.p95(8, 35) <= TARGET, seed
         ratios.append(trace.mean_tokens(8, 35) / best)
-        kept = new_controller(TARGET, timeline, warm=True, min_tokens=4, slowdown_revert=False)  # keeps every slowdown
+        kept = new_controller(TARGET, timeline, warm=True, min_tokens=4, capacity=0.95)  # keeps every slowdown
         without.append(simulate(phases, 35, controller_decider(kept), timeline).mean_tokens(8, 35) / best)
     # over these 6 seeds: 0.91-1.11, mean 1.00; without: 0.69-0.94, mean 0.77
     assert statistics.mean(ratios) >= 0.95 and min(ratios) >= 0.88, ratios
@@ -586,20 +591,21 @@ def _burst_levels(restore: bool) -> dict[float, int]:
 
 def test_a_burst_r_did_not_make_is_drained_then_r_goes_back():
     """The fast cut drains the burst's backlog; once the frames are back under the aim, r goes back to where the cut
-    found it (feedback forgets the burst's frames). Without that, r climbed back from the cut for over 5 s."""
+    found it (feedback forgets the burst's frames). Without that, r climbed back from the cut for over 5 s. (Off by
+    default: docs/controller.md#ablation.)"""
     restored, climbed = _burst_levels(True), _burst_levels(False)
     before = restored[19.95]
     assert climbed[19.95] == before and 60 <= before <= 75
     assert min(level for t, level in restored.items() if 20 <= t < 21) < 0.5 * before  # it was cut (and drained)
-    assert all(level >= 0.9 * before for t, level in restored.items() if 21 <= t <= 30)
-    assert climbed[25.0] < 0.85 * before  # the path without it, for comparison
+    assert all(level >= 0.85 * before for t, level in restored.items() if 21 <= t <= 30)  # 0.88
+    assert climbed[24.0] < 0.8 * before  # the path without it, for comparison (0.72; back only at 27 s)
 
 
 def _knee_levels(knee_cut: bool) -> list[int]:
     """4 streams whose latency jumps from 90 to 200 ms once r passes 45 (a knee as sharp as the 2-core CPU's: live,
     r 40 -> 46 took the p95 from 113 to 177 ms); the step time itself is linear in r, as the cost model assumes.
     r every round (20 a second) for 32 s, starting at 30."""
-    config = ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4, knee_cut=knee_cut)
+    config = ControllerConfig(target_s=0.15, num_patches=196, min_tokens=4, knee_memory=True, knee_cut=knee_cut)
     controller = BudgetController(config, initial_tokens=30)
     demands = [StreamDemand(f"s{i}") for i in range(4)]
     levels = []
@@ -692,12 +698,12 @@ def test_shedding_past_the_device_capacity_is_a_regime_not_a_transient():
     limit moves the latency about twice as much as S: the fast cut and the full integral gain made a limit cycle
     live (the age limit swinging between 10 and 79 ms, the 1-s p95 between 80 and 180 ms, every 1.5 s; damped,
     109-152 ms). There the loop runs at 0.3 of its gain without the fast cut; in a transient (the minimum r fits the
-    period, the latency is late for a while) it still cuts at once."""
-    before, after = _budgets_through_a_jump(0.12)
-    assert after >= 0.85 * before, (before, after)
-    before, after = _budgets_through_a_jump(0.12, shed_regime=False)  # as before: halved at once
+    period, the latency is late for a while) it still cuts at once. (Off by default: docs/controller.md#ablation.)"""
+    before, after = _budgets_through_a_jump(0.12, shed_regime=True)
+    assert after >= 0.8 * before, (before, after)  # 0.84 (0.92 with the tail cap too)
+    before, after = _budgets_through_a_jump(0.12)  # without it (the default): halved at once
     assert after <= 0.7 * before, (before, after)
-    before, after = _budgets_through_a_jump(0.095)  # a transient: cut at once
+    before, after = _budgets_through_a_jump(0.095, shed_regime=True)  # a transient: cut at once
     assert after <= 0.7 * before, (before, after)
 
 
@@ -740,10 +746,11 @@ def test_a_join_into_shedding_starts_from_two_steps_not_the_lighter_loads_budget
     """4 -> 8 streams on the CPU knee: 8 streams at the minimum r outlast the step budget the 4-stream phase learned,
     so shedding starts, and a frame then waits for about two steps. Starting from the lighter load's budget, the
     feedback took 1.0-1.5 s (10 seeds) to cut it down and the p95 stayed over 1.1x the target that long; starting
-    from two steps, 0-0.5 s, at the same steady p95."""
+    from two steps, 0-1.0 s (mostly 0-0.5), at the same steady p95."""
     now, now_p95 = _join_recoveries(monkeypatch, as_before=False)
     before, before_p95 = _join_recoveries(monkeypatch, as_before=True)
-    assert max(now) <= 0.5 and min(before) >= 1.0, (now, before)
+    assert max(now) <= 1.0 and min(before) >= 1.0 and statistics.mean(now) <= 0.5 * statistics.mean(before), (
+        now, before)
     assert max(now_p95) <= 1.05 * TARGET and statistics.mean(now_p95) <= 1.03 * statistics.mean(before_p95), (
         now_p95, before_p95)
 
@@ -752,7 +759,7 @@ def test_a_seeding_frame_costs_a_dense_one_in_its_step_and_the_level_held_stays(
     """A joiner's first frame computes every token: in its step the other streams get what fits the step budget
     beside it (live, unannounced seeds made steps of 120-140 ms where 93 were predicted), and the step after, without
     a seed, is back at the level held."""
-    controller = new_controller(TARGET, SimConfig(c=0.03), warm=True, min_tokens=4)
+    controller = new_controller(TARGET, SimConfig(c=0.03), warm=True, min_tokens=4, seed_pricing=True)
     ids = [f"s{i}" for i in range(4)]
     now, plain = 0.0, None
     for _ in range(100):  # steady under 4 streams (S at its start, two steps)
@@ -787,3 +794,76 @@ def test_joiners_seeding_one_a_step_priced_in_shorten_the_recovery():
     every run."""
     aware, before = _join_recovery(True), _join_recovery(False)
     assert statistics.mean(aware) <= 0.7 * statistics.mean(before) and max(aware) <= 1.0, (aware, before)
+
+
+# ---- device profiles: auto mode against fixed budgets ----------------------------------------------------------
+
+
+def test_the_gpu_profile_is_launch_bound_with_strong_batching():
+    """The GPU-like profile differs from the CPU where it matters to the controller: a step's launches hide the compute
+    of small batches (the step is flat in r there), a stream adds little to a step, the plain dense step is cheaper
+    than the eventful one at one stream, and the noise is low."""
+    gpu, cpu = PROFILES["gpu"], PROFILES["cpu"]
+    assert eventful_step_s(gpu, 1, 4) == eventful_step_s(gpu, 1, 196)  # launch-bound
+    assert eventful_step_s(gpu, 8, 8 * 16) == eventful_step_s(gpu, 1, 16)  # 8 streams for the price of one
+    assert eventful_step_s(gpu, 8, 8 * 32) < 1.5 * eventful_step_s(gpu, 1, 32)
+    assert eventful_step_s(cpu, 8, 8 * 32) > 2 * eventful_step_s(cpu, 1, 32)
+    assert gpu.a + gpu.dense_per_frame < eventful_step_s(gpu, 1, 196)
+    assert gpu.noise <= 0.25 * cpu.noise
+
+
+def test_the_cost_model_does_not_ratchet_on_a_launch_bound_device():
+    """Steps flat at 15 ms whatever the batch (1-4 streams, one r each): every stream at one r makes the token load
+    proportional to the batch, b and c are told apart by the prior alone, and the fit leans to b < 0. Clamping b alone
+    kept the rise in c each step brought: c climbed 7x in 5 s (simulated GPU, 8 streams in partial batches) and r fell
+    from 25 to 6 while every step took 15 ms. Restored along the covariance, the fit stays on the steps."""
+    model = StepCostModel(196)
+    model.calibrate(warmup_timings(PROFILES["gpu"])[0])
+    for i in range(300):
+        batch = 1 + i % 4
+        model.observe(batch, batch * 25, 0.015)
+    for batch in (1, 4, 8):
+        assert model.predict(batch, batch * 25) == pytest.approx(0.015, rel=0.25), (batch, model.theta)
+
+
+def _auto_and_fixed(scenario: Scenario, seed: int, **overrides) -> list[tuple[int, tuple, list[tuple[int, tuple]]]]:
+    """Per steady phase of the scenario: auto mode's (p95 / target, mean r, frames/s), and every fixed r's of the grid
+    on the same timeline."""
+    sim = scenario.sim_config(seed)
+    spans = [(start + STEADY_AFTER_S, end) for _, start, end in scenario.spans()]
+    controller = new_controller(scenario.target_s, sim, warm=True, min_tokens=4, **overrides)
+    auto = simulate(list(scenario.phases), scenario.duration_s, controller_decider(controller), sim)
+    fixed = {r: simulate(list(scenario.phases), scenario.duration_s, fixed_decider(r), sim) for r in FIXED_GRID}
+    return [(i, phase_stats(auto, *span, scenario.target_s),
+             [(r, phase_stats(trace, *span, scenario.target_s)) for r, trace in fixed.items()])
+            for i, span in enumerate(spans)]
+
+
+def _dominating(rows) -> list[tuple]:
+    """Where a fixed r serves more frames/s (by over DOMINANCE_MARGIN: a few frames of a 5-s phase are noise) at a
+    p95 no higher (to 1 %) than auto mode: (phase, r, its frames/s and auto's, its p95 and auto's)."""
+    return [(i, r, round(f[2]), round(a[2]), round(f[0], 2), round(a[0], 2))
+            for i, a, fixed in rows for r, f in fixed if f[2] > (1 + DOMINANCE_MARGIN) * a[2] and f[0] <= 1.01 * a[0]]
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_no_fixed_budget_serves_more_frames_at_a_lower_p95_than_auto_mode(profile):
+    """Where some fixed r serves more frames at a p95 no higher than auto mode's, auto mode is wrong: live on an H200
+    (ViT-L, 8 streams, most of the latency off the device), shedding served 36 of 80 frames/s at a p95 of 127 ms where
+    a fixed r = 4 served all at 107. Every steady phase of each profile's load steps and overload, two seeds, against
+    fixed budgets from the minimum to the full one on the same timeline."""
+    for scenario in [s for s in SCENARIOS if s.profile == profile and s.name in ("steps", "overload")]:
+        for seed in range(2):
+            assert not _dominating(_auto_and_fixed(scenario, seed)), (scenario.name, seed)
+
+
+def test_shedding_that_cannot_reach_the_target_is_not_done():
+    """The GPU overload: 8 streams whose frames spend most of their latency off the device (decoding on two host
+    threads), so no r meets the target. Dropping frames only saves waiting for a step, far less than the p95 is over,
+    so auto mode serves every frame at the minimum r; shedding anyway (the path before) serves about 50 of 80
+    frames/s at the same p95, dominated by a fixed r = 4."""
+    overload = next(s for s in SCENARIOS if s.profile == "gpu" and s.name == "overload")
+    for seed in range(2):
+        now, before = _auto_and_fixed(overload, seed), _auto_and_fixed(overload, seed, shed_must_pay=False)
+        assert not _dominating(now) and now[1][1][2] >= 0.98 * 80, now[1][1]
+        assert any(r == 4 for _, r, *_ in _dominating(before)), before[1][1]
