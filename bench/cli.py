@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 352x640")
     f.add_argument("--labels", default=None, help="class names file for timm checkpoints")
     f.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
+    f.add_argument("--policies", default="skip,keyframe,topr,adaptive",
+                   help="policy families to run, comma-separated (skip always runs: it is the yardstick)")
     f.add_argument("--audit-share", type=float, default=0.02, help="adaptive: share of compute spent measuring")
     f.add_argument("--seed", type=int, default=0, help="adaptive: the audit draw's seed")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -199,7 +201,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
-    from bench.fidelity_bench import coverage, print_table, run_video
+    from bench.fidelity_bench import POLICY_FAMILIES, coverage, print_table, run_video
     from model.chooser import AdaptiveConfig
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
@@ -216,6 +218,12 @@ def run_fidelity(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: --audit-share: {err}", file=sys.stderr)
         return 2
+    families = tuple(f.strip() for f in args.policies.split(",") if f.strip())
+    unknown = set(families) - set(POLICY_FAMILIES)
+    if unknown:
+        choices = ", ".join(POLICY_FAMILIES)
+        print(f"error: --policies: unknown {sorted(unknown)}; choose from {choices}", file=sys.stderr)
+        return 2
     _torch_threads(args.threads)
     model = load_model(args.model, image_size=args.image_size, labels_path=args.labels).eval()
     report = {"model": args.model, "level": args.level, "image_size": list(model.config.image_size),
@@ -228,7 +236,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
             return 2
         images = Preprocessor(model.config.preprocess)(frames)
         report["videos"].append(run_video(model, images, args.ratios, video=path, level=args.level,
-                                          adaptive=adaptive,
+                                          adaptive=adaptive, families=families,
                                           progress=lambda v, r, p: print(f"  {v} x{r:g} {p}", file=sys.stderr)))
     report["coverage"] = coverage(report)
     return _finish(print_table(report), report, args.json_path)

@@ -206,3 +206,13 @@ def test_fidelity_command_rejects_bad_settings(clip, capsys, flag, value, messag
     argv = ["fidelity", "--model", "deit-tiny-patch16-224", "--videos", str(clip), "--frames", "6", flag, value]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fidelity_command_runs_only_the_policies_asked_for(clip, tmp_path, capsys):
+    out = tmp_path / "fidelity.json"
+    argv = ["fidelity", "--model", "deit-tiny-patch16-224", "--videos", str(clip), "--frames", "6", "--ratios", "2",
+            "--policies", "adaptive", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert [r["policy"] for r in json.loads(out.read_text())["videos"][0]["results"]] == ["skip", "adaptive"]
+    assert main(argv[:-2] + ["--policies", "skip,often"]) == 2
+    assert "often" in capsys.readouterr().err
