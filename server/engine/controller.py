@@ -36,7 +36,8 @@ Beyond this core, each mechanism added after a trace on the shared 2-core CPU is
 (knee memory and cut, tail-capped p95, noise-scaled aim, frame-period capacity, per-load integrator memory,
 drain-and-restore, slowdown revert, shedding regime gain, seed pricing, dense hysteresis). An ablation across seeds
 on a CPU and a GPU-like simulated device (`python -m bench.controller_ablation`, docs/controller.md#ablation) kept
-on only those that help more than the noise: the per-load integrator memory and the no-futile-shedding rule.
+on only those that help more than the noise: the frame-period capacity, the per-load integrator memory and the
+no-futile-shedding rule.
 
 Pure: no threads, no clock, no torch. The engine feeds it observations and asks for a Decision every round.
 """
@@ -64,7 +65,7 @@ class ControllerConfig:
       ceiling there (KneeMemory);
     - tail_cap (off): a window's p95 is fed back capped at what its middle half and the recent windows' tails say;
     - noise_aim (off): the aim is lowered by the spread of the window p95s measured lately;
-    - capacity (None: off): where frames come together, S is held within a share of the frame period;
+    - capacity (on: 0.95; None: off): where frames come together, S is held within a share of the frame period;
     - load_memory (on): per stream count, the integrator last used is restored when that load comes back;
     - drain_restore (off): a fast cut r did not cause is undone once the burst has drained;
     - slowdown_revert (off): a slowdown the cost model followed and then undid takes u and r back (and the fit);
@@ -117,7 +118,7 @@ class ControllerConfig:
     noise_aim: bool = False  # the aim is lowered by exp(-aim_noise_gain * (sigma - noise_free)), sigma: the spread
     aim_noise_gain: float = 0.5  # (std of the log) of the window p95s measured lately: a noisy p95 needs a wider
     noise_free: float = 0.04  # margin to stay under
-    capacity: float | None = None  # where the target is at most 2 frame periods: S at most this share of the period
+    capacity: float | None = 0.95  # where the target is at most 2 frame periods: S at most this share of the period
     load_memory: bool = True  # the integrator last used with a stream count is restored when that count comes back
     drain_restore: bool = False  # a fast cut r did not cause is undone once the frames are back under the aim ...
     drain_s: float = 3.0  # ... (by rise_room) within this long ...
