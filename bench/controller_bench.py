@@ -95,11 +95,19 @@ def recovery_time(samples: list[Sample], step_at: float, end: float, target_s: f
     """Seconds after step_at until the latency is back: from then on, at every bin_s for dwell_s, the last second's
     p95 stays under 1.1 * target (a settling time with a dwell). Later excursions are noise, not the step's
     transient: a fixed budget at the right r has them too (see over_share and the strict settle_time)."""
+    def back(stop: float) -> bool:
+        latencies, _ = _recent(samples, max(step_at, stop - 1.0), stop)
+        return not latencies or p95(latencies) <= 1.1 * target_s
+
+    return first_dwell(step_at, end, back, dwell_s, bin_s)
+
+
+def first_dwell(step_at: float, end: float, holds, dwell_s: float = 2.0, bin_s: float = 0.5) -> float:
+    """Seconds after step_at from which holds(stop) is true at every bin_s for dwell_s (end - step_at if never)."""
     entered = None
     for i in range(int((end - step_at) / bin_s)):
         stop = step_at + (i + 1) * bin_s
-        latencies, _ = _recent(samples, max(step_at, stop - 1.0), stop)
-        if latencies and p95(latencies) > 1.1 * target_s:
+        if not holds(stop):
             entered = None
             continue
         entered = stop - bin_s if entered is None else entered

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bench.controller_bench import Sample, recovery_time
+from bench.controller_bench import Sample, first_dwell, recovery_time
 from server.engine.controller import BudgetController, ControllerConfig, Decision, StreamDemand
 
 
@@ -121,17 +121,12 @@ class SimTrace:
         stays within band of the phase's steady mean (its last 60 %). The budget's half of settling, with a dwell as
         recovery_time has (the latency's half): a noisy device moves r in a steady phase too."""
         steady = self.mean_tokens(end - 0.6 * (end - step_at), end)
-        entered = None
-        for i in range(int((end - step_at) / bin_s)):
-            stop = step_at + (i + 1) * bin_s
-            if self.window(max(step_at, stop - 1.0), stop) and abs(
-                    self.mean_tokens(max(step_at, stop - 1.0), stop) / steady - 1) > band:
-                entered = None
-                continue
-            entered = stop - bin_s if entered is None else entered
-            if stop - entered >= dwell_s - 1e-9:
-                return entered - step_at
-        return end - step_at
+
+        def within(stop: float) -> bool:
+            start = max(step_at, stop - 1.0)
+            return not self.window(start, stop) or abs(self.mean_tokens(start, stop) / steady - 1) <= band
+
+        return first_dwell(step_at, end, within, dwell_s, bin_s)
 
     def recovery_time(self, step_at: float, end: float, target: float, dwell_s: float = 2.0) -> float:
         """Seconds after step_at until the last second's p95 is back under 1.1 * target for dwell_s: the measure
