@@ -35,7 +35,7 @@ class Served:
     features: torch.Tensor  # [T, Np, C] final patch tokens after the last LayerNorm
     macs: list[int]
     actions: list[str]
-    estimates: list[dict] = field(default_factory=list)  # adaptive: the chooser's audit estimates (per ratio)
+    estimates: list[dict] = field(default_factory=list)  # adaptive: the chooser's fidelity estimate at the end
 
 
 def _patch_features(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level
         actions.append(action)
     served = Served(torch.stack(logits), torch.stack(features), macs, actions)
     if adaptive:
-        served.estimates = schedule.estimates
+        served.estimates = [schedule.estimate()]
     return served
 
 

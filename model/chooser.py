@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from model.config import ViTConfig
 from model.macs import dense_macs
 from model.policy import StreamBudget
-from model.schedule import FrameAction, FramePolicy, policy_for_ratio
+from model.schedule import FrameAction, FramePolicy, policy_for_ratio, sparse_frame_macs
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,19 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+MAX_SAMPLES = 256
+
+
+def _samples() -> deque:
+    return deque(maxlen=MAX_SAMPLES)
+
+
 @dataclass
 class _Measures:
-    reuse: dict[int, list[float]] = field(default_factory=dict)  # age -> errors of a result that old
-    reuse_agree: dict[int, list[bool]] = field(default_factory=dict)  # age -> top-1 kept at that age
-    q: dict[float, list[float]] = field(default_factory=dict)  # keyframe interval -> shadow ratios
+    # the latest samples only (MAX_SAMPLES each): a long-running stream's memory stays bounded, and old scenes age out
+    reuse: dict[int, deque[float]] = field(default_factory=dict)  # age -> errors of a result that old
+    reuse_agree: dict[int, deque[bool]] = field(default_factory=dict)  # age -> top-1 kept at that age
+    q: dict[float, deque[float]] = field(default_factory=dict)  # keyframe interval -> shadow / probe ratios
 
 
 class AdaptiveSchedule:
@@ -94,9 +103,9 @@ class AdaptiveSchedule:
         self.dense_history: list[tuple[int, torch.Tensor]] = []  # (frame, dense logits), recent
         self.audit_errors: list[float] = []
         self.audit_agree: list[bool] = []
-        self.estimates: list[dict] = []
         self.choices: dict[str, int] = {}
-        self.served_log: list[tuple[str, int, float | None]] = []  # (action, age of its basis, keyframe interval)
+        # frames served, counted by (action, age of what they served, keyframe interval): bounded however long
+        self.served_log: Counter[tuple[str, int, float | None]] = Counter()
         self.exploring = list(self.keyframes)
         self.last_explore = 0
         self._prev_pooled: torch.Tensor | None = None
@@ -186,7 +195,8 @@ class AdaptiveSchedule:
                 age = self._age(t)
                 reuse = self._reuse_error(age, dense)
                 if reuse is not None and reuse > 1e-6:
-                    self.measures.q.setdefault(self.shadowed.interval, []).append(_rel_l2(shadow, dense) / reuse)
+                    ratio = _rel_l2(shadow, dense) / reuse
+                    self.measures.q.setdefault(self.shadowed.interval, _samples()).append(ratio)
             self._record_dense(t, dense)
             if self._audit_draw:
                 self._record_audit(served, dense)
@@ -199,17 +209,17 @@ class AdaptiveSchedule:
         if probes is not None:
             extra += self._probe(t, dense, probes)
         interval = self.policy.interval if self.policy.kind == "keyframe" else None
-        self.served_log.append((action, self.phase if action != "dense" else 0, interval))
+        self.served_log[(action, self.phase if action != "dense" else 0, interval)] += 1
         self.spent += served_macs + extra
         self.measured += extra
         self.frame += 1
         # an audit's dense result reseeds the stream (and is what a skipping stream reuses); the schedule goes on
         self.phase += 1
-        self._maybe_choose()
+        if dense is not None:  # predictions change only with a new dense result (a keyframe, an audit, a probe's end)
+            self._maybe_choose()
         if action == "dense" and self.pending is not None:
             # this frame was dense anyway: it is the new policy's first keyframe (a switch costs nothing)
             self.policy, self.pending, self.phase = self.pending, None, 1
-        self.estimates.append(self.estimate())
         return extra, reseeded
 
     def _probe(self, t: int, dense: torch.Tensor | None, probes) -> int:
@@ -221,7 +231,7 @@ class AdaptiveSchedule:
             if dense is not None and age >= self.probe.interval:
                 reuse = _rel_l2(self.probe_base, dense)
                 if reuse > 1e-6:
-                    self.measures.q.setdefault(self.probe.interval, []).append(_rel_l2(logits, dense) / reuse)
+                    self.measures.q.setdefault(self.probe.interval, _samples()).append(_rel_l2(logits, dense) / reuse)
                 self.probe = None
             elif age > 4 * self.probe.interval:  # no dense result came: give up (a cut, a policy change)
                 self.probe = None
@@ -261,8 +271,8 @@ class AdaptiveSchedule:
         for s, old in self.dense_history:
             age = t - s
             if 0 < age <= self.config.max_lag:
-                self.measures.reuse.setdefault(age, []).append(_rel_l2(old, dense))
-                self.measures.reuse_agree.setdefault(age, []).append(bool(old.argmax() == dense.argmax()))
+                self.measures.reuse.setdefault(age, _samples()).append(_rel_l2(old, dense))
+                self.measures.reuse_agree.setdefault(age, _samples()).append(bool(old.argmax() == dense.argmax()))
         self.dense_history.append((t, dense.detach()))
         self.dense_history = [(s, d) for s, d in self.dense_history if t - s < self.config.max_lag]
 
@@ -271,8 +281,6 @@ class AdaptiveSchedule:
         self.audit_agree.append(bool(served.argmax() == dense.argmax()))
 
     def _sparse_fraction(self, policy: FramePolicy) -> float:
-        from model.schedule import sparse_frame_macs
-
         return sparse_frame_macs(self.vit, policy.tokens, self.level) / self.dense_macs
 
     # ---- predicting and choosing -----------------------------------------------------------------
@@ -378,8 +386,9 @@ class AdaptiveSchedule:
         return self._modelled_estimate(n, z)
 
     def _modelled_estimate(self, audits: int, z: float) -> dict:
-        errors, agreement, spreads, counts = [], [], [], []
-        for action, age, interval in self.served_log:
+        errors, agreement, spreads, counts, weights = [], [], [], [], []
+        for (action, age, interval), frames in self.served_log.items():
+            weights.append(frames)
             if action == "dense" or age == 0:
                 errors.append(0.0)
                 agreement.append(1.0)
@@ -405,11 +414,13 @@ class AdaptiveSchedule:
         if not errors:
             return {"audits": audits, "source": "none", "rel_l2": None, "rel_l2_interval": (0.0, math.inf),
                     "top1": None, "top1_interval": (0.0, 1.0), "policy": self.policy.name}
-        mean, top1 = statistics.fmean(errors), statistics.fmean(agreement)
+        n = sum(weights)
+        mean = sum(w * e for w, e in zip(weights, errors, strict=True)) / n
+        top1 = sum(w * p for w, p in zip(weights, agreement, strict=True)) / n
         rse = max(spreads, default=0.0) + self.config.model_error
-        n = len(errors)
         # each frame's agreement is a share measured on `count` pairs of that age: binomial spread, frames weighted
-        variance = sum(max(p * (1 - p), 0.05) / c for p, c in zip(agreement, counts, strict=True) if c != math.inf)
+        variance = sum(w * max(p * (1 - p), 0.05) / c
+                       for w, p, c in zip(weights, agreement, counts, strict=True) if c != math.inf)
         # plus the curves' model error: half the disagreement rate either way (ages are interpolated), and a point
         half_top1 = z * math.sqrt(variance) / n + 0.5 * (1 - top1) + 0.01
         return {"audits": audits, "source": "model", "rel_l2": mean,
