@@ -24,6 +24,7 @@ from model.state import LEVELS, Level, StreamState
 from model.vit import Block, VisionTransformer
 
 GATE_POSITIONS = ("normed", "residual")
+EXECUTIONS = ("eager", "compile", "graph")
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,17 @@ class EventfulConfig:
     gate_position: str = "residual"
     # Every K-th frame of a stream is dense, bounding accumulated error (None: only new/flushed streams).
     refresh_interval: int | None = None
+    # How a step runs: "eager" (PyTorch ops, exact shapes), "compile" (torch.compile per shape bucket) or "graph"
+    # (CUDA only: one captured CUDA graph per shape bucket, replayed). See EXECUTIONS.
+    execution: str = "eager"
 
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
         if self.gate_position not in GATE_POSITIONS:
             raise ValueError(f"gate_position must be one of {GATE_POSITIONS}, got {self.gate_position!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.refresh_interval is not None and self.refresh_interval < 1:
             raise ValueError("refresh_interval must be >= 1 or None")
 
