@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from model.kernels import linear
 from model.macs import dense_block_macs, dense_macs, embed_macs, eventful_block_macs, head_macs
-from model.policy import Selection, StreamBudget, select_tokens
+from model.policy import StreamBudget
+from model.pool import StatePool
 from model.state import LEVELS, Level, StreamState
 from model.vit import Block, VisionTransformer
 
@@ -52,13 +53,40 @@ class EventfulConfig:
             raise ValueError("refresh_interval must be >= 1 or None")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def batch_bucket(batch: int) -> int:
+    """Rows a step of `batch` streams runs with when shapes are bucketed: the next power of two."""
+    return 1 << (batch - 1).bit_length()
+
+
+def token_bucket(tokens: int, num_patches: int) -> int:
+    """Patch tokens per gate a step runs with for a largest budget of `tokens` when shapes are bucketed: rounded up
+    to a step of 4 below 64 tokens and of an eighth of the octave above (8 from 64, 16 from 128, ...), so padding
+    wastes at most an eighth (r = 98 runs 104 rows, r = 64 runs 64) and a model has ~8 buckets per octave."""
+    if tokens >= num_patches:
+        return num_patches
+    step = max(4, 1 << max(0, tokens.bit_length() - 4))
+    return min(num_patches, -(-tokens // step) * step)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The fixed shape one compiled or captured step runs: rows (streams + padding), tokens per gate, kind."""
+
+    batch: int
+    width: int  # prefix + patch tokens per gate (sparse); every token (seed, plain)
+    kind: str  # "sparse", "seed" (every token, writing the streams' state) or "plain" (the dense model, no state)
+
+
 @dataclass
 class StepOutput:
     """What one batched step returns, per stream."""
 
     logits: torch.Tensor  # [B, num_classes]
     tokens: torch.Tensor  # [B, N, C] final residual stream (before the final norm)
-    updated_tokens: torch.Tensor  # [B, depth, 3] tokens through the qkv / proj / MLP gates (incl. prefix)
+    updated_tokens: torch.Tensor  # [B, depth, 3] tokens through the qkv / proj / MLP gates (incl. prefix), CPU
     macs: list[int]  # MACs done per stream this frame (incl. gate overhead)
     dense_macs: int  # MACs of one dense frame
     dense_frame: list[bool]  # which streams were computed densely (new, flushed or refreshed)
@@ -69,132 +97,81 @@ class StepOutput:
         n = self.tokens.shape[1]
         return self.updated_tokens.float().mean(dim=(1, 2)) / n
 
-    @staticmethod
-    def concat(outputs: list[StepOutput]) -> StepOutput:
-        """The outputs of steps over disjoint streams as one, their streams in the order given."""
-        return StepOutput(
-            torch.cat([o.logits for o in outputs]), torch.cat([o.tokens for o in outputs]),
-            torch.cat([o.updated_tokens for o in outputs]), [m for o in outputs for m in o.macs],
-            outputs[0].dense_macs, [d for o in outputs for d in o.dense_frame],
-        )
 
-    def reordered(self, index: list[int]) -> StepOutput:
-        """The same output with its streams in the order `index` gives."""
-        idx = torch.tensor(index, device=self.logits.device)
-        return StepOutput(
-            self.logits[idx], self.tokens[idx], self.updated_tokens[torch.tensor(index)],
-            [self.macs[i] for i in index], self.dense_macs, [self.dense_frame[i] for i in index],
-        )
+@dataclass(frozen=True)
+class _Gate:
+    """The tokens one gate chose for a batch: `width` ranks per row, of which `valid` are updated."""
 
+    index: torch.Tensor  # [B, W] token index per rank (prefix tokens first, then patches by change, descending)
+    valid: torch.Tensor  # [B, W] rank within the stream's budget (r and threshold)
+    rows: torch.Tensor  # [B * W] pool rows a selected token writes ([slots + 1) * N] view; scratch where not valid)
+    batch_rows: torch.Tensor  # [B * W] rows of a [B * N] view of the batch's tokens
 
-class _LayerBatch:
-    """Batched views of one layer's buffers across the streams of a step.
+    def take(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, W, C]: the ranked tokens."""
+        b, _, c = tokens.shape
+        return tokens.reshape(-1, c).index_select(0, self.batch_rows).view(b, -1, c)
 
-    One stream: zero-copy views, so in-place writes land in the state directly.
-    Several streams: the streams' buffers are rows of one [B, ...] slab. The first step of a new batch
-    composition stacks them (or allocates, for buffers the step overwrites whole) and re-points every stream's
-    buffer at its row of the slab; later steps of the same streams in the same order use the slab as it is
-    (no copies: in-place writes land in the states). `write_rows` / `write_all` are kept for the copy-back
-    variant and are no-ops on slabs. A stream that leaves keeps the slab alive until the others are re-batched.
-    """
-
-    def __init__(self, states: list[StreamState], layer_index: int):
-        self.layers = [state.layers[layer_index] for state in states]
-        self.single = len(self.layers) == 1
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, overwrite: bool = False) -> torch.Tensor:
-        """The [B, ...] buffer; overwrite=True: the caller writes every element, so nothing is gathered."""
-        if name not in self._cache:
-            tensors = [getattr(layer, name) for layer in self.layers]
-            if self.single:
-                self._cache[name] = tensors[0].unsqueeze(0)
-                return self._cache[name]
-            slab = _shared_slab(tensors)
-            if slab is None:
-                if overwrite:
-                    slab = tensors[0].new_empty((len(tensors), *tensors[0].shape))
-                else:
-                    slab = torch.stack(tensors)
-                for layer, row in zip(self.layers, slab.unbind(0), strict=True):
-                    setattr(layer, name, row)
-            self._cache[name] = slab
-        return self._cache[name]
-
-    def _is_slab(self, name: str) -> bool:
-        """True once the streams' buffers are rows of the cached batch (always, after `get`)."""
-        batched, row = self._cache[name], getattr(self.layers[0], name)
-        return batched.untyped_storage().data_ptr() == row.untyped_storage().data_ptr()
-
-    def write_rows(self, name: str, selection: Selection, token_dim: int) -> None:
-        """Copy the selected tokens of a [B, ...] buffer back into each stream's state."""
-        if self.single or self._is_slab(name):
-            return
-        if selection.everything:
-            self.write_all(name)
-            return
-        batched = self._cache[name]
-        for b, layer in enumerate(self.layers):
-            index = selection.padded[b]
-            target = getattr(layer, name)
-            if token_dim == 0:
-                target[index] = batched[b, index]
-            else:
-                target[:, index] = batched[b, :, index]
-
-    def write_all(self, *names: str) -> None:
-        if self.single:
-            return
-        for name in names:
-            if self._is_slab(name):
-                continue
-            batched = self._cache[name]
-            for b, layer in enumerate(self.layers):
-                getattr(layer, name).copy_(batched[b])
+    def write(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
+        """values [B, W, D] into a pool buffer [slots + 1, N, D] at the valid ranks (the rest land in scratch)."""
+        d = values.shape[-1]
+        buffer.view(-1, d).index_copy_(0, self.rows, values.reshape(-1, d))
 
 
-def _shared_slab(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """A [B, ...] view whose rows, in order, are these tensors (consecutive rows of one storage), or None.
-
-    Decided from storage and offsets (inference tensors do not record their view base)."""
-    first = tensors[0]
-    if not first.is_contiguous():
-        return None
-    storage, row = first.untyped_storage().data_ptr(), first.numel()
-    start = first.storage_offset()
-    for b, tensor in enumerate(tensors):
-        if (
-            tensor.untyped_storage().data_ptr() != storage
-            or tensor.storage_offset() != start + b * row
-            or not tensor.is_contiguous()
-        ):
-            return None
-    return first.as_strided((len(tensors), *first.shape), (row, *first.stride()), start)
+def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, M, C] -> [B, H, M, Dh] view."""
+    b, m, c = rows.shape
+    return rows.view(b, m, heads, c // heads).transpose(1, 2)
 
 
-def _slab_order(states: list[StreamState]) -> list[int]:
-    """Batch order in which streams that shared a slab last step find their rows in order (by buffer address)."""
-    return sorted(range(len(states)), key=lambda j: states[j].layers[0].keys.data_ptr())
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, M, Dh] -> [B, M, C]."""
+    b, h, m, d = x.shape
+    return x.transpose(1, 2).reshape(b, m, h * d)
 
 
 class EventfulViT:
-    """Runs a VisionTransformer's weights over many streams' explicit states.
+    """Runs a VisionTransformer's weights over many streams' states, held in one slot-indexed `StatePool`.
 
-    `step(images, states, budgets)` takes one frame per stream. Holds no per-stream data.
+    `step(images, states, budgets)` takes one frame per stream. Holds no per-stream data besides the pool.
+    Each step is one or two fixed-shape calls (the streams that seed their state, the sparse ones), each a pure
+    function of (images [B, 3, H, W], slots [B], limits [B, W]) and the pool: no host sync, no data-dependent shape,
+    so it compiles into one graph and captures into one CUDA graph per `StepShape`.
     """
 
-    def __init__(self, model: VisionTransformer, config: EventfulConfig | None = None):
+    def __init__(self, model: VisionTransformer, config: EventfulConfig | None = None, slots: int = 8):
         self.model = model
         self.config = config or EventfulConfig()
         self.vit = model.config
+        if self.vit.num_prefix_tokens < 1:
+            raise ValueError("the eventful step needs at least one prefix token (the always-updated class token)")
         self.scale = self.vit.head_dim**-0.5
         self._dense_block_macs = dense_block_macs(self.vit)
         self._fixed_macs = embed_macs(self.vit) + head_macs(self.vit)
-        self._all_selections: dict[tuple[int, torch.device], Selection] = {}
+        p = next(model.parameters())
+        if self.config.execution == "graph" and p.device.type != "cuda":
+            raise ValueError("execution 'graph' captures CUDA graphs: the model must be on a CUDA device")
+        self.pool = StatePool(self.vit, self.config.level, slots=slots, device=p.device, dtype=p.dtype)
+        n, prefix = self.vit.num_tokens, self.vit.num_prefix_tokens
+        # Ranking keys add this to (change bits * N): lower token index first among equal changes (so a stream gets
+        # the same tokens alone or in any batch), prefix tokens above every patch.
+        tiebreak = torch.arange(n - 1, -1, -1, dtype=torch.int64)
+        tiebreak[:prefix] += (2**31) * n
+        self._tiebreak = tiebreak.to(p.device)
+        self._executors: dict[tuple, object] = {}
+        self._graph_pool = None
+        self.graph_bytes = 0  # device memory the captured graphs hold (execution "graph")
+
+    @property
+    def bucketed(self) -> bool:
+        """Shapes padded to buckets (compile and graph executions); eager steps run exact shapes."""
+        return self.config.execution != "eager"
 
     def new_state(self) -> StreamState:
-        p = next(self.model.parameters())
-        return StreamState.create(self.vit, self.config.level, device=p.device, dtype=p.dtype)
+        """A state in this runner's pool (its slot returns to the pool on `release()`)."""
+        return StreamState(self.pool, self.pool.acquire())
+
+    # ---- the host side: plan the step's calls, run them, read the counts once ------------------
 
     @torch.inference_mode()
     def step(
@@ -205,80 +182,53 @@ class EventfulViT:
         budgets = budgets if budgets is not None else [StreamBudget.dense()] * b
         if not (len(states) == len(budgets) == b):
             raise ValueError(f"got {b} images, {len(states)} states and {len(budgets)} budgets")
+        pool = states[0].pool if states else self.pool
         for state in states:
             if state.level != self.config.level or state.num_tokens != self.vit.num_tokens:
                 raise ValueError(
                     f"state for level {state.level!r} with {state.num_tokens} tokens does not fit this runner "
                     f"(level {self.config.level!r}, {self.vit.num_tokens} tokens): create it with new_state()"
                 )
-        if all(bud.is_dense_for(self.vit.num_patches) for bud in budgets):
+            if state.pool is not pool or state.slot < 0:
+                raise ValueError("the states of one step must hold slots of one pool (create them with new_state())")
+        np_ = self.vit.num_patches
+        if all(bud.is_dense_for(np_) for bud in budgets):
             return self._plain_dense(images, states)
-        every = [j for j in range(b) if self._computes_every_token(states[j], budgets[j])]
-        if 0 < len(every) < b:
-            # a stream computing every token (a joiner's first frame, a refresh, a full budget) would pad the
-            # others' attention queries to all N tokens (the padded form is as wide as its widest stream): on the
-            # 2-core CPU (DeiT-Tiny), a joiner's first frame in a step of 7 streams at r = 57 cost 48 ms, beside it
-            # 23. Two steps, one answer.
-            some = [j for j in range(b) if j not in every]
-            order = some + every
-            out = StepOutput.concat([self._step_in_slab_order(images, states, budgets, g) for g in (some, every)])
-            return out.reordered(sorted(range(b), key=order.__getitem__))
-        return self._step_in_slab_order(images, states, budgets, list(range(b)))
-
-    def _computes_every_token(self, state: StreamState, budget: StreamBudget) -> bool:
-        return self._dense_frame(state) or budget.is_dense_for(self.vit.num_patches)
+        dense_frame = [self._dense_frame(s) for s in states]
+        # A stream computing every token (a joiner's first frame, a refresh, a full budget) runs in a seeding call
+        # of its own: beside the sparse streams it would widen every row to all N tokens.
+        every = [j for j in range(b) if dense_frame[j] or budgets[j].is_dense_for(np_)]
+        some = [j for j in range(b) if j not in every]
+        parts = []
+        if every:
+            parts.append((every, *self._run(pool, images, states, budgets, every, seed=True)))
+        if some:
+            parts.append((some, *self._run(pool, images, states, budgets, some, seed=False)))
+        macs, counts = [0] * b, [None] * b
+        for members, _, _, member_counts in parts:
+            for j, c in zip(members, member_counts, strict=True):
+                counts[j] = c
+                macs[j] = dense_macs(self.vit) if dense_frame[j] else self._frame_macs(c)
+        for j, state in enumerate(states):
+            if dense_frame[j]:
+                state.needs_dense = False
+                state.frames_since_dense = 0
+            else:
+                state.frames_since_dense += 1
+        order = [j for members, *_ in parts for j in members]
+        x, logits = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        if order != list(range(b)):
+            inverse = torch.tensor(sorted(range(b), key=order.__getitem__), device=x.device)
+            x, logits = x.index_select(0, inverse), logits.index_select(0, inverse)
+        return StepOutput(logits, x, torch.tensor(counts, dtype=torch.long), macs, dense_macs(self.vit), dense_frame)
 
     def _dense_frame(self, state: StreamState) -> bool:
         """This frame (re)seeds the stream's state: its first, the first after a flush, or a refresh."""
         refresh = self.config.refresh_interval
         return state.needs_dense or (refresh is not None and state.frames_since_dense + 1 >= refresh)
 
-    def _step_in_slab_order(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget],
-                            members: list[int]) -> StepOutput:
-        """`_step` over these members (indices into the batch), run in slab order (no copies), answered in the
-        members' order."""
-        order = [members[j] for j in _slab_order([states[i] for i in members])]
-        out = self._step(images[order] if order != list(range(len(images))) else images,
-                         [states[i] for i in order], [budgets[i] for i in order])
-        if order == members:
-            return out
-        rank = {i: k for k, i in enumerate(order)}
-        return out.reordered([rank[i] for i in members])
-
-    def _plain_dense(self, images: torch.Tensor, states: list[StreamState]) -> StepOutput:
-        """Every stream asked for its full budget: the plain dense model, at exactly its cost. The states are not
-        seeded (that would cost copies), so each stream's next sparse frame runs densely and seeds them."""
-        x = self.model.forward_features(images)  # [B, N, C]
-        logits = self.model.forward_head(x)
-        for state in states:
-            state.flush()
-        b, depth = images.shape[0], self.vit.depth
-        counts = torch.full((b, depth, 3), self.vit.num_tokens, dtype=torch.long)
-        macs = dense_macs(self.vit)
-        return StepOutput(logits, x, counts, [macs] * b, macs, [True] * b)
-
-    def _step(self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget]) -> StepOutput:
-        b = images.shape[0]
-        dense_frame = [self._dense_frame(s) for s in states]
-        budgets = [StreamBudget.dense() if dense else bud for dense, bud in zip(dense_frame, budgets, strict=True)]
-
-        x = self.model.embed(images)  # [B, N, C]
-        counts = torch.zeros(b, self.vit.depth, 3, dtype=torch.long)
-        for i, block in enumerate(self.model.blocks):
-            x = self._block(block, x, _LayerBatch(states, i), budgets, counts[:, i])
-            x = self.model.after_block(x, i)  # e.g. YOLOS mid-position embeddings (the same on every frame)
-        logits = self.model.forward_head(x)
-
-        macs = []
-        for j, state in enumerate(states):
-            if dense_frame[j]:
-                state.needs_dense = False
-                state.frames_since_dense = 0
-                macs.append(dense_macs(self.vit))
-            else:
-                state.frames_since_dense += 1
-                macs.append(self._fixed_macs + sum(self._block_macs(c) for c in counts[j].tolist()))
-        return StepOutput(logits, x, counts, macs, dense_macs(self.vit), dense_frame)
+    def _frame_macs(self, counts: list[list[int]]) -> int:
+        return self._fixed_macs + sum(self._block_macs(c) for c in counts)
 
     def _block_macs(self, counts: list[int]) -> int:
         n_qkv, n_proj, n_mlp = counts
@@ -286,206 +236,362 @@ class EventfulViT:
             return self._dense_block_macs
         return eventful_block_macs(self.vit, self.config.level, n_qkv, n_proj, n_mlp)
 
-    def _select_all(self, batch: int, device: torch.device) -> Selection:
-        key = (batch, device)
-        if key not in self._all_selections:
-            keep = torch.ones(batch, self.vit.num_tokens, dtype=torch.bool, device=device)
-            self._all_selections[key] = select_tokens(keep.float(), [StreamBudget.dense()] * batch, 0)
-        return self._all_selections[key]
+    def shape_for(self, budgets: list[StreamBudget], seed: bool = False) -> StepShape:
+        """The shape a call over streams with these budgets runs (see `batch_bucket`, `token_bucket`)."""
+        b, n, np_ = len(budgets), self.vit.num_tokens, self.vit.num_patches
+        rows = batch_bucket(b) if self.bucketed else b
+        if seed:
+            return StepShape(rows, n, "seed")
+        r = max(min(np_ if bud.tokens is None else bud.tokens, np_) for bud in budgets)
+        return StepShape(rows, self.vit.num_prefix_tokens + (token_bucket(r, np_) if self.bucketed else r), "sparse")
+
+    def _run(self, pool: StatePool, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget],
+             members: list[int], seed: bool) -> tuple[torch.Tensor, torch.Tensor, list[list[list[int]]]]:
+        """One fixed-shape call over these members (indices into the batch): (x [b, N, C], logits [b, K], counts
+        per member [depth][3])."""
+        b, n, prefix = len(members), self.vit.num_tokens, self.vit.num_prefix_tokens
+        shape = self.shape_for([budgets[j] for j in members], seed)
+        pad = shape.batch - b
+        chosen = images if members == list(range(images.shape[0])) else images[members]
+        if pad:
+            chosen = torch.cat([chosen, chosen.new_zeros((pad, *chosen.shape[1:]))])
+        slots = [states[j].slot for j in members] + [pool.scratch] * pad
+        meta = list(slots)
+        if not seed:  # limits [rows, width]: a rank is updated when its key >= its limit (see _gate)
+            np_ = self.vit.num_patches
+            for j in [*members, *([None] * pad)]:
+                bud = budgets[j] if j is not None else StreamBudget(tokens=0)
+                cap = min(np_ if bud.tokens is None else bud.tokens, np_)
+                key = INT64_MIN if bud.threshold is None else _float_bits(bud.threshold) * n
+                meta += [INT64_MIN] * prefix + [key] * cap + [INT64_MAX] * (shape.width - prefix - cap)
+        meta_t = torch.tensor(meta, dtype=torch.int64)
+        if chosen.device.type == "cuda":
+            meta_t = meta_t.pin_memory().to(chosen.device, non_blocking=True)
+        slots_t, limits_t = meta_t[: shape.batch], meta_t[shape.batch :].view(shape.batch, -1)
+        x, logits, valid = self._executor(pool, shape)(chosen, slots_t, limits_t)
+        if seed:
+            counts = [[[n] * 3] * self.vit.depth] * b
+        elif any(budgets[j].threshold is not None for j in members):
+            per_gate = valid[:b].sum(dim=-1).cpu()  # [b, depth * gates]: the step's one read-back
+            counts = [self._gate_counts(row.tolist()) for row in per_gate]
+        else:
+            counts = []
+            for j in members:
+                tokens = budgets[j].tokens
+                c = prefix + min(self.vit.num_patches if tokens is None else tokens, self.vit.num_patches)
+                counts.append([[c] * 3] * self.vit.depth)
+        return x[:b], logits[:b], counts
+
+    def _gate_counts(self, per_gate: list[int]) -> list[list[int]]:
+        """Tokens per gate [depth * gates] -> [depth][qkv, proj, mlp] (token-wise: proj follows qkv)."""
+        if self.config.level == "tokenwise":
+            return [[per_gate[2 * i], per_gate[2 * i], per_gate[2 * i + 1]] for i in range(self.vit.depth)]
+        return [per_gate[3 * i : 3 * i + 3] for i in range(self.vit.depth)]
+
+    def _plain_dense(self, images: torch.Tensor, states: list[StreamState]) -> StepOutput:
+        """Every stream asked for its full budget: the plain dense model, at exactly its cost. The states are not
+        seeded (that would cost writes), so each stream's next sparse frame runs densely and seeds them."""
+        b = images.shape[0]
+        shape = StepShape(batch_bucket(b) if self.bucketed else b, self.vit.num_tokens, "plain")
+        padded = images if shape.batch == b else torch.cat([images, images.new_zeros((shape.batch - b,
+                                                                                      *images.shape[1:]))])
+        x, logits, _ = self._executor(self.pool, shape)(padded, None, None)
+        for state in states:
+            state.flush()
+        counts = torch.full((b, self.vit.depth, 3), self.vit.num_tokens, dtype=torch.long)
+        macs = dense_macs(self.vit)
+        return StepOutput(logits[:b], x[:b], counts, [macs] * b, macs, [True] * b)
+
+    # ---- executors: the same pure function, eager, compiled or captured per shape ---------------
+
+    def _executor(self, pool: StatePool, shape: StepShape):
+        fn = {"sparse": self._sparse_step, "seed": self._seed_step, "plain": self._plain_step}[shape.kind]
+        execution = self.config.execution
+        if execution == "eager":
+            return lambda images, slots, limits: fn(images, slots, limits, pool.layers)
+        key = (shape, id(pool), pool.generation)
+        if key not in self._executors:
+            if execution == "compile":
+                _raise_recompile_limits()
+                compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+                self._executors[key] = lambda images, slots, limits: compiled(images, slots, limits, pool.layers)
+            else:
+                self._executors[key] = _CapturedStep(self, fn, pool, shape)
+        return self._executors[key]
+
+    def prepare(self, shapes: list[StepShape]) -> None:
+        """Compile or capture these shapes now (start-up), not on the first frames that need them."""
+        for shape in shapes:
+            self._executor(self.pool, shape)
+            if self.config.execution == "compile":  # torch.compile compiles on the first call
+                h, w = self.vit.image_size
+                images = torch.zeros(shape.batch, 3, h, w, device=self._tiebreak.device, dtype=self.pool.dtype)
+                slots = torch.full((shape.batch,), self.pool.scratch, dtype=torch.int64, device=images.device)
+                limits = torch.full((shape.batch, shape.width), INT64_MAX, dtype=torch.int64, device=images.device)
+                with torch.inference_mode():
+                    self._executor(self.pool, shape)(images, slots, limits)
+
+    # ---- the step functions (pure tensor code: no host sync, fixed shapes) ------------------------
+
+    def _plain_step(self, images, slots, limits, layers):
+        x = self.model.forward_features(images)  # [B, N, C]
+        return x, self.model.forward_head(x), None
+
+    def _seed_step(self, images, slots, limits, layers):
+        """Every token of every row, writing each row's slot whole (padding rows write scratch)."""
+        x = self.model.embed(images)  # [B, N, C]
+        for i, block in enumerate(self.model.blocks):
+            x = self.model.after_block(self._seed_block(block, x, layers[i], slots), i)
+        return x, self.model.forward_head(x), None
+
+    def _sparse_step(self, images, slots, limits, layers):
+        """Rows' top tokens per gate, within each row's limits. Returns x, logits and valid [B, gates, W]."""
+        n = self.vit.num_tokens
+        batch_rows = torch.arange(slots.shape[0], device=slots.device)[:, None] * n
+        scratch_row = (layers[0]["qkv_reference"].shape[0] - 1) * n
+        ctx = _Context(slots, limits, slots[:, None] * n, batch_rows, scratch_row, limits.shape[1])
+        valids: list[torch.Tensor] = []
+        x = self.model.embed(images)  # [B, N, C]
+        for i, block in enumerate(self.model.blocks):
+            x = self.model.after_block(self._sparse_block(block, x, layers[i], ctx, valids), i)
+        return x, self.model.forward_head(x), torch.stack(valids, dim=1)
 
     # ---- gates ---------------------------------------------------------------------------------
 
-    def _gate(
-        self, gate_input: torch.Tensor, reference: torch.Tensor, budgets: list[StreamBudget]
-    ) -> Selection:
-        """Select tokens by RMS change against the reference, then move the reference at those tokens."""
-        # gate_input, reference: [B, N, C]
-        if all(bud.is_dense_for(self.vit.num_patches) for bud in budgets):
-            reference.copy_(gate_input)
-            return self._select_all(gate_input.shape[0], gate_input.device)
-        change = (gate_input - reference).norm(dim=-1) * gate_input.shape[-1] ** -0.5  # [B, N]
-        selection = select_tokens(change, budgets, self.vit.num_prefix_tokens)
-        selection.scatter(reference, selection.gather(gate_input))
-        return selection
+    def _gate(self, g: torch.Tensor, reference: torch.Tensor, ctx: _Context, redirect: bool = False) -> _Gate:
+        """Rank tokens by RMS change of g [B, N, C] against the slots' reference rows [slots + 1, N, C], keep each
+        row's ranks within its limits, and move the reference to g at the kept tokens.
+
+        Keys are the change's float bits (non-negative floats order like their bits) times N plus a tie-break, so
+        `keys >= threshold bits * N` is `change >= threshold`, and a rank's limit encodes both the top-r cut and
+        the threshold. redirect: ranks outside the budget point at the row's first token (a prefix token), so
+        their computed values equal a kept token's and writes through them are harmless (the qk and full
+        levels scatter into batch copies)."""
+        b, n, c = g.shape
+        change = torch.linalg.vector_norm(g - reference.index_select(0, ctx.slots), dim=-1) * c**-0.5  # [B, N]
+        keys = torch.add(self._tiebreak, change.float().view(torch.int32).to(torch.int64), alpha=n)  # [B, N]
+        top, index = keys.topk(ctx.width, dim=1)  # [B, W], prefix tokens first
+        valid = top >= ctx.limits
+        if redirect:
+            index = torch.where(valid, index, index[:, :1])
+        rows = torch.where(valid, index + ctx.slot_rows, ctx.scratch_row).flatten()
+        gate = _Gate(index, valid, rows, (index + ctx.batch_rows).flatten())
+        gate.write(reference, gate.take(g))
+        return gate
 
     # ---- one block -----------------------------------------------------------------------------
 
-    def _block(
-        self, block: Block, x: torch.Tensor, lb: _LayerBatch, budgets: list[StreamBudget], counts: torch.Tensor
-    ) -> torch.Tensor:
-        # x: [B, N, C] current residual stream
-        normed = self.config.gate_position == "normed"
+    def _seed_block(self, block: Block, x: torch.Tensor, layer: dict[str, torch.Tensor], slots: torch.Tensor):
+        """The dense block, writing every buffer of the rows' slots. x: [B, N, C]."""
+        normed, level, c = self.config.gate_position == "normed", self.config.level, self.vit.embed_dim
         attn = block.attn
-        h = block.norm1(x) if normed else None  # residual gates: LayerNorm on the selected tokens only
-        all_dense = all(bud.is_dense_for(self.vit.num_patches) for bud in budgets)  # every buffer overwritten
-        qkv_ref = lb.get("qkv_reference", overwrite=all_dense)
-        sel = self._gate(h if normed else x, qkv_ref, budgets)
-        lb.write_rows("qkv_reference", sel, 0)
-        counts[:, 0] = torch.tensor(sel.counts)
-
-        if sel.everything:
-            attention_out = self._dense_attention(block, h if normed else block.norm1(x), lb)  # [B, N, C]
-        else:
-            h_sel = sel.gather(h) if normed else block.norm1(sel.gather(x))  # [T, C]
-            q, k, v = attn.split_heads(linear(h_sel, attn.qkv).unsqueeze(0))  # each [1, H, T, Dh]
-            q, k, v = (t.squeeze(0).transpose(0, 1) for t in (q, k, v))  # each [T, H, Dh]
-            if self.config.level == "tokenwise":
-                attention_out = self._attention_rows(attn, q, k, v, sel, lb)  # [T, C]
-            elif self.config.level == "qk":
-                attention_out = self._attention_qk(q, k, v, sel, lb)  # [B, N, C]
-            else:
-                attention_out = self._attention_full(q, k, v, sel, lb)  # [B, N, C]
-
-        # attention output -> proj on the tokens that need it
-        update = lb.get("attention_update", overwrite=sel.everything)
-        if sel.everything:
-            update.copy_(linear(attention_out, attn.proj))
-            if self.config.level != "tokenwise":
-                lb.get("proj_reference", overwrite=True).copy_(attention_out)
-            counts[:, 1] = self.vit.num_tokens
-            lb.write_all("attention_update", *(["proj_reference"] if self.config.level != "tokenwise" else []))
-        elif self.config.level == "tokenwise":
-            sel.scatter(update, linear(attention_out, attn.proj))
-            counts[:, 1] = counts[:, 0]
-            lb.write_rows("attention_update", sel, 0)
-        else:
-            proj_sel = self._gate(attention_out, lb.get("proj_reference"), budgets)
-            proj_sel.scatter(update, linear(proj_sel.gather(attention_out), attn.proj))
-            counts[:, 1] = torch.tensor(proj_sel.counts)
-            lb.write_rows("proj_reference", proj_sel, 0)
-            lb.write_rows("attention_update", proj_sel, 0)
-        x = x + update
-
-        # MLP branch
-        h = block.norm2(x) if normed else None
-        mlp_sel = self._gate(h if normed else x, lb.get("mlp_reference", overwrite=all_dense), budgets)
-        lb.write_rows("mlp_reference", mlp_sel, 0)
-        counts[:, 2] = torch.tensor(mlp_sel.counts)
-        mlp_update = lb.get("mlp_update", overwrite=mlp_sel.everything)
-        if mlp_sel.everything:
-            mlp_update.copy_(block.mlp(h if normed else block.norm2(x)))
-            lb.write_all("mlp_update")
-        else:
-            h_sel = mlp_sel.gather(h) if normed else block.norm2(mlp_sel.gather(x))  # [T, C]
-            mlp_sel.scatter(mlp_update, block.mlp(h_sel))
-            lb.write_rows("mlp_update", mlp_sel, 0)
-        return x + mlp_update
-
-    # ---- attention variants --------------------------------------------------------------------
-
-    def _dense_attention(self, block: Block, h: torch.Tensor, lb: _LayerBatch) -> torch.Tensor:
-        """Every token of every stream: the dense computation, seeding all buffers. h: [B, N, C] -> [B, N, C]."""
-        attn = block.attn
-        q, k, v = attn.split_heads(linear(h, attn.qkv))  # [B, H, N, Dh]
-        lb.get("keys", overwrite=True).copy_(k)
-        lb.get("values", overwrite=True).copy_(v)
-        names = ["keys", "values"]
-        level = self.config.level
+        h = block.norm1(x)
+        layer["qkv_reference"].index_copy_(0, slots, h if normed else x)
+        qkv = linear(h, attn.qkv)  # [B, N, 3C]
+        layer["key_values"].index_copy_(0, slots, qkv[..., c:])
+        q, k, v = attn.split_heads(qkv)  # [B, H, N, Dh]
         if level == "tokenwise":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            lb.get("queries", overwrite=True).copy_(q)
+            layer["queries"].index_copy_(0, slots, qkv[..., :c])
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if level == "qk":
-                lb.get("attention_logits", overwrite=True).copy_(logits)
+                layer["attention_logits"].index_copy_(0, slots, logits)
                 out = logits.softmax(dim=-1) @ v
-                names += ["queries", "attention_logits"]
             else:
                 offset = logits.amax(dim=-1)  # [B, H, N]
                 weights = torch.exp(logits - offset[..., None])
                 row_sum = weights.sum(dim=-1)
                 weighted = weights @ v
-                lb.get("exp_weights", overwrite=True).copy_(weights)
-                lb.get("row_offset", overwrite=True).copy_(offset)
-                lb.get("row_sum", overwrite=True).copy_(row_sum)
-                lb.get("weighted_values", overwrite=True).copy_(weighted)
+                for name, t in (("exp_weights", weights), ("row_offset", offset), ("row_sum", row_sum),
+                                ("weighted_values", weighted)):
+                    layer[name].index_copy_(0, slots, t)
                 out = weighted / row_sum[..., None]
-                names += ["queries", "exp_weights", "row_offset", "row_sum", "weighted_values"]
-        lb.write_all(*names)
-        return attn.merge_heads(out)
+        out = _merge(out)  # [B, N, C]
+        if level != "tokenwise":
+            layer["proj_reference"].index_copy_(0, slots, out)
+        update = linear(out, attn.proj)
+        layer["attention_update"].index_copy_(0, slots, update)
+        x = x + update
+        h = block.norm2(x)
+        layer["mlp_reference"].index_copy_(0, slots, h if normed else x)
+        update = block.mlp(h)
+        layer["mlp_update"].index_copy_(0, slots, update)
+        return x + update
 
-    def _write_kv(self, lb: _LayerBatch, sel: Selection, **new: torch.Tensor) -> None:
-        """Scatter new per-token heads ([T, H, Dh]) into the [B, H, N, Dh] buffers."""
-        for name, tensor in new.items():
-            buffer = lb.get(name)
-            if buffer.is_contiguous():
-                sel.scatter_heads(buffer, tensor)
-            else:
-                buffer[sel.batch_idx, :, sel.token_idx] = tensor
-            lb.write_rows(name, sel, 1)
+    def _sparse_block(self, block: Block, x: torch.Tensor, layer: dict[str, torch.Tensor], ctx: _Context,
+                      valids: list[torch.Tensor]) -> torch.Tensor:
+        # x: [B, N, C] current residual stream
+        normed, level, c = self.config.gate_position == "normed", self.config.level, self.vit.embed_dim
+        attn, heavy = block.attn, self.config.level != "tokenwise"
+        h_all = block.norm1(x) if normed else None  # residual gates: LayerNorm on the selected tokens only
+        gate = self._gate(h_all if normed else x, layer["qkv_reference"], ctx, redirect=heavy)
+        valids.append(gate.valid)
+        h = gate.take(h_all) if normed else block.norm1(gate.take(x))  # [B, W, C]
+        qkv = linear(h, attn.qkv)  # [B, W, 3C]
+        if level == "tokenwise":
+            gate.write(layer["key_values"], qkv[..., c:])
+            kv = layer["key_values"].index_select(0, ctx.slots)  # [B, N, 2C]
+            heads = attn.num_heads
+            out = F.scaled_dot_product_attention(_heads(qkv[..., :c], heads), _heads(kv[..., :c], heads),
+                                                 _heads(kv[..., c:], heads))  # [B, H, W, Dh]
+            gate.write(layer["attention_update"], linear(_merge(out), attn.proj))
+        else:
+            out = self._attention_heavy(attn, qkv, gate, layer, ctx)  # [B, N, C]
+            proj_gate = self._gate(out, layer["proj_reference"], ctx)
+            valids.append(proj_gate.valid)
+            proj_gate.write(layer["attention_update"], linear(proj_gate.take(out), attn.proj))
+        x = x + layer["attention_update"].index_select(0, ctx.slots)
 
-    def _attention_rows(self, attn, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:
-        """Token-wise level: attention recomputed only for the selected queries, over all current keys."""
-        self._write_kv(lb, sel, keys=k, values=v)
-        q_pad = sel.to_padded(q).transpose(1, 2)  # [B, H, R, Dh]
-        out = F.scaled_dot_product_attention(q_pad, lb.get("keys"), lb.get("values"))  # [B, H, R, Dh]
-        return sel.from_padded(out.transpose(1, 2)).flatten(1)  # [T, C]
+        h_all = block.norm2(x) if normed else None
+        gate = self._gate(h_all if normed else x, layer["mlp_reference"], ctx)
+        valids.append(gate.valid)
+        h = gate.take(h_all) if normed else block.norm2(gate.take(x))
+        gate.write(layer["mlp_update"], block.mlp(h))
+        return x + layer["mlp_update"].index_select(0, ctx.slots)
 
-    def _attention_qk(self, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:
+    # ---- attention for the query-key and attention-value levels ---------------------------------
+
+    def _attention_heavy(self, attn, qkv: torch.Tensor, gate: _Gate, layer: dict[str, torch.Tensor],
+                         ctx: _Context) -> torch.Tensor:
+        """The rows' attention buffers copied out of the pool, updated in place at the gate's tokens (ranks outside
+        the budget redirected, see _gate), written back whole. qkv: [B, W, 3C] -> attention output [B, N, C]."""
+        c, heads = self.vit.embed_dim, attn.num_heads
+        names = ["queries", "key_values", *(["attention_logits"] if self.config.level == "qk" else
+                                            ["exp_weights", "row_offset", "row_sum", "weighted_values"])]
+        work = {name: layer[name].index_select(0, ctx.slots) for name in names}
+        index = gate.index  # [B, W]
+        old_values = None
+        if self.config.level == "full":
+            old_values = _heads(work["key_values"][..., c:], heads).gather(2, self._head_index(index, heads))
+        work["queries"].scatter_(1, index[..., None].expand(-1, -1, c), qkv[..., :c])
+        work["key_values"].scatter_(1, index[..., None].expand(-1, -1, 2 * c), qkv[..., c:])
+        queries = _heads(work["queries"], heads)  # [B, H, N, Dh]
+        keys, values = _heads(work["key_values"][..., :c], heads), _heads(work["key_values"][..., c:], heads)
+        if self.config.level == "qk":
+            out = self._attention_qk(queries, keys, values, index, work["attention_logits"])
+        else:
+            out = self._attention_full(queries, keys, values, old_values, index, gate.valid, work)
+        for name, tensor in work.items():
+            layer[name].index_copy_(0, ctx.slots, tensor)
+        return _merge(out)
+
+    def _head_index(self, index: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, W] token index -> [B, H, W, Dh] for gathers along the token dim of [B, H, N, Dh]."""
+        return index[:, None, :, None].expand(-1, heads, -1, self.vit.head_dim)
+
+    def _attention_qk(self, queries, keys, values, index, logits) -> torch.Tensor:
         """Query-key level: Q.K^T updated by rows (changed queries) and columns (changed keys); A.V dense."""
-        self._write_kv(lb, sel, queries=q, keys=k, values=v)
-        queries, keys, values = lb.get("queries"), lb.get("keys"), lb.get("values")
-        logits = lb.get("attention_logits")  # [B, H, N, N]
-        idx = sel.padded[:, None, :, None]  # [B, 1, R, 1]
-        h, dh = queries.shape[1], queries.shape[3]
-        k_pad = keys.gather(2, idx.expand(-1, h, -1, dh))  # [B, H, R, Dh]
-        q_pad = queries.gather(2, idx.expand(-1, h, -1, dh))
-        columns = (queries * self.scale) @ k_pad.transpose(-2, -1)  # [B, H, N, R]
-        logits.scatter_(3, sel.padded[:, None, None, :].expand(-1, h, logits.shape[2], -1), columns)
-        rows = (q_pad * self.scale) @ keys.transpose(-2, -1)  # [B, H, R, N]
-        logits.scatter_(2, idx.expand(-1, h, -1, logits.shape[3]), rows)
-        lb.write_all("attention_logits")
-        out = logits.softmax(dim=-1) @ values  # [B, H, N, Dh]
-        return out.transpose(1, 2).flatten(2)  # [B, N, C]
+        h, n = queries.shape[1], queries.shape[2]
+        idx = self._head_index(index, h)
+        k_pad, q_pad = keys.gather(2, idx), queries.gather(2, idx)  # [B, H, W, Dh]
+        columns = (queries * self.scale) @ k_pad.transpose(-2, -1)  # [B, H, N, W]
+        logits.scatter_(3, index[:, None, None, :].expand(-1, h, n, -1), columns)
+        rows = (q_pad * self.scale) @ keys.transpose(-2, -1)  # [B, H, W, N]
+        logits.scatter_(2, index[:, None, :, None].expand(-1, h, -1, n), rows)
+        return logits.softmax(dim=-1) @ values  # [B, H, N, Dh]
 
-    def _attention_full(self, q, k, v, sel: Selection, lb: _LayerBatch) -> torch.Tensor:
+    def _attention_full(self, queries, keys, values, old_values, index, valid, work) -> torch.Tensor:
         """Attention-value level: exact incremental softmax(Q.K^T).V.
 
         The softmax is kept unnormalised (exp weights with a per-row offset, row sums, weights @ values),
         so a changed key/value column updates every row's numerator and denominator alike: no drift
         from missing renormalisation. Changed queries recompute their rows.
         """
-        b = sel.padded.shape[0]
-        values = lb.get("values")
-        h, dh = values.shape[1], values.shape[3]
-        idx = sel.padded[:, None, :, None].expand(-1, h, -1, dh)  # [B, H, R, Dh]
-        old_values = values.gather(2, idx)  # [B, H, R, Dh] before the update
-        self._write_kv(lb, sel, queries=q, keys=k, values=v)
-        queries, keys = lb.get("queries"), lb.get("keys")
-        weights, offset = lb.get("exp_weights"), lb.get("row_offset")  # [B, H, N, N], [B, H, N]
-        row_sum, weighted = lb.get("row_sum"), lb.get("weighted_values")  # [B, H, N], [B, H, N, Dh]
-        n = weights.shape[2]
-        valid = sel.valid[:, None, None, :].to(weights.dtype)  # [B, 1, 1, R]; padding counts once only
-        col_index = sel.padded[:, None, None, :].expand(b, h, n, -1)  # [B, H, N, R]
-
-        new_k, new_v = keys.gather(2, idx), values.gather(2, idx)  # [B, H, R, Dh]
-        col_logits = (queries * self.scale) @ new_k.transpose(-2, -1)  # [B, H, N, R]
+        h, n = queries.shape[1], queries.shape[2]
+        weights, offset = work["exp_weights"], work["row_offset"]  # [B, H, N, N], [B, H, N]
+        row_sum, weighted = work["row_sum"], work["weighted_values"]  # [B, H, N], [B, H, N, Dh]
+        idx = self._head_index(index, h)
+        keep = valid[:, None, None, :].to(weights.dtype)  # [B, 1, 1, W]; redirected ranks count once only
+        col_index = index[:, None, None, :].expand(-1, h, n, -1)  # [B, H, N, W]
+        new_k, new_v = keys.gather(2, idx), values.gather(2, idx)  # [B, H, W, Dh]
+        col_logits = (queries * self.scale) @ new_k.transpose(-2, -1)  # [B, H, N, W]
         new_offset = torch.maximum(offset, col_logits.amax(dim=-1))
         rescale = torch.exp(offset - new_offset)  # [B, H, N] <= 1
         weights.mul_(rescale[..., None])
         weighted.mul_(rescale[..., None])
         row_sum.mul_(rescale)
         offset.copy_(new_offset)
-        old_cols = weights.gather(3, col_index) * valid  # [B, H, N, R]
+        old_cols = weights.gather(3, col_index) * keep  # [B, H, N, W]
         new_cols_all = torch.exp(col_logits - offset[..., None])
-        new_cols = new_cols_all * valid
+        new_cols = new_cols_all * keep
         weighted.add_(new_cols @ new_v - old_cols @ old_values)
         row_sum.add_(new_cols.sum(dim=-1) - old_cols.sum(dim=-1))
         weights.scatter_(3, col_index, new_cols_all)
 
         # rows of the changed queries, recomputed exactly
-        row_index = sel.padded[:, None, :]  # [B, 1, R]
-        q_rows = queries.gather(2, idx)  # [B, H, R, Dh]
-        row_logits = (q_rows * self.scale) @ keys.transpose(-2, -1)  # [B, H, R, N]
-        row_offset = row_logits.amax(dim=-1)  # [B, H, R]
+        row_index = index[:, None, :]  # [B, 1, W]
+        row_logits = (queries.gather(2, idx) * self.scale) @ keys.transpose(-2, -1)  # [B, H, W, N]
+        row_offset = row_logits.amax(dim=-1)  # [B, H, W]
         row_weights = torch.exp(row_logits - row_offset[..., None])
         weights.scatter_(2, row_index[..., None].expand(-1, h, -1, n), row_weights)
         offset.scatter_(2, row_index.expand(-1, h, -1), row_offset)
         row_sum.scatter_(2, row_index.expand(-1, h, -1), row_weights.sum(dim=-1))
-        weighted.scatter_(2, idx, row_weights @ lb.get("values"))
-        lb.write_all("exp_weights", "row_offset", "row_sum", "weighted_values")
-        out = weighted / row_sum[..., None]  # [B, H, N, Dh]
-        return out.transpose(1, 2).flatten(2)  # [B, N, C]
+        weighted.scatter_(2, idx, row_weights @ values)
+        return weighted / row_sum[..., None]  # [B, H, N, Dh]
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Per-call tensors every gate of a sparse step uses."""
+
+    slots: torch.Tensor  # [B] pool slot per row (padding rows: scratch)
+    limits: torch.Tensor  # [B, W] int64 key a rank must reach to be updated
+    slot_rows: torch.Tensor  # [B, 1] slot * N: first row of each slot in a [(slots + 1) * N] view
+    batch_rows: torch.Tensor  # [B, 1] b * N: first row of each batch row in a [B * N] view
+    scratch_row: int  # first row of the scratch slot
+    width: int
+
+
+def _float_bits(value: float) -> int:
+    """The bit pattern of a non-negative float32 (orders like the floats)."""
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
+def _raise_recompile_limits() -> None:
+    """One compiled graph per step shape: more shapes than dynamo's default recompile limit (8)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+
+
+class _CapturedStep:
+    """One step shape captured as a CUDA graph: static input buffers, replayed with each call's inputs copied in.
+
+    Warm-up and capture run with every row on the scratch slot, so they write no stream's state."""
+
+    def __init__(self, runner: EventfulViT, fn, pool: StatePool, shape: StepShape):
+        device = runner._tiebreak.device
+        h, w = runner.vit.image_size
+        self.images = torch.zeros(shape.batch, 3, h, w, device=device, dtype=pool.dtype)
+        self.slots = torch.full((shape.batch,), pool.scratch, dtype=torch.int64, device=device)
+        self.limits = torch.full((shape.batch, shape.width), INT64_MAX, dtype=torch.int64, device=device)
+        if runner._graph_pool is None:
+            runner._graph_pool = torch.cuda.graph_pool_handle()
+        before = torch.cuda.memory_reserved(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                fn(self.images, self.slots, self.limits, pool.layers)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=runner._graph_pool):
+            self.outputs = fn(self.images, self.slots, self.limits, pool.layers)
+        runner.graph_bytes += torch.cuda.memory_reserved(device) - before
+
+    def __call__(self, images, slots, limits):
+        self.images.copy_(images, non_blocking=True)
+        if slots is not None:
+            self.slots.copy_(slots, non_blocking=True)
+        if limits is not None:
+            self.limits.copy_(limits, non_blocking=True)
+        self.graph.replay()
+        return tuple(None if t is None else t.clone() for t in self.outputs)
 
 
 def full_budget(num_patches: int) -> StreamBudget:
@@ -493,4 +599,4 @@ def full_budget(num_patches: int) -> StreamBudget:
     return StreamBudget(tokens=num_patches)
 
 
-__all__ = ["EventfulConfig", "EventfulViT", "StepOutput", "full_budget"]
+__all__ = ["EventfulConfig", "EventfulViT", "StepOutput", "StepShape", "batch_bucket", "full_budget", "token_bucket"]

@@ -31,8 +31,10 @@ def onednn_available() -> bool:
 
 
 def _use_onednn(x: torch.Tensor, layer: nn.Linear) -> bool:
+    """Eager CPU fp32 inference only: under torch.compile, F.linear is what the compiler lowers (and fuses)."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (torch.is_grad_enabled() and layer.weight.requires_grad)
         and onednn_available()

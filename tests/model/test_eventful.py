@@ -220,8 +220,8 @@ def test_state_bytes_and_device(vit, level):
         per_layer += h * n * n + 2 * h * n + n * c
     assert state.nbytes == d * per_layer * 4
     assert sum(state.breakdown().values()) == state.nbytes
-    moved = state.to("cpu")
-    assert moved is state and state.device == torch.device("cpu")
+    assert state.device == torch.device("cpu")
+    assert runner.pool.nbytes == state.nbytes * (runner.pool.capacity + 1)  # the scratch slot included
 
 
 def test_state_must_fit_runner(vit):
@@ -255,21 +255,17 @@ def test_dense_macs_match_flop_counter(vit):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_sparse_machinery_with_every_token_equals_dense(vit, level, monkeypatch):
-    """The gather/scatter path (not the dense shortcut) with every token selected reproduces dense."""
-    import model.eventful as eventful_module
-    from model.policy import _selection_from_mask
-
-    def select_all_but_call_it_sparse(change, budgets, num_prefix):
-        return _selection_from_mask(torch.ones_like(change, dtype=torch.bool), everything=False)
-
+    """The gated path (not the dense shortcut or the seeding call) with every token selected reproduces dense."""
     runner = EventfulViT(vit, EventfulConfig(level=level))
     state = runner.new_state()
     frames = video()
     dense = vit(frames)
     runner.step(frames[:1], [state])
-    monkeypatch.setattr(eventful_module, "select_tokens", select_all_but_call_it_sparse)
-    for t in range(1, 5):
-        out = runner.step(frames[t : t + 1], [state], [StreamBudget(tokens=3)])
+    runner.step(frames[1:2], [state], [StreamBudget(tokens=3)])  # seeds the state
+    monkeypatch.setattr(StreamBudget, "is_dense_for", lambda self, n: False)
+    for t in range(2, 6):
+        out = runner.step(frames[t : t + 1], [state], [full_budget(CONFIG.num_patches)])
+        assert not out.dense_frame[0]
         assert out.updated_tokens.min() == CONFIG.num_tokens
         assert (out.logits - dense[t : t + 1]).abs().max() <= 1e-4
 
@@ -280,55 +276,54 @@ def test_model_without_class_token_is_refused():
 
 
 def test_changing_batch_compositions_and_orders_equal_each_stream_alone(vit):
-    """Batched streams share one slab per buffer (no copies while the batch stays the same); any change of
-    composition or order re-slabs them without changing any stream's results."""
+    """Every stream's buffers stay in its pool slot (nothing is re-stacked or moved, whatever the batch's
+    composition or order), and each stream's results are what it would get alone."""
     runner = EventfulViT(vit)
     streams = [video(seed=s) for s in (5, 6, 7)]
     shared = [runner.new_state() for _ in streams]
     alone = [runner.new_state() for _ in streams]
+    addresses = {name: t.data_ptr() for name, t in runner.pool.layers[0].items()}
+    rows = [s.layers[0].keys.data_ptr() for s in shared]
     schedule = [[0, 1, 2], [0, 1, 2], [2, 0, 1], [1], [0, 2], [2, 1, 0], [0, 1, 2]]
     budget = StreamBudget(tokens=12)
     for t, members in enumerate(schedule):
         images = torch.stack([streams[j][t] for j in members])
-        before = [shared[j].layers[0].keys.data_ptr() for j in members]
         out = runner.step(images, [shared[j] for j in members], [budget] * len(members))
-        if t == 1:  # same streams, same order as the step before: the slab is used in place
-            assert [shared[j].layers[0].keys.data_ptr() for j in members] == before
         for row, j in enumerate(members):
             reference = runner.step(streams[j][t : t + 1], [alone[j]], [budget])
             assert (out.logits[row] - reference.logits[0]).abs().max() <= 1e-5
             assert torch.equal(out.updated_tokens[row], reference.updated_tokens[0])
-    ptrs = [s.layers[0].keys.data_ptr() for s in shared]
-    rows = shared[0].layers[0].keys.numel() * 4
-    assert sorted(ptrs) == [min(ptrs) + i * rows for i in range(3)]  # rows of one slab after the last step
+    assert {name: t.data_ptr() for name, t in runner.pool.layers[0].items()} == addresses
+    assert [s.layers[0].keys.data_ptr() for s in shared] == rows
 
 
 def test_a_joiners_first_frame_runs_beside_the_sparse_streams_with_the_same_results(vit, monkeypatch):
-    """A stream computing every token pads the others' attention queries to all tokens: it runs as a step of its
-    own (the sparse streams as theirs), and every stream's result is what it would be alone."""
+    """A stream computing every token would widen the others' rows to all tokens: it runs in a seeding call of its
+    own (the sparse streams in theirs), and every stream's result is what it would be alone."""
     runner = EventfulViT(vit)
     streams = [video(seed=s) for s in (8, 9, 10)]
     shared = [runner.new_state() for _ in streams]
     alone = [runner.new_state() for _ in streams]
     budget = StreamBudget(tokens=12)
-    steps: list[list[int]] = []
-    run = runner._step  # noqa: SLF001
+    calls: list[tuple[list[int], bool]] = []
+    run = runner._run  # noqa: SLF001
 
-    def recording(images, states, budgets):
-        steps.append([next(k for k, mine in enumerate(shared) if mine is s) for s in states])
-        return run(images, states, budgets)
+    def recording(pool, images, states, budgets, members, seed):
+        calls.append(([next(k for k, mine in enumerate(shared) if mine is states[j]) for j in members], seed))
+        return run(pool, images, states, budgets, members, seed)
 
-    monkeypatch.setattr(runner, "_step", recording)
     schedule = [[0, 1], [0, 1], [0, 2, 1], [2, 1, 0]]  # stream 2 joins (its first frame, dense) at t = 2
     for t, members in enumerate(schedule):
-        steps.clear()
+        monkeypatch.setattr(runner, "_run", recording)
+        calls.clear()
         out = runner.step(torch.stack([streams[j][t] for j in members]), [shared[j] for j in members],
                           [budget] * len(members))
+        monkeypatch.undo()
         if t == 2:
-            assert sorted(map(sorted, steps)) == [[0, 1], [2]], steps
+            assert sorted(calls) == [([0, 1], False), ([2], True)], calls
             assert out.dense_frame == [False, True, False]
         for row, j in enumerate(members):
-            reference = run(streams[j][t : t + 1], [alone[j]], [budget])
+            reference = runner.step(streams[j][t : t + 1], [alone[j]], [budget])
             assert (out.logits[row] - reference.logits[0]).abs().max() <= 1e-5
             assert torch.equal(out.updated_tokens[row], reference.updated_tokens[0])
             assert out.macs[row] == reference.macs[0]
