@@ -32,6 +32,23 @@ def _parse_budgets(text: str) -> list[float]:
     return values
 
 
+def _parse_budget_specs(text: str) -> list[tuple[float, ...]]:
+    """`98,64:32` -> [(98,), (64, 32)]: one row per comma; within a row, streams take the ':' values in turn."""
+    try:
+        specs = [tuple(float(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budgets must be comma-separated numbers, each optionally 'a:b' per stream, got {text!r}"
+        ) from None
+    if not specs or any(not (0 <= v < float("inf")) for spec in specs for v in spec):
+        raise argparse.ArgumentTypeError(f"budgets must be non-negative numbers, got {text!r}")
+    return specs
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXECUTIONS = ("eager", "compile", "graph")
+
+
 def _check_readable(paths: list[str]) -> None:
     """Raise FileNotFoundError (exit 2) for the first path that cannot be opened, before any work starts."""
     for path in paths:
@@ -73,9 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="dense vs eventful ViT at several budgets on a video")
     m.add_argument("--model", required=True, help="checkpoint file (timm), HF directory, HF id or named architecture")
     m.add_argument("--video", required=True, help="any video file PyAV can decode")
-    m.add_argument("--budgets", type=_parse_budgets, default=[196, 128, 64, 32],
-                   help="tokens per gate (topr) or thresholds (threshold policy), comma-separated")
-    m.add_argument("--frames", type=int, default=60, help="frames to process from the start of the video")
+    m.add_argument("--budgets", type=_parse_budget_specs, default=[(196,), (128,), (64,), (32,)],
+                   help="tokens per gate (topr) or thresholds (threshold policy), comma-separated; 64:32 gives "
+                        "alternating streams 64 and 32 in the same steps")
+    m.add_argument("--streams", type=int, default=1,
+                   help="streams per batched step: the video from B offsets (stream j from frame j*T//B)")
+    m.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model and input dtype")
+    m.add_argument("--execution", choices=EXECUTIONS, default="eager",
+                   help="how steps run (EventfulConfig.execution); the dense baseline runs alike: compile -> "
+                        "torch.compile(model), graph (CUDA) -> the model captured as a CUDA graph")
+    m.add_argument("--frames", type=int, default=60,
+                   help="frames read from the start of the video; every stream plays all of them (one step each)")
     m.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
     m.add_argument("--policy", choices=["topr", "threshold"], default="topr")
     m.add_argument("--gate-position", choices=["residual", "normed"], default="residual")
@@ -85,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", default=None, help="class names file for timm checkpoints")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    m.add_argument("--warmup", type=int, default=2)
+    m.add_argument("--warmup", type=int, default=2, help="untimed steps per path after a seeding step (0: none)")
     m.add_argument("--json", dest="json_path", default=None, help="write the report here")
     f = sub.add_parser("fidelity", help="every policy and the adaptive chooser vs frame skipping at equal compute")
     f.add_argument("--model", required=True, help="checkpoint file (timm), HF directory, HF id or named architecture")
@@ -243,27 +268,33 @@ def run_fidelity(args: argparse.Namespace) -> int:
 
 
 def run_model(args: argparse.Namespace) -> int:
-    from bench.model_bench import print_table, run_model_bench
+    from bench.model_bench import dense_baseline, print_table, run_model_bench
     from model.eventful import EventfulConfig
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
 
     _torch_threads(args.threads)
-    if args.frames < 2:
-        print("error: --frames must be at least 2", file=sys.stderr)
+    if args.frames < 2 or args.streams < 1 or args.warmup < 0:
+        print("error: --frames must be at least 2, --streams at least 1, --warmup at least 0", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.execution == "graph" and device.type != "cuda":
+        print("error: --execution graph captures CUDA graphs: it needs --device cuda", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
     model = load_model(args.model, image_size=args.image_size, num_heads=args.num_heads, labels_path=args.labels)
-    model = model.to(device)
+    model = model.to(device=device, dtype=dtype)
     frames = read_video_frames(args.video, max_frames=args.frames)
     if len(frames) < 2:
         print(f"error: {args.video} has fewer than 2 decodable frames", file=sys.stderr)
         return 2
-    images = Preprocessor(model.config.preprocess)(frames).to(device)
-    eventful = EventfulConfig(level=args.level, gate_position=args.gate_position, refresh_interval=args.refresh)
+    images = Preprocessor(model.config.preprocess)(frames).to(device=device, dtype=dtype)
+    eventful = EventfulConfig(level=args.level, gate_position=args.gate_position, refresh_interval=args.refresh,
+                              execution=args.execution)
+    dense_forward, dense_execution = dense_baseline(model, args.execution, device)
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():
@@ -271,7 +302,8 @@ def run_model(args: argparse.Namespace) -> int:
 
     report = run_model_bench(
         model, images, args.budgets, model_name=args.model, video_name=args.video, eventful=eventful,
-        policy=args.policy, warmup=args.warmup, progress=progress,
+        policy=args.policy, warmup=args.warmup, streams=args.streams, dense_forward=dense_forward,
+        dense_execution=dense_execution, progress=progress,
     )
     if sys.stderr.isatty():
         print(file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`eventful-bench model`: the frame-skipping baseline, the fidelity measures, and the command end to end."""
+"""`eventful-bench model`: the frame-skipping baseline, the fidelity measures, streams and mixed budgets, the
+kernel-op counter, and the command end to end."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main
-from bench.model_bench import fidelity, frame_skip_outputs
+from bench.cli import _parse_budget_specs, main
+from bench.kernel_ops import count_launches
+from bench.model_bench import fidelity, frame_schedule, frame_skip_outputs, stream_budget_values, stream_offsets
 
 RESULT_KEYS = {"budget", "eventful_ms", "speedup", "mac_ratio", "efficiency", "rel_l2", "top1_agreement", "state_bytes"}
 
@@ -216,3 +218,121 @@ def test_fidelity_command_runs_only_the_policies_asked_for(clip, tmp_path, capsy
     assert [r["policy"] for r in json.loads(out.read_text())["videos"][0]["results"]] == ["skip", "adaptive"]
     assert main(argv[:-2] + ["--policies", "skip,often"]) == 2
     assert "often" in capsys.readouterr().err
+
+
+# ---- streams and mixed budgets -----------------------------------------------------------------
+
+
+def test_mixed_budgets_parse_one_row_per_comma_and_alternate_over_streams():
+    assert _parse_budget_specs("98,64:32") == [(98,), (64, 32)]
+    assert _parse_budget_specs("0.1:0.2:0.3") == [(0.1, 0.2, 0.3)]
+    assert stream_budget_values((64, 32), 5) == [64, 32, 64, 32, 64]
+    assert stream_budget_values((98,), 3) == [98, 98, 98]
+    assert stream_budget_values((64, 32), 1) == [64]
+
+
+@pytest.mark.parametrize("text", ["64:x", "64:-1", "", "64,,:"])
+def test_bad_budget_specs_are_refused(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["model", "--model", "deit-tiny-patch16-224", "--video", "v.mp4", "--budgets", text])
+    assert exit_info.value.code == 2
+    assert "--budgets" in capsys.readouterr().err
+
+
+def test_streams_start_at_spread_offsets_and_wrap_around():
+    assert stream_offsets(6, 3) == [0, 2, 4]
+    assert stream_offsets(30, 8) == [0, 3, 7, 11, 15, 18, 22, 26]
+    schedule = frame_schedule(6, 3)
+    assert schedule.shape == (6, 3)
+    assert schedule[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert schedule[:, 2].tolist() == [4, 5, 0, 1, 2, 3]
+    assert frame_schedule(6, 3, steps=8)[7].tolist() == [1, 3, 5]  # playback goes on past the T frames
+
+
+REPORT_KEYS = {"streams", "stream_offsets", "dtype", "execution", "dense_execution", "dense_kernel_ops_per_step",
+               "dense_host_syncs_per_step", "dense_device_kernels_per_step"}
+STREAM_RESULT_KEYS = {"budget_spec", "stream_budgets", "stream_mac_ratios", "kernel_ops_per_step",
+                      "host_syncs_per_step", "device_kernels_per_step", "kernel_ops_by_name", "pool_bytes"}
+
+
+def test_model_command_with_streams_and_mixed_budgets(clip, tmp_path, capsys):
+    out = tmp_path / "streams.json"
+    # 64x64: 16 patches, so 16 is every token; 8:4 alternates r = 8 and r = 4 over the 3 streams
+    argv = ["model", "--model", "deit-tiny-patch16-224", "--image-size", "64", "--video", str(clip), "--frames", "6",
+            "--streams", "3", "--budgets", "16,8:4", "--warmup", "1", "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "streams 3" in printed and " 8:4 " in printed and "ops" in printed
+
+    report = json.loads(out.read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert report["streams"] == 3 and report["stream_offsets"] == [0, 2, 4]
+    assert report["dtype"] == "float32" and report["execution"] == report["dense_execution"] == "eager"
+    assert report["dense_kernel_ops_per_step"] > 0 and report["dense_device_kernels_per_step"] is None
+    full, mixed = report["results"]
+    for result in (full, mixed):
+        assert RESULT_KEYS | STREAM_RESULT_KEYS <= result.keys()
+        assert result["kernel_ops_per_step"] > 0 and result["host_syncs_per_step"] >= 0
+        assert sum(result["kernel_ops_by_name"].values()) == result["kernel_ops_per_step"]
+        assert len(result["stream_mac_ratios"]) == 3
+    assert full["budget_spec"] == "16" and full["stream_budgets"] == [16, 16, 16] and full["budget"] == 16
+    assert mixed["budget_spec"] == "8:4" and mixed["stream_budgets"] == [8, 4, 8]
+    assert mixed["budget"] == pytest.approx(20 / 3)
+    # every stream at full budget is the dense model on that stream's own frames
+    assert full["rel_l2"] <= 1e-4 and full["top1_agreement"] == 1
+    assert full["mac_ratio"] == pytest.approx(1.0, abs=1e-9)
+    # the budgets alternate: streams 0 and 2 (r = 8) cost the same, stream 1 (r = 4) less
+    r8, r4, r8_again = mixed["stream_mac_ratios"]
+    assert r8 == pytest.approx(r8_again) and r4 > r8 > 1
+    assert mixed["mac_ratio"] == pytest.approx(3 / sum(1 / r for r in mixed["stream_mac_ratios"]))
+    assert mixed["rel_l2"] > full["rel_l2"]
+
+
+def test_model_command_runs_in_bfloat16(clip, tmp_path):
+    out = tmp_path / "bf16.json"
+    argv = ["model", "--model", "deit-tiny-patch16-224", "--image-size", "64", "--video", str(clip), "--frames", "3",
+            "--streams", "2", "--budgets", "4", "--dtype", "bfloat16", "--warmup", "0", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "bfloat16" and report["results"][0]["kernel_ops_per_step"] > 0
+
+
+def test_model_command_refuses_graph_execution_without_cuda(clip, capsys):
+    argv = ["model", "--model", "deit-tiny-patch16-224", "--video", str(clip), "--execution", "graph"]
+    assert main(argv) == 2
+    assert "--execution graph" in capsys.readouterr().err
+
+
+# ---- the kernel-op counter ---------------------------------------------------------------------
+
+
+def test_kernel_ops_count_the_work_and_not_the_views():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+
+    def three_kernels():
+        x = a.view(2, 16).reshape(4, 8).t().contiguous()  # a copy (views and the no-op reshape free)
+        y = a @ b  # a matmul
+        z = torch.relu(y.unsqueeze(0).squeeze(0)[:, :2])  # relu on a view
+        return x.contiguous(), z.detach()  # already contiguous: no copy
+
+    _, counts = count_launches(three_kernels)
+    assert counts.kernel_ops == 3, counts.kernel_op_names
+    assert counts.host_syncs == 0 and counts.device_kernels is None
+
+
+def test_kernel_ops_count_each_op_once_and_host_syncs_once_each():
+    a = torch.randn(5, 6)
+    layer = torch.nn.Linear(6, 4)
+
+    def work():
+        out = layer(a)  # aten::linear -> aten::t (a view) + aten::addmm: one
+        total = out.sum().item()  # the sum: one; item -> _local_scalar_dense: one sync, no kernel
+        nonzero = (out > 0).nonzero()  # the comparison and nonzero: two; nonzero reads its size back: a sync
+        return total, nonzero, bool(out[0, 0] > 0)  # a comparison on a view: one; is_nonzero -> item: one sync
+
+    with torch.inference_mode():
+        _, counts = count_launches(work)
+    assert counts.kernel_ops == 5, counts.kernel_op_names
+    assert counts.host_syncs == 3
+    assert not {"aten::linear", "aten::t", "aten::item", "aten::_local_scalar_dense"} & counts.kernel_op_names.keys()
+
