@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import av
 import numpy as np
@@ -336,3 +339,28 @@ def test_kernel_ops_count_each_op_once_and_host_syncs_once_each():
     assert counts.host_syncs == 3
     assert not {"aten::linear", "aten::t", "aten::item", "aten::_local_scalar_dense"} & counts.kernel_op_names.keys()
 
+
+# ---- the GPU check script ----------------------------------------------------------------------
+
+GPU_CHECK = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_script_parses():
+    result = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpu_check_summary_reads_model_reports(tmp_path):
+    """The summary step of gpu_check.sh (bench/gpu_summary.py) on two hand-made reports."""
+    from bench.gpu_summary import summary_lines
+
+    for streams, ms in ((1, 2.0), (8, 4.0)):
+        report = {"model": "m", "image_size": [224, 224], "streams": streams, "dtype": "bfloat16",
+                  "execution": "graph", "dense_ms": 2 * ms, "dense_kernel_ops_per_step": 100,
+                  "results": [{"budget_spec": "64", "eventful_ms": ms, "speedup": 2.0, "mac_ratio": 3.0,
+                               "top1_agreement": 0.9, "kernel_ops_per_step": 400, "host_syncs_per_step": 0}]}
+        (tmp_path / f"model_m_b{streams}.json").write_text(json.dumps(report))
+    lines = summary_lines(tmp_path)
+    assert len([line for line in lines if line.lstrip().startswith("m ")]) == 2
+    assert any(" 2.00x " in line and "100/400" in line for line in lines)
