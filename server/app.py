@@ -93,14 +93,17 @@ def build_runner(settings: Settings, model: VisionTransformer | None = None) -> 
     if model is None:
         model = load_configured_model(settings)
     eventful = EventfulConfig(
-        level=settings.level, gate_position=settings.gate_position, refresh_interval=settings.refresh_interval
+        level=settings.level, gate_position=settings.gate_position, refresh_interval=settings.refresh_interval,
+        execution=settings.step_execution,
     )
+    slots = settings.max_streams + 1  # every stream's state, and an adaptive stream's probe copy
     limits = engine_config(settings).limits
     if isinstance(model, VideoMAE):  # clip mode: a sliding window per stream, RLT, an action label every stride
         return ClipRunner(model, settings.rlt_tau, settings.clip_stride, top_k=settings.top_k, limits=limits)
     if isinstance(model, YolosDetector):  # detection: boxes in frame pixels
-        return DetectRunner(model, eventful, settings.detect_threshold, settings.max_boxes, limits=limits)
-    return ModelRunner(model, eventful, top_k=settings.top_k, limits=limits)
+        return DetectRunner(model, eventful, settings.detect_threshold, settings.max_boxes, limits=limits,
+                            slots=slots)
+    return ModelRunner(model, eventful, top_k=settings.top_k, limits=limits, slots=slots)
 
 
 def create_app(

@@ -25,7 +25,11 @@ FLAGS: list[tuple[str, dict]] = [
     ("--image-size", dict(help="model input size, e.g. 224 or 432x768")),
     ("--num-heads", dict(type=int, help="attention heads (timm files do not record it)")),
     ("--device", dict(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")),
-    ("--dtype", dict(choices=["float32", "float16", "bfloat16"])),
+    ("--dtype", dict(choices=["auto", "float32", "float16", "bfloat16"],
+                     help="model and state dtype (auto: bfloat16 on CUDA, float32 on the CPU)")),
+    ("--execution", dict(choices=["auto", "eager", "compile", "graph"],
+                         help="eventful steps eager, compiled per shape, or captured as CUDA graphs (auto: graph on "
+                              "CUDA, eager on the CPU)")),
     ("--level", dict(choices=["tokenwise", "qk", "full"])),
     ("--gate-position", dict(choices=["residual", "normed"])),
     ("--refresh-interval", dict(type=int, help="force a dense frame every K frames per stream")),

@@ -23,7 +23,13 @@ class Settings(BaseSettings):
     image_size: tuple[int, int] | None = Field(None, description="model input size (height, width)")
     num_heads: int | None = Field(None, ge=1, description="attention heads (timm files do not record it)")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="model and state dtype; 'auto': bfloat16 on CUDA, float32 on the CPU"
+    )
+    execution: Literal["auto", "eager", "compile", "graph"] = Field(
+        "auto", description="how eventful steps run: 'auto' (CUDA graphs on CUDA, eager on the CPU), 'eager', "
+        "'compile' (torch.compile per step shape) or 'graph' (CUDA only: captured CUDA graphs)",
+    )
     level: Literal["tokenwise", "qk", "full"] = "tokenwise"
     gate_position: Literal["residual", "normed"] = "residual"
     refresh_interval: int | None = Field(None, ge=1, description="force a dense frame every K frames per stream")
@@ -101,6 +107,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.execution == "graph" and self.device == "cpu":
+            raise ValueError("execution 'graph' captures CUDA graphs: it needs a CUDA device")
         return self
 
     @property
@@ -120,4 +128,13 @@ class Settings(BaseSettings):
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def step_execution(self) -> str:
+        """execution, with 'auto' resolved for the device."""
+        if self.execution == "auto":
+            return "graph" if self.torch_device.type == "cuda" else "eager"
+        return self.execution

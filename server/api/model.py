@@ -24,4 +24,6 @@ def get_model(request: Request, engine: EngineDep) -> ModelOut:
         weights_source=weights.source if weights else None, task=task, image_size=tuple(config.image_size),
         patch_size=config.patch_size, num_patches=runner.num_patches, num_classes=config.num_classes,
         device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
+        execution=runner.eventful.config.execution if hasattr(runner, "eventful") else None,
+        state_pool_bytes=getattr(runner, "pool_bytes", None),
     )

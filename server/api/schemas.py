@@ -196,6 +196,11 @@ class ModelOut(BaseModel):
     num_classes: int
     device: str
     dtype: str
+    execution: str | None = Field(
+        None, description="how eventful steps run: eager, compile or graph (null for clip models)")
+    state_pool_bytes: int | None = Field(
+        None, description="bytes of the state pool on the device: every stream slot and the scratch slot, allocated "
+        "at start-up for --max-streams (null for clip models, whose windows are per stream)")
 
 
 class Health(BaseModel):

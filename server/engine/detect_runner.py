@@ -24,9 +24,9 @@ class DetectRunner(ModelRunner):
 
     def __init__(
         self, model: YolosDetector, eventful: EventfulConfig | None = None, threshold: float = 0.5,
-        max_boxes: int = 100, limits: FrameLimits | None = None,
+        max_boxes: int = 100, limits: FrameLimits | None = None, slots: int = 8,
     ):  # fmt: skip
-        super().__init__(model, eventful, top_k=1, limits=limits)
+        super().__init__(model, eventful, top_k=1, limits=limits, slots=slots)
         self.threshold = threshold
         self.max_boxes = max_boxes
 

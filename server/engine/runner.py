@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.eventful import EventfulConfig, EventfulViT, StepOutput
+from model.eventful import EventfulConfig, EventfulViT, StepOutput, StepShape, batch_bucket, token_bucket
 from model.policy import StreamBudget
 from model.preprocess import Preprocessor
 from model.state import StreamState
@@ -107,18 +107,31 @@ class ModelRunner(FrameRunner):
 
     def __init__(
         self, model: VisionTransformer, eventful: EventfulConfig | None = None, top_k: int = 5,
-        limits: FrameLimits | None = None,
+        limits: FrameLimits | None = None, slots: int = 8,
     ):
         super().__init__(model, top_k, limits)
-        self.eventful = EventfulViT(model, eventful)
+        # the state pool: `slots` streams' buffers allocated once (it grows, copying, only past that)
+        self.eventful = EventfulViT(model, eventful, slots=slots)
 
     def new_state(self) -> StreamState:
+        """A slot of the pool; it returns to the pool when the state is released or dropped."""
         return self.eventful.new_state()
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the state pool on the device (every slot, used or not)."""
+        return self.eventful.pool.nbytes
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] CPU float32 -> the model's device and dtype (pinned, non-blocking copy on CUDA)."""
+        if self.device.type == "cuda":
+            return images.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
+        return images.to(self.dtype)
 
     def execute(self, plan: StepPlan) -> StepResult:
         """One batched eventful step over the plan's streams, then the model's read-out per frame."""
         start = time.perf_counter()
-        images = torch.stack([p.image for p in plan.frames]).to(self.device, self.dtype)  # [B, 3, H, W]
+        images = self._to_device(torch.stack([p.image for p in plan.frames]))  # [B, 3, H, W]
         shadows: dict[int, tuple[torch.Tensor, int]] = {}
         for j, planned in enumerate(plan.frames):
             if planned.shadow is not None and not planned.state.needs_dense:  # measured on the old state, first
@@ -160,6 +173,7 @@ class ModelRunner(FrameRunner):
         n = self.num_patches
         sparse = StreamBudget(tokens=max(1, n // 4))
         dense_seconds, eventful = {}, []
+        self.eventful.prepare(self.step_shapes(max(batch_sizes)))
         for batch in batch_sizes:
             image = torch.rand(batch, 3, h, w, device=self.device, dtype=self.dtype)
             states = [self.new_state() for _ in range(batch)]
@@ -174,3 +188,18 @@ class ModelRunner(FrameRunner):
             self.eventful.step(image, states, [StreamBudget.dense()] * batch).logits.sum().item()  # .item(): synced
             dense_seconds[batch] = time.perf_counter() - start
         return WarmupTimings(dense_seconds, eventful)
+
+    def step_shapes(self, max_batch: int) -> list[StepShape]:
+        """The shapes steps of up to max_batch streams can take, compiled or captured at start-up (none when eager;
+        compiled CPU steps warm the plain and seeding shapes only: a CPU compile takes about a minute per shape,
+        so the sparse ones compile when first used). Captured: every batch bucket x every token bucket."""
+        execution = self.eventful.config.execution
+        if execution == "eager":
+            return []
+        batches = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
+        n, np_, prefix = self.config.num_tokens, self.num_patches, self.config.num_prefix_tokens
+        shapes = [StepShape(b, n, kind) for b in batches for kind in ("plain", "seed")]
+        if execution == "graph":
+            widths = sorted({prefix + token_bucket(r, np_) for r in range(np_)})
+            shapes += [StepShape(b, width, "sparse") for b in batches for width in widths]
+        return shapes

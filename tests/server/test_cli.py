@@ -43,3 +43,17 @@ def test_bad_settings_exit_2_naming_the_field(argv, field, capsys):
 def test_unloadable_model_exits_2_before_serving(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "missing.pth"), "--port", "1"]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_dtype_and_execution_resolve_for_the_device():
+    import torch
+
+    from server.settings import Settings
+
+    cpu = Settings(device="cpu")
+    assert (cpu.torch_dtype, cpu.step_execution) == (torch.float32, "eager")
+    cuda = Settings(device="cuda")
+    assert (cuda.torch_dtype, cuda.step_execution) == (torch.bfloat16, "graph")
+    assert Settings(device="cuda", dtype="float32", execution="compile").step_execution == "compile"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Settings(device="cpu", execution="graph")
