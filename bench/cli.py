@@ -46,7 +46,7 @@ def _parse_budget_specs(text: str) -> list[tuple[float, ...]]:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXECUTIONS = ("eager", "compile", "graph")
+EXECUTIONS = ("eager", "compile", "graph", "compile-graph")
 
 
 def _check_readable(paths: list[str]) -> None:
@@ -281,8 +281,8 @@ def run_model(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if args.execution == "graph" and device.type != "cuda":
-        print("error: --execution graph captures CUDA graphs: it needs --device cuda", file=sys.stderr)
+    if args.execution in ("graph", "compile-graph") and device.type != "cuda":
+        print(f"error: --execution {args.execution} captures CUDA graphs: it needs --device cuda", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, image_size=args.image_size, num_heads=args.num_heads, labels_path=args.labels)

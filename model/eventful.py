@@ -12,6 +12,7 @@ Prefix tokens (class, distillation, detection) pass every gate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from model.state import LEVELS, Level, StreamState
 from model.vit import Block, VisionTransformer
 
 GATE_POSITIONS = ("normed", "residual")
-EXECUTIONS = ("eager", "compile", "graph")
+EXECUTIONS = ("eager", "compile", "graph", "compile-graph")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ class EventfulConfig:
     gate_position: str = "residual"
     # Every K-th frame of a stream is dense, bounding accumulated error (None: only new/flushed streams).
     refresh_interval: int | None = None
-    # How a step runs: "eager" (PyTorch ops, exact shapes), "compile" (torch.compile per shape bucket) or "graph"
-    # (CUDA only: one captured CUDA graph per shape bucket, replayed). See EXECUTIONS.
+    # How a step runs: "eager" (PyTorch ops, exact shapes), "compile" (torch.compile per shape bucket), "graph"
+    # (CUDA only: the eager kernels captured as one CUDA graph per shape bucket, replayed) or "compile-graph" (CUDA
+    # only: the compiled step's fused kernels captured per bucket). See EXECUTIONS.
     execution: str = "eager"
 
     def __post_init__(self):
@@ -113,9 +115,10 @@ class _Gate:
         return tokens.reshape(-1, c).index_select(0, self.batch_rows).view(b, -1, c)
 
     def write(self, buffer: torch.Tensor, values: torch.Tensor) -> None:
-        """values [B, W, D] into a pool buffer [slots + 1, N, D] at the valid ranks (the rest land in scratch)."""
+        """values [B, W, D] (or [B * W, D]) into a pool buffer [slots + 1, N, D] at the valid ranks (the rest land in
+        scratch)."""
         d = values.shape[-1]
-        buffer.view(-1, d).index_copy_(0, self.rows, values.reshape(-1, d))
+        buffer.view(-1, d).index_copy_(0, self.rows, values if values.dim() == 2 else values.reshape(-1, d))
 
 
 def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -146,11 +149,13 @@ class EventfulViT:
         if self.vit.num_prefix_tokens < 1:
             raise ValueError("the eventful step needs at least one prefix token (the always-updated class token)")
         self.scale = self.vit.head_dim**-0.5
+        self._norm_scale = math.sqrt(self.vit.embed_dim)  # gates compare L2 norms: RMS thresholds x sqrt(C)
         self._dense_block_macs = dense_block_macs(self.vit)
         self._fixed_macs = embed_macs(self.vit) + head_macs(self.vit)
         p = next(model.parameters())
-        if self.config.execution == "graph" and p.device.type != "cuda":
-            raise ValueError("execution 'graph' captures CUDA graphs: the model must be on a CUDA device")
+        if self.config.execution in ("graph", "compile-graph") and p.device.type != "cuda":
+            raise ValueError(f"execution {self.config.execution!r} captures CUDA graphs: the model must be on a CUDA "
+                             "device")
         self.pool = StatePool(self.vit, self.config.level, slots=slots, device=p.device, dtype=p.dtype)
         n, prefix = self.vit.num_tokens, self.vit.num_prefix_tokens
         # Ranking keys add this to (change bits * N): lower token index first among equal changes (so a stream gets
@@ -218,7 +223,7 @@ class EventfulViT:
         order = [j for members, *_ in parts for j in members]
         x, logits = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         if order != list(range(b)):
-            inverse = torch.tensor(sorted(range(b), key=order.__getitem__), device=x.device)
+            inverse = _device_ints(sorted(range(b), key=order.__getitem__), x.device)
             x, logits = x.index_select(0, inverse), logits.index_select(0, inverse)
         return StepOutput(logits, x, torch.tensor(counts, dtype=torch.long), macs, dense_macs(self.vit), dense_frame)
 
@@ -252,7 +257,8 @@ class EventfulViT:
         b, n, prefix = len(members), self.vit.num_tokens, self.vit.num_prefix_tokens
         shape = self.shape_for([budgets[j] for j in members], seed)
         pad = shape.batch - b
-        chosen = images if members == list(range(images.shape[0])) else images[members]
+        chosen = images if members == list(range(images.shape[0])) else images.index_select(
+            0, _device_ints(members, images.device))
         if pad:
             chosen = torch.cat([chosen, chosen.new_zeros((pad, *chosen.shape[1:]))])
         slots = [states[j].slot for j in members] + [pool.scratch] * pad
@@ -262,11 +268,9 @@ class EventfulViT:
             for j in [*members, *([None] * pad)]:
                 bud = budgets[j] if j is not None else StreamBudget(tokens=0)
                 cap = min(np_ if bud.tokens is None else bud.tokens, np_)
-                key = INT64_MIN if bud.threshold is None else _float_bits(bud.threshold) * n
+                key = INT64_MIN if bud.threshold is None else _float_bits(bud.threshold * self._norm_scale) * n
                 meta += [INT64_MIN] * prefix + [key] * cap + [INT64_MAX] * (shape.width - prefix - cap)
-        meta_t = torch.tensor(meta, dtype=torch.int64)
-        if chosen.device.type == "cuda":
-            meta_t = meta_t.pin_memory().to(chosen.device, non_blocking=True)
+        meta_t = _device_ints(meta, chosen.device)
         slots_t, limits_t = meta_t[: shape.batch], meta_t[shape.batch :].view(shape.batch, -1)
         x, logits, valid = self._executor(pool, shape)(chosen, slots_t, limits_t)
         if seed:
@@ -315,8 +319,12 @@ class EventfulViT:
                 _raise_recompile_limits()
                 compiled = torch.compile(fn, fullgraph=True, dynamic=False)
                 self._executors[key] = lambda images, slots, limits: compiled(images, slots, limits, pool.layers)
-            else:
+            elif execution == "graph":
                 self._executors[key] = _CapturedStep(self, fn, pool, shape)
+            else:  # compile-graph: compiled on the warm-up calls, then captured
+                _raise_recompile_limits()
+                self._executors[key] = _CapturedStep(self, torch.compile(fn, fullgraph=True, dynamic=False), pool,
+                                                     shape)
         return self._executors[key]
 
     def prepare(self, shapes: list[StepShape]) -> None:
@@ -359,16 +367,16 @@ class EventfulViT:
     # ---- gates ---------------------------------------------------------------------------------
 
     def _gate(self, g: torch.Tensor, reference: torch.Tensor, ctx: _Context, redirect: bool = False) -> _Gate:
-        """Rank tokens by RMS change of g [B, N, C] against the slots' reference rows [slots + 1, N, C], keep each
+        """Rank tokens by the change of g [B, N, C] against the slots' reference rows [slots + 1, N, C], keep each
         row's ranks within its limits, and move the reference to g at the kept tokens.
 
         Keys are the change's float bits (non-negative floats order like their bits) times N plus a tie-break, so
-        `keys >= threshold bits * N` is `change >= threshold`, and a rank's limit encodes both the top-r cut and
-        the threshold. redirect: ranks outside the budget point at the row's first token (a prefix token), so
-        their computed values equal a kept token's and writes through them are harmless (the qk and full
-        levels scatter into batch copies)."""
+        `keys >= bits(threshold * sqrt(C)) * N` is `RMS change >= threshold`, and a rank's limit encodes both the
+        top-r cut and the threshold. redirect: ranks outside the budget point at the row's first token (a prefix
+        token), so their computed values equal a kept token's and writes through them are harmless (the qk and
+        full levels scatter into batch copies)."""
         b, n, c = g.shape
-        change = torch.linalg.vector_norm(g - reference.index_select(0, ctx.slots), dim=-1) * c**-0.5  # [B, N]
+        change = torch.linalg.vector_norm(g - reference.index_select(0, ctx.slots), dim=-1)  # [B, N]: sqrt(C) x RMS
         keys = torch.add(self._tiebreak, change.float().view(torch.int32).to(torch.int64), alpha=n)  # [B, N]
         top, index = keys.topk(ctx.width, dim=1)  # [B, W], prefix tokens first
         valid = top >= ctx.limits
@@ -430,7 +438,7 @@ class EventfulViT:
         h = gate.take(h_all) if normed else block.norm1(gate.take(x))  # [B, W, C]
         qkv = linear(h, attn.qkv)  # [B, W, 3C]
         if level == "tokenwise":
-            gate.write(layer["key_values"], qkv[..., c:])
+            gate.write(layer["key_values"], qkv.view(-1, 3 * c)[:, c:])  # a strided view: written without a copy
             kv = layer["key_values"].index_select(0, ctx.slots)  # [B, N, 2C]
             heads = attn.num_heads
             out = F.scaled_dot_product_attention(_heads(qkv[..., :c], heads), _heads(kv[..., :c], heads),
@@ -541,6 +549,14 @@ class _Context:
     batch_rows: torch.Tensor  # [B, 1] b * N: first row of each batch row in a [B * N] view
     scratch_row: int  # first row of the scratch slot
     width: int
+
+
+def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor on `device`; from pinned memory, without blocking the host, on CUDA."""
+    tensor = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _float_bits(value: float) -> int:

@@ -27,9 +27,9 @@ FLAGS: list[tuple[str, dict]] = [
     ("--device", dict(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")),
     ("--dtype", dict(choices=["auto", "float32", "float16", "bfloat16"],
                      help="model and state dtype (auto: bfloat16 on CUDA, float32 on the CPU)")),
-    ("--execution", dict(choices=["auto", "eager", "compile", "graph"],
-                         help="eventful steps eager, compiled per shape, or captured as CUDA graphs (auto: graph on "
-                              "CUDA, eager on the CPU)")),
+    ("--execution", dict(choices=["auto", "eager", "compile", "graph", "compile-graph"],
+                         help="eventful steps eager, compiled per shape, captured as CUDA graphs, or compiled and "
+                              "captured (auto: graph on CUDA, eager on the CPU)")),
     ("--level", dict(choices=["tokenwise", "qk", "full"])),
     ("--gate-position", dict(choices=["residual", "normed"])),
     ("--refresh-interval", dict(type=int, help="force a dense frame every K frames per stream")),

@@ -26,9 +26,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="model and state dtype; 'auto': bfloat16 on CUDA, float32 on the CPU"
     )
-    execution: Literal["auto", "eager", "compile", "graph"] = Field(
+    execution: Literal["auto", "eager", "compile", "graph", "compile-graph"] = Field(
         "auto", description="how eventful steps run: 'auto' (CUDA graphs on CUDA, eager on the CPU), 'eager', "
-        "'compile' (torch.compile per step shape) or 'graph' (CUDA only: captured CUDA graphs)",
+        "'compile' (torch.compile per step shape), 'graph' (CUDA only: the eager kernels captured as CUDA graphs) "
+        "or 'compile-graph' (CUDA only: the compiled step captured)",
     )
     level: Literal["tokenwise", "qk", "full"] = "tokenwise"
     gate_position: Literal["residual", "normed"] = "residual"
@@ -107,8 +108,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.execution == "graph" and self.device == "cpu":
-            raise ValueError("execution 'graph' captures CUDA graphs: it needs a CUDA device")
+        if self.execution in ("graph", "compile-graph") and self.device == "cpu":
+            raise ValueError(f"execution {self.execution!r} captures CUDA graphs: it needs a CUDA device")
         return self
 
     @property

@@ -199,7 +199,7 @@ class ModelRunner(FrameRunner):
         batches = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
         n, np_, prefix = self.config.num_tokens, self.num_patches, self.config.num_prefix_tokens
         shapes = [StepShape(b, n, kind) for b in batches for kind in ("plain", "seed")]
-        if execution == "graph":
+        if execution in ("graph", "compile-graph"):
             widths = sorted({prefix + token_bucket(r, np_) for r in range(np_)})
             shapes += [StepShape(b, width, "sparse") for b in batches for width in widths]
         return shapes
