@@ -204,6 +204,8 @@ class EventfulViT:
         # of its own: beside the sparse streams it would widen every row to all N tokens.
         every = [j for j in range(b) if dense_frame[j] or budgets[j].is_dense_for(np_)]
         some = [j for j in range(b) if j not in every]
+        every.sort(key=lambda j: states[j].slot)  # in slot order: consecutive slots are views, not gathers (eager)
+        some.sort(key=lambda j: states[j].slot)
         parts = []
         if every:
             parts.append((every, *self._run(pool, images, states, budgets, every, seed=True)))
@@ -272,6 +274,8 @@ class EventfulViT:
                 meta += [INT64_MIN] * prefix + [key] * cap + [INT64_MAX] * (shape.width - prefix - cap)
         meta_t = _device_ints(meta, chosen.device)
         slots_t, limits_t = meta_t[: shape.batch], meta_t[shape.batch :].view(shape.batch, -1)
+        if self.config.execution == "eager" and not pad and slots == list(range(slots[0], slots[0] + b)):
+            slots_t = range(slots[0], slots[0] + b)
         x, logits, valid = self._executor(pool, shape)(chosen, slots_t, limits_t)
         if seed:
             counts = [[[n] * 3] * self.vit.depth] * b
@@ -354,10 +358,11 @@ class EventfulViT:
 
     def _sparse_step(self, images, slots, limits, layers):
         """Rows' top tokens per gate, within each row's limits. Returns x, logits and valid [B, gates, W]."""
-        n = self.vit.num_tokens
-        batch_rows = torch.arange(slots.shape[0], device=slots.device)[:, None] * n
+        n, device = self.vit.num_tokens, images.device
+        batch_rows = torch.arange(images.shape[0], device=device)[:, None] * n
         scratch_row = (layers[0]["qkv_reference"].shape[0] - 1) * n
-        ctx = _Context(slots, limits, slots[:, None] * n, batch_rows, scratch_row, limits.shape[1])
+        slot_index = torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, range) else slots
+        ctx = _Context(slots, limits, slot_index[:, None] * n, batch_rows, scratch_row, limits.shape[1])
         valids: list[torch.Tensor] = []
         x = self.model.embed(images)  # [B, N, C]
         for i, block in enumerate(self.model.blocks):
@@ -376,7 +381,7 @@ class EventfulViT:
         token), so their computed values equal a kept token's and writes through them are harmless (the qk and
         full levels scatter into batch copies)."""
         b, n, c = g.shape
-        change = torch.linalg.vector_norm(g - reference.index_select(0, ctx.slots), dim=-1)  # [B, N]: sqrt(C) x RMS
+        change = torch.linalg.vector_norm(g - _rows(reference, ctx.slots), dim=-1)  # [B, N]: sqrt(C) x RMS
         keys = torch.add(self._tiebreak, change.float().view(torch.int32).to(torch.int64), alpha=n)  # [B, N]
         top, index = keys.topk(ctx.width, dim=1)  # [B, W], prefix tokens first
         valid = top >= ctx.limits
@@ -394,17 +399,17 @@ class EventfulViT:
         normed, level, c = self.config.gate_position == "normed", self.config.level, self.vit.embed_dim
         attn = block.attn
         h = block.norm1(x)
-        layer["qkv_reference"].index_copy_(0, slots, h if normed else x)
+        _write_rows(layer["qkv_reference"], slots, h if normed else x)
         qkv = linear(h, attn.qkv)  # [B, N, 3C]
-        layer["key_values"].index_copy_(0, slots, qkv[..., c:])
+        _write_rows(layer["key_values"], slots, qkv[..., c:])
         q, k, v = attn.split_heads(qkv)  # [B, H, N, Dh]
         if level == "tokenwise":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            layer["queries"].index_copy_(0, slots, qkv[..., :c])
+            _write_rows(layer["queries"], slots, qkv[..., :c])
             logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             if level == "qk":
-                layer["attention_logits"].index_copy_(0, slots, logits)
+                _write_rows(layer["attention_logits"], slots, logits)
                 out = logits.softmax(dim=-1) @ v
             else:
                 offset = logits.amax(dim=-1)  # [B, H, N]
@@ -413,18 +418,18 @@ class EventfulViT:
                 weighted = weights @ v
                 for name, t in (("exp_weights", weights), ("row_offset", offset), ("row_sum", row_sum),
                                 ("weighted_values", weighted)):
-                    layer[name].index_copy_(0, slots, t)
+                    _write_rows(layer[name], slots, t)
                 out = weighted / row_sum[..., None]
         out = _merge(out)  # [B, N, C]
         if level != "tokenwise":
-            layer["proj_reference"].index_copy_(0, slots, out)
+            _write_rows(layer["proj_reference"], slots, out)
         update = linear(out, attn.proj)
-        layer["attention_update"].index_copy_(0, slots, update)
+        _write_rows(layer["attention_update"], slots, update)
         x = x + update
         h = block.norm2(x)
-        layer["mlp_reference"].index_copy_(0, slots, h if normed else x)
+        _write_rows(layer["mlp_reference"], slots, h if normed else x)
         update = block.mlp(h)
-        layer["mlp_update"].index_copy_(0, slots, update)
+        _write_rows(layer["mlp_update"], slots, update)
         return x + update
 
     def _sparse_block(self, block: Block, x: torch.Tensor, layer: dict[str, torch.Tensor], ctx: _Context,
@@ -439,7 +444,7 @@ class EventfulViT:
         qkv = linear(h, attn.qkv)  # [B, W, 3C]
         if level == "tokenwise":
             gate.write(layer["key_values"], qkv.view(-1, 3 * c)[:, c:])  # a strided view: written without a copy
-            kv = layer["key_values"].index_select(0, ctx.slots)  # [B, N, 2C]
+            kv = _rows(layer["key_values"], ctx.slots)  # [B, N, 2C]
             heads = attn.num_heads
             out = F.scaled_dot_product_attention(_heads(qkv[..., :c], heads), _heads(kv[..., :c], heads),
                                                  _heads(kv[..., c:], heads))  # [B, H, W, Dh]
@@ -449,14 +454,14 @@ class EventfulViT:
             proj_gate = self._gate(out, layer["proj_reference"], ctx)
             valids.append(proj_gate.valid)
             proj_gate.write(layer["attention_update"], linear(proj_gate.take(out), attn.proj))
-        x = x + layer["attention_update"].index_select(0, ctx.slots)
+        x = x + _rows(layer["attention_update"], ctx.slots)
 
         h_all = block.norm2(x) if normed else None
         gate = self._gate(h_all if normed else x, layer["mlp_reference"], ctx)
         valids.append(gate.valid)
         h = gate.take(h_all) if normed else block.norm2(gate.take(x))
         gate.write(layer["mlp_update"], block.mlp(h))
-        return x + layer["mlp_update"].index_select(0, ctx.slots)
+        return x + _rows(layer["mlp_update"], ctx.slots)
 
     # ---- attention for the query-key and attention-value levels ---------------------------------
 
@@ -467,7 +472,7 @@ class EventfulViT:
         c, heads = self.vit.embed_dim, attn.num_heads
         names = ["queries", "key_values", *(["attention_logits"] if self.config.level == "qk" else
                                             ["exp_weights", "row_offset", "row_sum", "weighted_values"])]
-        work = {name: layer[name].index_select(0, ctx.slots) for name in names}
+        work = {name: _rows(layer[name], ctx.slots) for name in names}
         index = gate.index  # [B, W]
         old_values = None
         if self.config.level == "full":
@@ -481,7 +486,7 @@ class EventfulViT:
         else:
             out = self._attention_full(queries, keys, values, old_values, index, gate.valid, work)
         for name, tensor in work.items():
-            layer[name].index_copy_(0, ctx.slots, tensor)
+            _write_rows(layer[name], ctx.slots, tensor)
         return _merge(out)
 
     def _head_index(self, index: torch.Tensor, heads: int) -> torch.Tensor:
@@ -543,12 +548,28 @@ class EventfulViT:
 class _Context:
     """Per-call tensors every gate of a sparse step uses."""
 
-    slots: torch.Tensor  # [B] pool slot per row (padding rows: scratch)
+    slots: torch.Tensor | range  # [B] pool slot per row (padding rows: scratch); eager: a range when consecutive
     limits: torch.Tensor  # [B, W] int64 key a rank must reach to be updated
     slot_rows: torch.Tensor  # [B, 1] slot * N: first row of each slot in a [(slots + 1) * N] view
     batch_rows: torch.Tensor  # [B, 1] b * N: first row of each batch row in a [B * N] view
     scratch_row: int  # first row of the scratch slot
     width: int
+
+
+def _rows(buffer: torch.Tensor, slots: torch.Tensor | range) -> torch.Tensor:
+    """The slots' rows of a pool buffer [slots + 1, ...] -> [B, ...]: a view for a range of consecutive slots
+    (eager steps), a gather otherwise."""
+    if isinstance(slots, range):
+        return buffer[slots.start : slots.stop]
+    return buffer.index_select(0, slots)
+
+
+def _write_rows(buffer: torch.Tensor, slots: torch.Tensor | range, values: torch.Tensor) -> None:
+    """values [B, ...] into the slots' rows of a pool buffer."""
+    if isinstance(slots, range):
+        buffer[slots.start : slots.stop].copy_(values)
+    else:
+        buffer.index_copy_(0, slots, values)
 
 
 def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
@@ -583,6 +604,7 @@ class _CapturedStep:
     def __init__(self, runner: EventfulViT, fn, pool: StatePool, shape: StepShape):
         device = runner._tiebreak.device
         h, w = runner.vit.image_size
+        self.kind = shape.kind
         self.images = torch.zeros(shape.batch, 3, h, w, device=device, dtype=pool.dtype)
         self.slots = torch.full((shape.batch,), pool.scratch, dtype=torch.int64, device=device)
         self.limits = torch.full((shape.batch, shape.width), INT64_MAX, dtype=torch.int64, device=device)
@@ -602,9 +624,9 @@ class _CapturedStep:
 
     def __call__(self, images, slots, limits):
         self.images.copy_(images, non_blocking=True)
-        if slots is not None:
+        if self.kind != "plain":
             self.slots.copy_(slots, non_blocking=True)
-        if limits is not None:
+        if self.kind == "sparse":
             self.limits.copy_(limits, non_blocking=True)
         self.graph.replay()
         return tuple(None if t is None else t.clone() for t in self.outputs)

@@ -109,3 +109,42 @@ def test_real_checkpoint_on_cuda_agrees_with_the_cpu(shared_file):
         b = runners[1].step(images[t : t + 1].to(CUDA), [states[1]], [StreamBudget(tokens=64)]).logits.cpu()
         assert a.argmax(-1).item() == b.argmax(-1).item(), t
         assert (a - b).abs().max() <= 1e-2 * a.abs().max(), t
+
+
+@pytest.mark.parametrize("execution", ["graph", "compile-graph"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_captured_steps_equal_eager_on_cuda(pair, level, execution):
+    """Every step kind captured as a CUDA graph (padded batch buckets, mixed budgets, a joiner, a threshold) gives
+    the eager step's results, and capturing writes no stream's state."""
+    if execution == "compile-graph" and level != "tokenwise":
+        pytest.skip("compile-graph is measured on the token-wise level")
+    _, gpu = pair
+    eager, captured = EventfulViT(gpu, EventfulConfig(level=level)), EventfulViT(gpu, EventfulConfig(
+        level=level, execution=execution))
+    budgets = [StreamBudget(tokens=6), StreamBudget(tokens=20), StreamBudget(threshold=0.2, tokens=30)]
+    videos = [video(6, seed=s).to(CUDA) for s in (1, 2, 3)]
+    states = {r: [r.new_state() for _ in budgets] for r in (eager, captured)}
+    for t in range(6):
+        members = [0, 1] if t < 2 else [0, 1, 2]  # stream 2 joins at t = 2 (a seeding call beside the others)
+        images = torch.cat([videos[j][t : t + 1] for j in members])
+        outs = [r.step(images, [states[r][j] for j in members], [budgets[j] for j in members]) for r in
+                (eager, captured)]
+        assert torch.allclose(outs[0].logits, outs[1].logits, atol=1e-4, rtol=1e-4), t
+        assert torch.equal(outs[0].updated_tokens, outs[1].updated_tokens), t
+    plain = [r.step(videos[0][:2], [r.new_state(), r.new_state()]).logits for r in (eager, captured)]
+    assert torch.allclose(plain[0], plain[1], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_step_on_cuda_follows_float32_and_halves_the_state(pair):
+    """bf16 model and state: the same tokens mostly, logits close to fp32's, and half the state bytes."""
+    _, gpu = pair
+    half = copy.deepcopy(gpu).to(torch.bfloat16)
+    runners = EventfulViT(gpu), EventfulViT(half, EventfulConfig(execution="graph"))
+    states = [r.new_state() for r in runners]
+    assert states[1].nbytes * 2 == states[0].nbytes and runners[1].pool.dtype == torch.bfloat16
+    frames = video(6).to(CUDA)
+    for t in range(len(frames)):
+        a = runners[0].step(frames[t : t + 1], [states[0]], [StreamBudget(tokens=12)])
+        b = runners[1].step(frames[t : t + 1].to(torch.bfloat16), [states[1]], [StreamBudget(tokens=12)])
+        scale = a.logits.abs().max()
+        assert (a.logits - b.logits.float()).abs().max() <= 0.1 * scale, t
