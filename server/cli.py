@@ -7,81 +7,77 @@ import contextlib
 import logging
 import socket
 import sys
-from typing import TYPE_CHECKING
+from types import UnionType
+from typing import TYPE_CHECKING, Literal, Union, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
 
-from server.settings import Settings
+from server.settings import Flag, Settings
 
 if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
     from server.api.connection import Connections
 
 SWITCH_INTERVAL_S = 0.0005
 
-FLAGS: list[tuple[str, dict]] = [
-    ("--model", dict(help="checkpoint file (timm), HF directory, HF id or named architecture (EVENTFUL_MODEL)")),
-    ("--labels", dict(help="class names file for timm checkpoints")),
-    ("--image-size", dict(help="model input size, e.g. 224 or 432x768")),
-    ("--num-heads", dict(type=int, help="attention heads (timm files do not record it)")),
-    ("--device", dict(help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")),
-    ("--dtype", dict(choices=["auto", "float32", "float16", "bfloat16"],
-                     help="model and state dtype (auto: bfloat16 on CUDA, float32 on the CPU)")),
-    ("--execution", dict(choices=["auto", "eager", "compile", "graph", "compile-graph"],
-                         help="eventful steps eager, compiled per shape, captured as CUDA graphs, or compiled and "
-                              "captured (auto: graph on CUDA, eager on the CPU)")),
-    ("--level", dict(choices=["tokenwise", "qk", "full"])),
-    ("--gate-position", dict(choices=["residual", "normed"])),
-    ("--refresh-interval", dict(type=int, help="force a dense frame every K frames per stream")),
-    ("--threads", dict(type=int, dest="torch_threads", help="torch CPU threads")),
-    ("--budget-tokens", dict(type=int, help="default budget: patch tokens per gate")),
-    ("--budget-fraction", dict(type=float, help="default budget as a fraction of the patch tokens (0.25)")),
-    ("--budget-mode", dict(choices=["fixed", "auto"], help="fixed budget (default) or the latency controller")),
-    ("--target-latency-ms", dict(type=float, help="p95 latency target (auto mode, SLO, metrics buckets; 100)")),
-    ("--budget-min-tokens", dict(type=int, help="auto mode: the controller's floor (0)")),
-    ("--budget-max-tokens", dict(type=int, help="auto mode: the controller's ceiling (all patch tokens)")),
-    ("--top-k", dict(type=int)),
-    ("--detect-threshold", dict(type=float, help="YOLOS: detection score threshold (0.5)")),
-    ("--max-boxes", dict(type=int, help="YOLOS: at most this many boxes per frame (100)")),
-    ("--clip-stride", dict(type=int, help="VideoMAE: an action label every this many frames (8)")),
-    ("--rlt-tau", dict(type=float, help="VideoMAE: Run-Length Tokenization threshold, 0 = off (0.1)")),
-    ("--max-streams", dict(type=int)),
-    ("--max-batch-size", dict(type=int)),
-    ("--batch-window-ms", dict(type=float)),
-    ("--stream-ttl-s", dict(type=float, help="keep a disconnected stream's state this long for a resume")),
-    ("--decode-threads", dict(type=int)),
-    ("--seeds-per-step", dict(type=int, help="stream-seeding (dense first) frames per eventful step; others wait (1)")),
-    ("--idle-timeout-s", dict(type=float, help="close a connection that sends no frame this long (30)")),
-    ("--first-frame-grace-s", dict(type=float, help="a new connection's time for its first frame (2)")),
-    ("--max-idle-streams", dict(type=int, help="connections that may wait past the grace for a first frame (4)")),
-    ("--max-frame-bytes", dict(type=int)),
-    ("--max-frame-width", dict(type=int)),
-    ("--max-frame-height", dict(type=int)),
-    ("--max-frame-pixels", dict(type=int)),
-    ("--max-frame-aspect-ratio", dict(type=float, help="long side / short side of a frame at most (8)")),
-    ("--api-key", dict(help="require this key (prefer EVENTFUL_API_KEY: flags show up in process lists)")),
-    ("--host", dict()),
-    ("--port", dict(type=int)),
-    ("--log-level", dict(choices=["critical", "error", "warning", "info", "debug"])),
-]
-
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field, read from the field: name, type, choices, default and help."""
     parser = argparse.ArgumentParser(
         prog="eventful-serve", description=__doc__,
-        epilog="Every flag has an environment variable: EVENTFUL_ + the flag name in capitals, '-' as '_'.",
+        epilog="Every setting has an environment variable: EVENTFUL_ + its first flag name in capitals, '-' as '_' "
+               "(--max-streams: EVENTFUL_MAX_STREAMS). Flags win over the environment, the environment over defaults.",
     )
-    for flag, options in FLAGS:
-        parser.add_argument(flag, default=None, **options)
-    parser.add_argument("--metrics-require-key", action="store_true", default=None,
-                        help="/metrics needs the API key too")
-    parser.add_argument("--health-require-key", action="store_true", default=None,
-                        help="/healthz and /readyz need the API key too")
+    for name, field in Settings.model_fields.items():
+        add_setting(parser, name, field)
     return parser
 
 
+def add_setting(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    """--field-name (and the field's Flag aliases). The default stays None, so a flag not given leaves the setting
+    to the environment; types argparse has no converter for (a size, a secret) reach the field's validation as the
+    string given, and the field parses it (e.g. image_size: '224' or '432x768')."""
+    flag = next((m for m in field.metadata if isinstance(m, Flag)), Flag())
+    names = ["--" + name.replace("_", "-"), *flag.aliases]
+    options: dict = dict(dest=name, default=None, help=help_text(field))
+    if flag.metavar is not None:
+        options["metavar"] = flag.metavar
+    annotation = without_none(field.annotation)
+    if annotation is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        options.update(choices=choices, type=type(choices[0]))
+    elif annotation in (int, float):
+        options["type"] = annotation
+    parser.add_argument(*names, **options)
+
+
+def without_none(annotation):
+    """`X | None` -> X; anything else as it is."""
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def help_text(field: FieldInfo) -> str:
+    """The field's description and its default (None, the 'not set' default, is explained by the description)."""
+    text = (field.description or "").replace("%", "%%")
+    default = field.default
+    if isinstance(default, bool):
+        return f"{text} (default: {'on' if default else 'off'})"
+    if default is None:
+        return text
+    return f"{text} (default: {f'{default:g}' if isinstance(default, float) else default})"
+
+
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Flags over EVENTFUL_* environment variables over defaults. Raises pydantic's ValidationError."""
+    """Flags over EVENTFUL_* environment variables over defaults: only the flags given reach Settings, as init
+    arguments, which pydantic-settings ranks above the environment. Raises pydantic's ValidationError."""
     args = build_parser().parse_args(argv)
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 
