@@ -180,13 +180,20 @@ class EventfulViT:
 
     @torch.inference_mode()
     def step(
-        self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget] | None = None
+        self, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget] | None = None,
+        seeds: list[bool] | None = None,
     ) -> StepOutput:
-        """One frame for each of B streams. images: [B, 3, H, W]."""
+        """One frame for each of B streams. images: [B, 3, H, W].
+
+        seeds: which frames seed their stream's state (every token, writing every buffer), as a planner decided;
+        a step whose budgets are all full and that seeds nothing runs the plain dense model. None: the model's
+        own rule (a stream's first frame, the first after a flush, every `refresh_interval`-th), for callers
+        without a planner."""
         b = images.shape[0]
         budgets = budgets if budgets is not None else [StreamBudget.dense()] * b
-        if not (len(states) == len(budgets) == b):
-            raise ValueError(f"got {b} images, {len(states)} states and {len(budgets)} budgets")
+        if not (len(states) == len(budgets) == b) or (seeds is not None and len(seeds) != b):
+            raise ValueError(f"got {b} images, {len(states)} states, {len(budgets)} budgets"
+                             + ("" if seeds is None else f" and {len(seeds)} seed flags"))
         pool = states[0].pool if states else self.pool
         for state in states:
             if state.level != self.config.level or state.num_tokens != self.vit.num_tokens:
@@ -197,9 +204,13 @@ class EventfulViT:
             if state.pool is not pool or state.slot < 0:
                 raise ValueError("the states of one step must hold slots of one pool (create them with new_state())")
         np_ = self.vit.num_patches
-        if all(bud.is_dense_for(np_) for bud in budgets):
+        if seeds is not None:
+            unseeded = [j for j in range(b) if states[j].needs_dense and not seeds[j]]
+            if unseeded and not all(bud.is_dense_for(np_) for bud in budgets):
+                raise ValueError(f"the states of rows {unseeded} are not seeded: their frames must seed")
+        if all(bud.is_dense_for(np_) for bud in budgets) and not (seeds is not None and any(seeds)):
             return self._plain_dense(images, states)
-        dense_frame = [self._dense_frame(s) for s in states]
+        dense_frame = [self._dense_frame(s) for s in states] if seeds is None else list(seeds)
         # A stream computing every token (a joiner's first frame, a refresh, a full budget) runs in a seeding call
         # of its own: beside the sparse streams it would widen every row to all N tokens.
         every = [j for j in range(b) if dense_frame[j] or budgets[j].is_dense_for(np_)]

@@ -16,8 +16,8 @@ import torch
 from model.rlt import DEFAULT_TAU, classify_clips, clip_macs
 from model.videomae import VideoMAE
 from server.engine.decode import FrameLimits
+from server.engine.planner import StepPlan
 from server.engine.runner import FrameOutput, FrameRunner, StepResult, WarmupTimings
-from server.engine.scheduler import StepPlan
 
 
 @dataclass

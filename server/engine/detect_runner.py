@@ -13,8 +13,8 @@ import torch
 from model.eventful import EventfulConfig, StepOutput
 from model.yolos import YolosDetector, postprocess_detections
 from server.engine.decode import FrameLimits
+from server.engine.planner import PlannedFrame, StepPlan
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import PlannedFrame, StepPlan
 
 
 class DetectRunner(ModelRunner):

@@ -1,10 +1,10 @@
 """The engine: one inference thread owns the model; frames from every stream flow through it.
 
 A frame's way: `submit` (event loop) -> decode thread (`ModelRunner.prepare`) -> `Scheduler.put` (latest wins)
--> inference thread: `Scheduler.next_batch` -> StepPlan (states, budgets from `BudgetPolicy.resolve`; in auto mode
-the `BudgetController` decides them first, every round) -> `ModelRunner.execute` -> FrameResult delivered to the
-stream's connection. The event loop only does bookkeeping under a short lock; decoding and the model run on their
-own threads.
+-> inference thread: `Scheduler.next_batch` offers frames -> `Planner` (server/engine/planner.py) decides the
+round: budgets (in auto mode the `BudgetController` first), seeds, reuse, what waits -> one `StepPlan` ->
+`ModelRunner.execute` -> FrameResult delivered to the stream's connection. The event loop only does bookkeeping
+under a short lock; decoding and the model run on their own threads.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 
 from model.policy import StreamBudget
 from server.engine.budget import BudgetPolicy, GlobalBudget, ResolvedBudget, StreamOverride
-from server.engine.controller import BudgetController, ControllerConfig, ControllerState, StreamDemand
+from server.engine.controller import BudgetController, ControllerConfig, ControllerState
 from server.engine.decode import FrameLimits, FrameRejected, check_size
-from server.engine.frame_policy import FramePlan, PolicyError, StreamPolicySpec, StreamSchedule
+from server.engine.frame_policy import PolicyError, StreamPolicySpec
 from server.engine.messages import FrameDropped, FrameError, FrameResult, FrameTiming, StreamMessage
+from server.engine.planner import FULL, PlannedFrame, Planner, Round, StepPlan
 from server.engine.registry import (
     CLOSE_TRY_AGAIN_LATER,
     RawFrame,
@@ -33,7 +34,7 @@ from server.engine.registry import (
     StreamRegistry,
 )
 from server.engine.runner import ModelRunner, StepResult
-from server.engine.scheduler import PendingFrame, PlannedFrame, Scheduler, StepPlan
+from server.engine.scheduler import PendingFrame, Scheduler
 from server.engine.stats import (
     AuditStats,
     EngineSnapshot,
@@ -47,7 +48,6 @@ from server.engine.stats import (
 log = logging.getLogger("eventful.engine")
 
 MAX_STREAM_POLICIES = 1024  # frame policies kept by stream id (set before or while a stream is connected)
-SEED = StreamBudget(tokens=0)  # with a flush: every token through the eventful path, seeding the state (a keyframe)
 ACTIVE_STREAM_S = 1.0  # a stream that sent a frame this recently is expected to send again (batching)
 WINDOW_STEP_FRACTION = 0.25  # wait for expected company up to this fraction of a recent step (at least the window)
 
@@ -132,6 +132,7 @@ class Engine:
         self._runner: ModelRunner | None = None
         self._policy: BudgetPolicy | None = None
         self._controller: BudgetController | None = None  # observes always; decides in auto mode
+        self._planner: Planner | None = None
         self._shed_limit: int | None = None  # streams per step while the controller sheds load
         self._shed_age: float | None = None  # ... or the age (s) past which a frame is dropped before a step
         self._ready = threading.Event()
@@ -472,6 +473,9 @@ class Engine:
             self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
             self._controller.calibrate(timings.eventful, timings.dense_s)
             self._policy = policy
+            refresh = runner.eventful.config.refresh_interval if hasattr(runner, "eventful") else None
+            self._planner = Planner(runner, policy, self.config.seeds_per_step, refresh, self._stream_policies.get,
+                                    lambda now, demands: self._controller.decide(now, demands))
             self._runner = runner
             self._ready.set()
         except (FileNotFoundError, ValueError, KeyError) as err:  # a bad spec or checkpoint: the message says it
@@ -489,10 +493,11 @@ class Engine:
     def _step_once(self, runner: ModelRunner) -> bool:
         """Wait for a batch, plan it, run it, route the results. False when the engine stops."""
         with self._cond:
-            batch = self._wait_for_batch()
-            if batch is None:
+            offered = self._wait_for_batch()
+            if offered is None:
                 return False
-            plan, batch, records, plain_dense, seeding, reused = self._plan(batch)
+            step = self._plan(offered)
+        plan, batch, records, reused = step.plan, step.frames, step.records, step.reused
         result = None
         if batch:
             try:
@@ -502,7 +507,7 @@ class Engine:
                 self._step_failed(batch, records, err)
             else:
                 try:
-                    self._finish(batch, records, plan, result, plain_dense, seeding)
+                    self._finish(batch, records, plan, result)
                 except Exception:  # never let bookkeeping take the inference thread down
                     log.exception("routing the results of a step failed")
         try:  # after every served frame has gone out: reused answers, then the policies' measuring (audits)
@@ -524,13 +529,12 @@ class Engine:
             if not self._paused:
                 incoming = sum(1 for r in self._registry.records.values() if self._expected_soon(r, now))
                 window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
-                due = self._scheduler.next_batch(now, incoming, window, self._shed_limit)
+                due = self._scheduler.next_batch(now, incoming, window, self._shed_limit, take=False)
                 if isinstance(due, list):
                     if self._shed_age is not None:  # full batches, less the frames that would be late
                         due, late = self._scheduler.split_late(due, now - self._shed_age)
+                        self._scheduler.take(late, now)
                         self._drop_late(late)
-                    if self._shed_limit is not None or self._shed_age is not None:
-                        self._shed_late_frames(now)
                     return due
                 if due is not None:
                     timeout = due if timeout is None else min(timeout, due)
@@ -554,28 +558,31 @@ class Engine:
                 session.send(FrameDropped(late.frame))
             self.stats.frame(FrameEvent("dropped"))
 
-    def _decide_budgets(self, batch: list[PendingFrame], now: float) -> None:
-        """Under the lock, in auto mode: the controller decides every expected stream's tokens for this round."""
-        controller, policy = self._controller, self.policy
-        if controller is None or policy.get_global()[0].mode != "auto":
-            self._shed_limit = self._shed_age = None
-            return
-        ids = [p.stream_id for p in batch]
-        seen = set(ids)
-        for record in self._registry.records.values():
-            if record.stream_id not in seen and record.session is not None and (
-                self._scheduler.is_ready(record.stream_id) or self._expected_soon(record, now)
-            ):
-                ids.append(record.stream_id)
-        seeding = set()
-        for pending in batch:  # the frames that will seed their streams' states this step (as `_plan` picks them)
+    def _plan(self, offered: list[PendingFrame]) -> Round:
+        """Under the lock: the planner's round over the offered frames (budgets first: the controller's, in auto mode);
+        the scheduler lets go of the frames the round answers, and of frames whose connection closed."""
+        now = time.perf_counter()
+        live, gone = [], []
+        for pending in offered:
             record = self._registry.records.get(pending.stream_id)
-            if record is not None and len(seeding) < self._seeds_per_step and self._seeds(record, pending):
-                seeding.add(pending.stream_id)
-        decision = controller.decide(now, [StreamDemand(i, *policy.terms(i), seeding=i in seeding) for i in ids])
-        policy.set_auto(decision.level, decision.tokens)
-        self._shed_limit = decision.max_batch
-        self._shed_age = decision.max_age_s
+            if record is None or record.session is None or record.session.id != pending.session:
+                gone.append(pending)  # its connection closed after it was queued
+            else:
+                live.append((pending, record))
+        offered_ids = {p.stream_id for p in offered}
+        expected = [r.stream_id for r in self._registry.records.values()
+                    if r.stream_id not in offered_ids and r.session is not None
+                    and (self._scheduler.is_ready(r.stream_id) or self._expected_soon(r, now))]
+        decision = self._planner.decide_budgets(now, live, expected)
+        self._shed_limit = decision.max_batch if decision is not None else None
+        self._shed_age = decision.max_age_s if decision is not None else None
+        step = self._planner.plan(live)
+        self._scheduler.take([*step.taken, *gone], now)
+        for _ in gone:
+            self.stats.frame(FrameEvent("dropped"))
+        if self._shed_limit is not None or self._shed_age is not None:
+            self._shed_late_frames(now)
+        return step
 
     def _expected_soon(self, record: StreamRecord, now: float) -> bool:
         """A stream worth waiting for (within the batch window): no frame ready, but one being decoded, or it sent a
@@ -584,79 +591,6 @@ class Engine:
         if session is None or self._scheduler.is_ready(record.stream_id):
             return False
         return session.decoding or now - session.last_received_at < ACTIVE_STREAM_S
-
-    def _plan(
-        self, batch: list[PendingFrame],
-    ) -> tuple[StepPlan, list[PendingFrame], list[StreamRecord], bool, int, list[tuple[PendingFrame, StreamRecord]]]:
-        """Under the lock: states (created on a stream's first frame), budgets, flushes for a batch.
-
-        A frame that would seed its stream's state (its first, or the first after a flush or plain dense steps:
-        every token, through the eventful path) beyond `seeds_per_step` goes back to wait for the next step, unless
-        the step runs the plain dense model: live, four joiners seeded in one step made a 300 ms step and every
-        stream's frames 450-580 ms late for a second; one a step spreads that cost over steps the others barely
-        notice. A stream with a frame policy plans its own frames: a keyframe (dense, reseeding; not held back by
-        `seeds_per_step`: the stream's schedule pays for it), a sparse frame at the policy's budget, or a reuse (no
-        step: its last result is served again). Returns the plan, the frames / records it covers (in plan order),
-        for the controller whether the plain dense model runs (every budget full: a cost of its own) and how many
-        frames seed (one-offs), and the frames answered by reuse."""
-        planned, kept, records = [], [], []
-        self._decide_budgets(batch, time.perf_counter())
-        live = []
-        for pending in batch:
-            record = self._registry.records.get(pending.stream_id)
-            if record is None or record.session is None or record.session.id != pending.session:
-                self.stats.frame(FrameEvent("dropped"))  # its connection closed after it was queued
-                continue
-            live.append((pending, record, self.policy.resolve(pending.stream_id).tokens))
-        frame_plans: dict[int, FramePlan] = {}  # by position in `live`
-        for j, (pending, record, tokens) in enumerate(live):
-            schedule = self._schedule(record)
-            if schedule is not None:
-                frame_plans[j] = schedule.plan(pending.image, tokens, record.last_result is not None)
-        reused = [(p, r) for j, (p, r, _) in enumerate(live) if j in frame_plans and frame_plans[j].action == "reuse"]
-        plain_dense = all(
-            StreamBudget(tokens).is_dense_for(self.runner.num_patches) if j not in frame_plans
-            else frame_plans[j].action == "dense" and record.schedule.spec.policy == "skip"
-            for j, (_, record, tokens) in enumerate(live) if frame_plans.get(j, FramePlan("dense")).action != "reuse"
-        )
-        seeding = 0
-        for j, (pending, record, tokens) in enumerate(live):
-            frame_plan = frame_plans.get(j)
-            if frame_plan is not None and frame_plan.action == "reuse":
-                continue
-            if record.state is None:
-                record.state = self.runner.new_state()
-                record.state_bytes = record.state.nbytes
-            flush = self._flushes(record, pending)
-            budget, shadow = StreamBudget(tokens), None
-            if frame_plan is not None:
-                flush = flush or frame_plan.action == "dense"
-                budget = frame_plan.budget if frame_plan.action == "sparse" else SEED
-                shadow = frame_plan.shadow
-            elif not plain_dense and self._seeds(record, pending):
-                if seeding >= self._seeds_per_step:
-                    self._scheduler.defer(pending)  # its turn comes next step
-                    continue
-                seeding += 1
-            record.frame_size = pending.frame_size
-            planned.append(
-                PlannedFrame(
-                    pending.stream_id, pending.frame, pending.image, record.state, budget, flush,
-                    pending.frame_size, shadow,
-                )
-            )
-            kept.append(pending)
-            records.append(record)
-        return StepPlan(planned), kept, records, plain_dense, seeding, reused
-
-    def _schedule(self, record: StreamRecord) -> StreamSchedule | None:
-        """The record's frame policy at run time, built from the spec set over REST (lock held)."""
-        spec = self._stream_policies.get(record.stream_id)
-        if spec is None:
-            record.schedule = None
-        elif record.schedule is None or record.schedule.spec != spec:
-            record.schedule = StreamSchedule(spec, self.runner.config)
-        return record.schedule
 
     def _serve_reused(self, reused: list[tuple[PendingFrame, StreamRecord]]) -> None:
         """Answer frames a policy reuses for: the stream's last result again, marked reused, at no model cost."""
@@ -703,8 +637,8 @@ class Engine:
 
         def audit():
             out = self.runner.execute(StepPlan([PlannedFrame(
-                pending.stream_id, pending.frame, pending.image, record.state, SEED, True,
-                pending.frame_size)])).outputs[0]
+                pending.stream_id, pending.frame, pending.image, record.state, FULL, False, pending.frame_size,
+                seed=True)])).outputs[0]
             record.last_result = (out.outputs, out.logits)
             self.stats.audit(AuditStats(
                 rel_l2=float((served - out.logits).norm() / out.logits.norm().clamp_min(1e-12)),
@@ -713,33 +647,14 @@ class Engine:
 
         return audit
 
-    @property
-    def _seeds_per_step(self) -> int:
-        return max(1, self.config.seeds_per_step)
-
-    @staticmethod
-    def _flushes(record: StreamRecord, pending: PendingFrame) -> bool:
-        """A new frame size: the stream's state starts over."""
-        return record.frame_size is not None and record.frame_size != pending.frame_size
-
-    def _seeds(self, record: StreamRecord, pending: PendingFrame) -> bool:
-        """Whether this frame seeds its stream's state (every token, through the eventful path): the stream's first
-        frame, or the first after a flush (a new frame size) or plain dense steps."""
-        if self._flushes(record, pending):
-            return True
-        if record.state is None:
-            return self.runner.dense_first_frame
-        return getattr(record.state, "needs_dense", False)  # clip states have no dense first frame
-
-    def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult,
-                plain_dense: bool, seeding: int):
+    def _finish(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan, result: StepResult):
         queue_seconds = [max(0.0, result.started_at - p.queued_at) for p in batch]
         self._recent_step_s += 0.2 * (result.step_seconds - self._recent_step_s)
         with self._cond:
             if self._controller is not None:
                 tokens = sum(o.budget_tokens for o in result.outputs)
                 self._controller.observe_step(time.perf_counter(), plan.batch_size, tokens, result.step_seconds,
-                                              plain_dense=plain_dense, seeded=seeding)
+                                              plain_dense=plan.plain_dense, seeded=plan.seeds)
             for pending, record, output, queued in zip(batch, records, result.outputs, queue_seconds, strict=True):
                 record.frames_processed += 1
                 record.budget_tokens = output.budget_tokens
@@ -811,8 +726,9 @@ class _Probes:
 
     def step(self, budget: StreamBudget) -> tuple[torch.Tensor, int]:
         p = self.pending
+        state = self.record.probe_state
         out = self.runner.execute(StepPlan([PlannedFrame(
-            p.stream_id, p.frame, p.image, self.record.probe_state, budget, False, p.frame_size)])).outputs[0]
+            p.stream_id, p.frame, p.image, state, budget, False, p.frame_size, seed=state.needs_dense)])).outputs[0]
         return out.logits, out.macs
 
     def stop(self) -> None:

@@ -18,7 +18,7 @@ from model.preprocess import Preprocessor
 from model.state import StreamState
 from model.vit import VisionTransformer
 from server.engine.decode import FrameLimits, FrameRejected, decode_image
-from server.engine.scheduler import StepPlan
+from server.engine.planner import StepPlan
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,13 @@ class ModelRunner(FrameRunner):
         shadows: dict[int, tuple[torch.Tensor, int]] = {}
         for j, planned in enumerate(plan.frames):
             if planned.shadow is not None and not planned.state.needs_dense:  # measured on the old state, first
-                shadow = self.eventful.step(images[j : j + 1], [planned.state], [planned.shadow])
+                shadow = self.eventful.step(images[j : j + 1], [planned.state], [planned.shadow], seeds=[False])
                 shadows[j] = (shadow.logits[0].float().cpu(), shadow.macs[0])
         for planned in plan.frames:
             if planned.flush:
                 planned.state.flush()
-        out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames])
+        out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames],
+                                 seeds=[p.seed for p in plan.frames])  # the plan decides; the model obeys
         results = self.read_out(out, plan)
         fractions = out.updated_fraction.tolist()
         logits = out.logits.float().cpu()  # [B, K]

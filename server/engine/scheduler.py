@@ -1,18 +1,15 @@
 """The scheduler: per stream the latest decoded frame wins; ready frames of different streams are batched.
 
-Pure bookkeeping (no threads, no model): the engine calls it under its lock. Its output is a batch of
-PendingFrames; the engine turns that into a StepPlan (states and budgets), the contract with the runner.
+Pure bookkeeping (no threads, no model): the engine calls it under its lock. It offers a batch of PendingFrames; the
+planner (server/engine/planner.py) turns them into a StepPlan and the scheduler lets go of the frames it took
+(`take`); a frame the planner holds back stays, and goes first next time (it was served longest ago).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-
-from model.policy import StreamBudget
-from model.state import StreamState
 
 
 @dataclass(frozen=True)
@@ -27,31 +24,6 @@ class PendingFrame:
     received_at: float  # perf_counter() at message receipt
     queued_at: float  # perf_counter() when it became ready
     decode_seconds: float
-
-
-@dataclass(frozen=True)
-class PlannedFrame:
-    """One stream's part of a step: its frame, its state, its budget for this frame."""
-
-    stream_id: str
-    frame: int
-    image: torch.Tensor  # [3, H, W]
-    state: StreamState
-    budget: StreamBudget  # top-r: tokens per gate
-    flush: bool  # the frame size changed: forget the stream's past before this frame
-    frame_size: tuple[int, int] | None = None  # decoded (height, width): outputs in frame pixels (boxes)
-    shadow: StreamBudget | None = None  # a keyframe of an adaptive stream: a sparse step first, measured, not served
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What the runner executes in one batched eventful step."""
-
-    frames: list[PlannedFrame]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.frames)
 
 
 class Scheduler:
@@ -82,10 +54,12 @@ class Scheduler:
         self._ready[frame.stream_id] = frame
         return previous
 
-    def defer(self, frame: PendingFrame) -> None:
-        """A frame taken in a batch but not run: it waits for the next step, and goes first then."""
-        self._ready[frame.stream_id] = frame
-        self._served_at[frame.stream_id] = -math.inf
+    def take(self, frames: list[PendingFrame], now: float) -> None:
+        """Let go of frames a step answers (or sheds): their streams count as served now."""
+        for frame in frames:
+            if self._ready.get(frame.stream_id) is frame:
+                del self._ready[frame.stream_id]
+            self._served_at[frame.stream_id] = now
 
     def discard(self, stream_id: str) -> PendingFrame | None:
         """Forget a stream's waiting frame (its connection closed)."""
@@ -115,8 +89,10 @@ class Scheduler:
 
     def next_batch(
         self, now: float, incoming: int = 0, window_s: float | None = None, max_batch: int | None = None,
+        take: bool = True,
     ) -> list[PendingFrame] | float | None:
         """A batch to run now, or seconds to wait before asking again, or None when nothing is ready.
+        take=False: offered only (the frames stay until `take`).
 
         incoming: streams with no ready frame but one expected soon (worth waiting for, within the window).
         window_s: the batching window for this decision (default batch_window_s).
@@ -132,7 +108,6 @@ class Scheduler:
         if len(ready) < full and wait > 0:
             return wait
         batch = ready[:limit]
-        for frame in batch:
-            del self._ready[frame.stream_id]
-            self._served_at[frame.stream_id] = now
+        if take:
+            self.take(batch, now)
         return batch

@@ -168,3 +168,22 @@ def test_compiled_execution_equals_eager():
         outs = [runner.step(frames[t], states[runner], budgets) for runner in (eager, compiled)]
         assert (outs[0].logits - outs[1].logits).abs().max() <= 1e-4
         assert torch.equal(outs[0].updated_tokens, outs[1].updated_tokens)
+
+
+def test_the_model_obeys_the_seed_flags_it_is_given(vit):
+    """With seed flags the planner decides: a flagged frame seeds (dense, whatever its budget or history), an
+    unflagged one on an unseeded state is refused, and refresh_interval is the planner's business."""
+    runner = EventfulViT(vit, EventfulConfig(refresh_interval=2))
+    frames = video()
+    state, twin = runner.new_state(), runner.new_state()
+    with pytest.raises(ValueError, match="not seeded"):
+        runner.step(frames[:1], [state], [StreamBudget(tokens=5)], seeds=[False])
+    first = runner.step(frames[:1], [state], [StreamBudget(tokens=5)], seeds=[True])
+    assert first.dense_frame == [True] and (first.logits - vit(frames[:1])).abs().max() <= 1e-4
+    for t in range(1, 4):  # no refresh: the flags say sparse
+        out = runner.step(frames[t : t + 1], [state], [StreamBudget(tokens=5)], seeds=[False])
+        assert out.dense_frame == [False] and out.updated_tokens[0, 0, 0] == 1 + 5
+    again = runner.step(frames[4:5], [state], [StreamBudget(tokens=5)], seeds=[True])  # a keyframe on demand
+    assert again.dense_frame == [True] and (again.logits - vit(frames[4:5])).abs().max() <= 1e-4
+    plain = runner.step(frames[5:6], [twin], [StreamBudget()], seeds=[False])  # full budget, nothing seeds: plain
+    assert plain.dense_frame == [True] and twin.needs_dense

@@ -9,8 +9,9 @@ import torch
 from model.policy import StreamBudget
 from server.engine import BudgetError, BudgetPolicy, GlobalBudget, ModelRunner, StreamOverride, StreamRefused
 from server.engine.decode import FrameLimits, FrameRejected, decode_image
+from server.engine.planner import PlannedFrame, StepPlan
 from server.engine.registry import StreamRegistry
-from server.engine.scheduler import PendingFrame, PlannedFrame, Scheduler, StepPlan
+from server.engine.scheduler import PendingFrame, Scheduler
 from tests.server.conftest import encode, frames, png_header_only
 
 
@@ -67,13 +68,15 @@ def test_streams_served_longest_ago_go_first_and_max_batch_limits():
     assert [f.stream_id for f in scheduler.next_batch(3.0, max_batch=2)] == ["b"]
 
 
-def test_a_deferred_frame_goes_first_in_the_next_batch():
+def test_a_frame_offered_but_not_taken_goes_first_in_the_next_batch():
+    """The planner takes what it runs; a frame it holds back stays ready and goes first next time."""
     scheduler = Scheduler(max_batch_size=2, batch_window_s=0.0)
     for i, stream in enumerate("abc"):
         scheduler.put(pending(stream, 0, 1.0 + i))
-    first = scheduler.next_batch(5.0)
-    assert [f.stream_id for f in first] == ["a", "b"]
-    scheduler.defer(first[1])  # b was taken but not run
+    offered = scheduler.next_batch(5.0, take=False)
+    assert [f.stream_id for f in offered] == ["a", "b"]
+    scheduler.take(offered[:1], 5.0)  # b was offered but held back
+    assert scheduler.is_ready("b") and not scheduler.is_ready("a")
     assert [f.stream_id for f in scheduler.next_batch(6.0)] == ["b", "c"]
 
 
@@ -219,7 +222,7 @@ def test_two_streams_batched_equal_each_alone(tiny_model):
     alone_states = [runner.new_state(), runner.new_state()]
 
     def planned(i: int, t: int, states) -> PlannedFrame:
-        return PlannedFrame(f"s{i}", t, images[i][t], states[i], budgets[i], flush=False)
+        return PlannedFrame(f"s{i}", t, images[i][t], states[i], budgets[i], flush=False, seed=t == 0)
 
     for t in range(5):
         batched = runner.execute(StepPlan([planned(0, t, batched_states), planned(1, t, batched_states)]))
@@ -259,18 +262,23 @@ def test_warmup_times_sparse_steps_per_batch_size_and_leaves_the_model_as_it_was
     assert all(s > 0 for *_, s in timings.eventful)
     state = runner.new_state()
     image = runner.prepare(encode(frames(1)[0])).image
-    out = runner.execute(StepPlan([PlannedFrame("s", 0, image, state, StreamBudget(tokens=4), False)]))
-    probs = tiny_model(image[None]).softmax(-1)[0]  # a stream's first frame is dense: the model's own answer
+    out = runner.execute(StepPlan([PlannedFrame("s", 0, image, state, StreamBudget(tokens=4), False, seed=True)]))
+    probs = tiny_model(image[None]).softmax(-1)[0]  # a stream's first frame seeds: the model's own answer
     for entry in out.outputs[0].outputs["top"]:
         assert entry["score"] == pytest.approx(probs[entry["index"]].item(), abs=1e-5)
 
 
-def test_flush_in_a_plan_makes_the_frame_dense(tiny_model):
+def test_the_runner_seeds_the_frames_the_plan_says_and_no_others(tiny_model):
     runner = ModelRunner(tiny_model)
     state = runner.new_state()
     image = runner.prepare(encode(frames(1)[0])).image
-    plan = lambda flush: StepPlan([PlannedFrame("s", 0, image, state, StreamBudget(tokens=2), flush)])  # noqa: E731
-    assert runner.execute(plan(False)).outputs[0].dense
-    assert not runner.execute(plan(False)).outputs[0].dense
-    flushed = runner.execute(plan(True)).outputs[0]
+    plan = lambda flush, seed: StepPlan([  # noqa: E731
+        PlannedFrame("s", 0, image, state, StreamBudget(tokens=2), flush, seed=seed)])
+    with pytest.raises(ValueError, match="not seeded"):  # a first frame the plan does not seed
+        runner.execute(plan(False, False))
+    assert runner.execute(plan(False, True)).outputs[0].dense
+    assert not runner.execute(plan(False, False)).outputs[0].dense
+    again = runner.execute(plan(False, True)).outputs[0]  # a keyframe on a seeded state
+    assert again.dense and again.budget_tokens == 16
+    flushed = runner.execute(plan(True, True)).outputs[0]
     assert flushed.dense and flushed.budget_tokens == 16
