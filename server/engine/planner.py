@@ -88,6 +88,7 @@ class RunnerFacts(Protocol):
 
     num_patches: int
     dense_first_frame: bool  # a stream's first frame seeds its state (clip windows fill instead)
+    plain_dense: bool  # steps whose budgets are all full run the plain dense model (absent: True)
 
     @property
     def config(self) -> Any: ...
@@ -154,7 +155,7 @@ class Planner:
             return frame_plans[j].action == "dense" and record.schedule.spec.policy == "skip"
 
         stepping = [j for j in range(len(live)) if frame_plans.get(j, FramePlan("dense")).action != "reuse"]
-        plain = all(full(j, live[j][1], live[j][2]) for j in stepping)
+        plain = getattr(self.runner, "plain_dense", True) and all(full(j, live[j][1], live[j][2]) for j in stepping)
         planned = []
         for j, (pending, record, tokens) in enumerate(live):
             frame_plan = frame_plans.get(j)

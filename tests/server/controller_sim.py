@@ -1,5 +1,9 @@
 """A simulated engine for the budget controller: cameras, latest-frame-wins, one batched step at a time.
 
+Each round the real planner (server/engine/planner.py) decides over the simulated streams' records: the controller's
+budgets (through `decide`), which frames seed, plain dense steps, which seeding frames wait; the simulation plays
+the rest of the engine (shedding, batch order) and the runner (step time, seeding and flushing states).
+
 Deterministic (seeded). Step time = speed * (a + max(launch_s, b*batch + c*tokens/num_patches)) * lognormal noise
 (launch_s: the host issues the step's kernels meanwhile, a time that does not shrink with r; 0 on a CPU); a stream's
 first frame (and its first after plain dense steps) seeds its state, densely through the eventful path, at
@@ -24,9 +28,39 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from bench.controller_bench import Sample, first_dwell, recovery_time
+from server.engine.budget import BudgetPolicy, GlobalBudget, StreamOverride
 from server.engine.controller import BudgetController, ControllerConfig, Decision, StreamDemand
+from server.engine.planner import Planner
+from server.engine.registry import StreamRecord
+from server.engine.scheduler import PendingFrame
+
+_NO_IMAGE = torch.empty(0)
+
+
+@dataclass
+class _SimState:
+    """A stream's state as the planner sees it (the simulated runner seeds and flushes it)."""
+
+    needs_dense: bool = True
+    frames_since_dense: int = 0
+    nbytes: int = 0
+
+
+class _SimRunner:
+    """The facts the planner needs of a runner, for a simulated frame model."""
+
+    dense_first_frame = True
+    config = None
+
+    def __init__(self, num_patches: int, plain_dense: bool):
+        self.num_patches = num_patches
+        self.plain_dense = plain_dense  # the simulated device has a plain dense step (SimConfig.dense_per_frame)
+
+    def new_state(self) -> _SimState:
+        return _SimState()
 
 
 @dataclass(frozen=True)
@@ -188,9 +222,23 @@ def simulate(
     pending: dict[int, float] = {}  # stream -> arrival time of its waiting frame (decoded)
     decoding: list[tuple[float, int, float]] = []  # (ready, stream, arrival) of frames being decoded
     decoders = [0.0] * sim.decode_threads  # when each decode thread is free
-    seen: set[int] = set()
-    flushed: set[int] = set()  # streams whose state a plain dense step left unseeded
     served_at: dict[int, float] = {}
+    policy = BudgetPolicy(sim.num_patches, GlobalBudget("auto", target_latency_ms=100.0))
+    for s in range(max_streams):  # operators' overrides and caps, as set over REST
+        d = demand(s)
+        if d.fixed_tokens is not None or d.cap_tokens is not None:
+            policy.set_override(f"s{s}", StreamOverride(tokens=d.fixed_tokens, max_tokens=d.cap_tokens))
+
+    def told(now: float, demands: list[StreamDemand]) -> Decision:
+        if sim.seeds_per_step is None:  # joiners seed unannounced
+            demands = [replace(d, seeding=False) for d in demands]
+        return decide(now, demands)
+
+    planner = Planner(_SimRunner(sim.num_patches, sim.dense_per_frame is not None), policy,
+                      sim.seeds_per_step or sim.max_batch, decide=told)
+    records: dict[int, StreamRecord] = {}
+    record_of = lambda s: records.setdefault(s, StreamRecord(f"s{s}"))  # noqa: E731
+    frame_of = lambda s: PendingFrame(f"s{s}", 0, 0, _NO_IMAGE, (1, 1), pending[s], pending[s], 0.0)  # noqa: E731
     now, busy_until = 0.0, 0.0
     stall_rng = np.random.default_rng(sim.seed + 7919)  # its own stream: stalls leave the other draws as they were
     stalls: list[tuple[float, float]] = []  # (start, seconds)
@@ -206,13 +254,13 @@ def simulate(
         slows.append((at, at + sim.slow_s * float(stall_rng.uniform(0.5, 1.0))))
 
     def run_step(t: float) -> float:
+        # the real planner decides the round (budgets through `decide`, seeds, plain dense steps, held frames) over
+        # the streams' records; the simulation does the rest of the engine (shedding, batch order) and the runner
         phase = phase_of(t)
-        unseeded = lambda s: s not in seen or s in flushed  # noqa: E731
         order = lambda s: (served_at.get(s, -1.0), pending[s])  # noqa: E731 (served longest ago first)
-        seeds = set([s for s in sorted(pending, key=order) if unseeded(s)][:sim.seeds_per_step]
-                    if sim.seeds_per_step else [])
-        demands = [replace(demand(s), seeding=s in seeds) for s in range(phase.streams)]
-        decision = decide(t, demands)
+        offered = [(frame_of(s), record_of(s)) for s in sorted(pending, key=order)]
+        expected = [f"s{s}" for s in range(phase.streams) if s not in pending]
+        decision = planner.decide_budgets(t, offered, expected)
         trace.decisions.append((t, decision))
         if decision.max_age_s is not None:  # shedding with full batches: frames too old to make it are dropped ...
             late = [s for s, ready_at in pending.items() if t - ready_at > decision.max_age_s]
@@ -223,33 +271,33 @@ def simulate(
                 trace.dropped.append((t, s))
         ready = sorted(pending, key=order)
         limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
-        batch = ready[:limit]
-        wanted = [decision.tokens.get(f"s{s}", decision.level) for s in batch]
-        plain = sim.dense_per_frame is not None and all(r >= sim.num_patches for r in wanted)
-        if sim.seeds_per_step is not None and not plain:  # the other seeding frames wait for the next step
-            keep = [s for s in batch if unseeded(s)][:sim.seeds_per_step]
-            batch = [s for s in batch if not unseeded(s) or s in keep]
-            wanted = [decision.tokens.get(f"s{s}", decision.level) for s in batch]
-        seeding = [unseeded(s) for s in batch]
-        tokens = [sim.num_patches if new else r for new, r in zip(seeding, wanted, strict=True)]
-        if plain:
+        step_plan = planner.plan([(frame_of(s), record_of(s)) for s in ready[:limit]]).plan
+        batch = [int(f.stream_id[1:]) for f in step_plan.frames]
+        plain, seeding = step_plan.plain_dense, [f.seed for f in step_plan.frames]
+        tokens = [sim.num_patches if f.seed or plain else min(f.budget.tokens, sim.num_patches)
+                  for f in step_plan.frames]
+        if plain and sim.dense_per_frame is not None:
             cost = phase.speed * (sim.a + sim.dense_per_frame * len(batch))
-            flushed.update(batch)
         else:
             paid = [sim.seed_factor * sim.num_patches if new else r for new, r in zip(seeding, tokens, strict=True)]
             cost = phase.speed * eventful_step_s(sim, len(batch), sum(paid))
-            flushed.difference_update(batch)
+        for f in step_plan.frames:  # what the runner does to the states
+            if plain:
+                f.state.needs_dense = True
+            elif f.seed:
+                f.state.needs_dense, f.state.frames_since_dense = False, 0
+            else:
+                f.state.frames_since_dense += 1
         step = cost * float(np.exp(rng.normal(0, sim.noise)))
         if any(start <= t < end for start, end in slows):
             step *= sim.slow_factor
         step += sum(seconds for start, seconds in stalls if t <= start < t + step)
         end = t + step
-        observe_step(end, len(batch), sum(tokens), step, plain_dense=plain, seeded=0 if plain else sum(seeding))
+        observe_step(end, len(batch), sum(tokens), step, plain_dense=plain, seeded=sum(seeding))
         for s, r in zip(batch, tokens, strict=True):
             latency = end - pending.pop(s) + sim.overhead_s
             if sim.spike_prob and rng.random() < sim.spike_prob:
                 latency += float(rng.uniform(0, sim.spike_s))
-            seen.add(s)
             served_at[s] = end
             trace.completed.append(Completed(end, s, latency, r))
             observe_latency(end, latency)
