@@ -10,6 +10,9 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR [VIDEO]]
 #
+# On a lent GPU machine (nothing can be fetched there): run bench/gpu_wheels.sh here first and carry .whl (and the
+# video, copied into the repository) with the working tree; this script installs the wheels into /tmp/site.
+#
 # OUT_DIR: $1, else $OUT, else ./gpu_check_out. Reports and logs go to OUT_DIR/runs, the step outcomes to
 # OUT_DIR/steps.tsv, the table to OUT_DIR/summary.txt and everything packed to OUT_DIR/gpu_check.tar.gz
 # (KEEP_RUNS=0 removes OUT_DIR/runs afterwards, leaving three files). VIDEO: $2, else
@@ -60,7 +63,11 @@ step() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$OUT_DIR/steps.tsv"
 }
 
-# ---- what the run needs
+# ---- what the run needs (on a lent GPU machine: the wheels bench/gpu_wheels.sh downloaded, carried as .whl)
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 if ! "$PYTHON" -c 'import torch, av, fastapi, uvicorn, httpx, pydantic_settings, websockets, prometheus_client, pytest'
 then
     echo "error: $PYTHON lacks a package the check needs (above); install the project: pip install -e '.[test]'" >&2
