@@ -346,8 +346,9 @@ GPU_CHECK = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.sh"
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
-def test_gpu_check_script_parses():
-    result = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+@pytest.mark.parametrize("script", [GPU_CHECK, GPU_CHECK.with_name("gpu_wheels.sh")])
+def test_gpu_check_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
