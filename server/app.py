@@ -1,12 +1,12 @@
 """`create_app()`: the FastAPI application. The lifespan starts the engine (which loads the model on its own
-thread unless one is given) and stops it on shutdown."""
+thread unless one is given, and builds its runner: server/engine/factory.py) and stops it on shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
@@ -14,24 +14,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from model.eventful import EventfulConfig
-from model.loaders import WeightsSource, load_model, weights_source
-from model.videomae import VideoMAE
-from model.vit import VisionTransformer
-from model.yolos import YolosDetector
 from server.api import budget, health, streams, web
 from server.api import model as model_api
 from server.api.access_log import install_token_redaction
 from server.api.connection import Connections, IdleLimits
 from server.api.deps import require_api_key
-from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget, ModelRunner
-from server.engine.clip_runner import ClipRunner
-from server.engine.decode import FrameLimits
-from server.engine.detect_runner import DetectRunner
+from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget
+from server.engine.factory import build_runner, configured_weights, frame_limits
 from server.metrics import Metrics
 from server.settings import Settings
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from torch import nn
 
 DESCRIPTION = """Real-time streaming inference with Eventful Transformers.
 
@@ -57,57 +51,14 @@ def engine_config(settings: Settings) -> EngineConfig:
         decode_threads=settings.decode_threads,
         default_budget=default,
         target_latency_s=settings.target_latency_ms / 1000,
-        limits=FrameLimits(
-            settings.max_frame_bytes, settings.max_frame_width, settings.max_frame_height, settings.max_frame_pixels,
-            settings.max_frame_aspect_ratio,
-        ),
+        limits=frame_limits(settings),
         torch_threads=settings.inference_threads,
         seeds_per_step=settings.seeds_per_step,
     )
 
 
-def load_configured_model(settings: Settings) -> VisionTransformer:
-    """settings.model, loaded; a warning when it is a named architecture (random weights)."""
-    image_size = tuple(settings.image_size) if settings.image_size else None
-    model = load_model(
-        settings.model, image_size=image_size, device=settings.torch_device, dtype=settings.torch_dtype,
-        num_heads=settings.num_heads, labels_path=settings.labels,
-    )
-    source = weights_source(settings.model)
-    if source.weights == "random":
-        logger.warning("serving %s; give --model a checkpoint file, a model directory or a Hugging Face id for real "
-                       "outputs", source.description)
-    return model
-
-
-def configured_weights(settings: Settings) -> WeightsSource | None:
-    """Where settings.model's weights come from (None for a spec that does not load: the engine reports why)."""
-    try:
-        return weights_source(settings.model)
-    except FileNotFoundError:
-        return None
-
-
-def build_runner(settings: Settings, model: VisionTransformer | None = None) -> ModelRunner:
-    """The model runner for these settings; loads the model unless one is given."""
-    if model is None:
-        model = load_configured_model(settings)
-    eventful = EventfulConfig(
-        level=settings.level, gate_position=settings.gate_position, refresh_interval=settings.refresh_interval,
-        execution=settings.step_execution,
-    )
-    slots = settings.max_streams + 1  # every stream's state, and an adaptive stream's probe copy
-    limits = engine_config(settings).limits
-    if isinstance(model, VideoMAE):  # clip mode: a sliding window per stream, RLT, an action label every stride
-        return ClipRunner(model, settings.rlt_tau, settings.clip_stride, top_k=settings.top_k, limits=limits)
-    if isinstance(model, YolosDetector):  # detection: boxes in frame pixels
-        return DetectRunner(model, eventful, settings.detect_threshold, settings.max_boxes, limits=limits,
-                            slots=slots)
-    return ModelRunner(model, eventful, top_k=settings.top_k, limits=limits, slots=slots)
-
-
 def create_app(
-    settings: Settings | None = None, *, model: VisionTransformer | None = None,
+    settings: Settings | None = None, *, model: nn.Module | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The application. model: an already loaded model (else settings.model is loaded on the engine thread);

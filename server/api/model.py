@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from model.config import DetectorConfig, VideoConfig
-from model.loaders import WeightsSource
 from server.api.deps import EngineDep
 from server.api.schemas import ModelOut
 
@@ -17,13 +15,11 @@ router = APIRouter(prefix="/v1", tags=["model"])
 def get_model(request: Request, engine: EngineDep) -> ModelOut:
     runner = engine.runner  # EngineNotReady (503) while loading
     config = runner.config
-    weights: WeightsSource | None = request.app.state.weights
-    task = "clip" if isinstance(config, VideoConfig) else "detect" if isinstance(config, DetectorConfig) else "classify"
+    weights = request.app.state.weights  # the factory's configured_weights: None for a model given in-process
     return ModelOut(
         model=request.app.state.model_spec, weights=weights.weights if weights else "unknown",
-        weights_source=weights.source if weights else None, task=task, image_size=tuple(config.image_size),
+        weights_source=weights.source if weights else None, task=runner.task, image_size=tuple(config.image_size),
         patch_size=config.patch_size, num_patches=runner.num_patches, num_classes=config.num_classes,
-        device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
-        execution=runner.eventful.config.execution if hasattr(runner, "eventful") else None,
-        state_pool_bytes=getattr(runner, "pool_bytes", None),
+        device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."), execution=runner.execution,
+        state_pool_bytes=runner.pool_bytes,
     )

@@ -4,10 +4,10 @@ from server.engine.budget import BudgetError, BudgetPolicy, GlobalBudget, Resolv
 from server.engine.engine import Engine, EngineConfig, EngineNotReady, StreamHandle, StreamInfo
 from server.engine.messages import FrameDropped, FrameError, FrameResult, FrameTiming, StreamMessage
 from server.engine.registry import StreamRefused
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelRunner, Runner
 
 __all__ = [
     "BudgetError", "BudgetPolicy", "Engine", "EngineConfig", "EngineNotReady", "FrameDropped", "FrameError",
-    "FrameResult", "FrameTiming", "GlobalBudget", "ModelRunner", "ResolvedBudget", "StreamHandle", "StreamInfo",
-    "StreamMessage", "StreamOverride", "StreamRefused",
+    "FrameResult", "FrameTiming", "GlobalBudget", "ModelRunner", "ResolvedBudget", "Runner", "StreamHandle",
+    "StreamInfo", "StreamMessage", "StreamOverride", "StreamRefused",
 ]

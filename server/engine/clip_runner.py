@@ -1,4 +1,4 @@
-"""The clip runner: VideoMAE with Run-Length Tokenization behind the ModelRunner interface (stream mode).
+"""The clip runner: VideoMAE with Run-Length Tokenization behind the Runner protocol (stream mode).
 
 Each stream's state is a sliding window of its last num_frames preprocessed frames (a fixed ring buffer). Every
 frame goes into the window; once the window is full, every `stride`-th frame classifies it: the due clips of all
@@ -16,7 +16,7 @@ import torch
 from model.rlt import DEFAULT_TAU, classify_clips, clip_macs
 from model.videomae import VideoMAE
 from server.engine.decode import FrameLimits
-from server.engine.planner import StepPlan
+from server.engine.planner import FULL, PlannedFrame, StepPlan
 from server.engine.runner import FrameOutput, FrameRunner, StepResult, WarmupTimings
 
 
@@ -61,7 +61,12 @@ class ClipRunner(FrameRunner):
     """A VideoMAE clip classifier with RLT; outputs {"action": {"label", "score"}, "top": [...]} every stride frames
     once the window is full, {"window": n, "of": T} otherwise."""
 
+    task = "clip"
     dense_first_frame = False  # a window fills frame by frame; RLT decides what each clip computes
+    plain_dense = False  # budgets do not apply: a step whose budgets are all full is a clip step like any other
+    refresh_interval = None  # a window has no reference tokens to reseed
+    execution = None  # no eventful step: one packed forward pass per step
+    pool_bytes = None  # windows are allocated per stream (ClipWindow.nbytes), not from a pool
 
     def __init__(
         self, model: VideoMAE, tau: float = DEFAULT_TAU, stride: int = 8, top_k: int = 5,
@@ -120,10 +125,25 @@ class ClipRunner(FrameRunner):
         return StepResult(outputs, start, time.perf_counter() - start, self._dense_macs)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
-        """One packed forward pass on blank clips per batch size (first-call allocations, kernel selection). Nothing
-        timed: a clip step's cost is its kept tubelets, which blank clips do not tell."""
+        """Per batch size, after a packed forward pass on blank clips (first-call allocations, kernel selection),
+        timed warm steps: one where fresh windows take their first frame (the engine counts a filling frame as no
+        tokens), and one where every stream's clip is due (num_patches tokens each), at tau 0: every tubelet kept,
+        the plain model and the dearest a clip can be (blank clips would keep almost none). These are the cost
+        model's (batch, tokens, seconds) figures; the full clip step is the dense figure too."""
         h, w = self.config.image_size
+        n = self.num_patches
+        dense_seconds, steps = {}, []
         for batch in batch_sizes:
-            clip = torch.zeros(batch, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
-            classify_clips(self.model, clip, 0.0)
-        return WarmupTimings({}, [])
+            clips = torch.zeros(batch, self.config.num_frames, 3, h, w, device=self.device, dtype=self.dtype)
+            classify_clips(self.model, clips, 0.0)
+            image = torch.zeros(3, h, w)  # [3, H, W] as prepare() makes it, on the CPU
+            for _ in range(2):  # the second is warm
+                windows = [self.new_state() for _ in range(batch)]
+                filling = self.execute(StepPlan([PlannedFrame("warmup", 0, image, window, FULL, False)
+                                                 for window in windows]))
+            steps.append((batch, sum(o.budget_tokens for o in filling.outputs), filling.step_seconds))
+            start = time.perf_counter()
+            classify_clips(self.model, clips, 0.0).logits.sum().item()  # .item(): synced
+            dense_seconds[batch] = time.perf_counter() - start
+            steps.append((batch, batch * n, dense_seconds[batch]))
+        return WarmupTimings(dense_seconds, steps)

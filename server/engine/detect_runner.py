@@ -20,6 +20,7 @@ from server.engine.runner import ModelRunner
 class DetectRunner(ModelRunner):
     """A YolosDetector behind EventfulViT; outputs {"boxes": [{"label", "score", "box": [x0, y0, x1, y1]}]}."""
 
+    task = "detect"
     audits_supported = False  # per-query logits: the adaptive policy compares class logits
 
     def __init__(

@@ -1,9 +1,9 @@
 """The engine: one inference thread owns the model; frames from every stream flow through it.
 
-A frame's way: `submit` (event loop) -> decode thread (`ModelRunner.prepare`) -> `Scheduler.put` (latest wins)
+A frame's way: `submit` (event loop) -> decode thread (`Runner.prepare`) -> `Scheduler.put` (latest wins)
 -> inference thread: `Scheduler.next_batch` offers frames -> `Planner` (server/engine/planner.py) decides the
 round: budgets (in auto mode the `BudgetController` first), seeds, reuse, what waits -> one `StepPlan` ->
-`ModelRunner.execute` -> FrameResult delivered to the stream's connection. The event loop only does bookkeeping
+`Runner.execute` -> FrameResult delivered to the stream's connection. The event loop only does bookkeeping
 under a short lock; decoding and the model run on their own threads.
 """
 
@@ -33,7 +33,7 @@ from server.engine.registry import (
     StreamRefused,
     StreamRegistry,
 )
-from server.engine.runner import ModelRunner, StepResult
+from server.engine.runner import Runner, StepResult
 from server.engine.scheduler import PendingFrame, Scheduler
 from server.engine.stats import (
     AuditStats,
@@ -117,7 +117,7 @@ class StreamHandle:
 class Engine:
     """Owns the model runner, the scheduler, the stream registry and the budget policy."""
 
-    def __init__(self, config: EngineConfig, load_runner: Callable[[], ModelRunner], stats: StatsSink | None = None):
+    def __init__(self, config: EngineConfig, load_runner: Callable[[], Runner], stats: StatsSink | None = None):
         self.config = config
         self.stats: StatsSink = stats or NullStats()
         self._load_runner = load_runner
@@ -129,7 +129,7 @@ class Engine:
         )
         self._torch_threads = config.torch_threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="eventful-inference", daemon=True)
-        self._runner: ModelRunner | None = None
+        self._runner: Runner | None = None
         self._policy: BudgetPolicy | None = None
         self._controller: BudgetController | None = None  # observes always; decides in auto mode
         self._planner: Planner | None = None
@@ -193,7 +193,7 @@ class Engine:
             return len(self._scheduler)
 
     @property
-    def runner(self) -> ModelRunner:
+    def runner(self) -> Runner:
         if self._runner is None:
             raise EngineNotReady("the model is not loaded yet")
         return self._runner
@@ -473,8 +473,8 @@ class Engine:
             self._controller = BudgetController(self._controller_config(policy), policy.get_global()[1])
             self._controller.calibrate(timings.eventful, timings.dense_s)
             self._policy = policy
-            refresh = runner.eventful.config.refresh_interval if hasattr(runner, "eventful") else None
-            self._planner = Planner(runner, policy, self.config.seeds_per_step, refresh, self._stream_policies.get,
+            self._planner = Planner(runner, policy, self.config.seeds_per_step, runner.refresh_interval,
+                                    self._stream_policies.get,
                                     lambda now, demands: self._controller.decide(now, demands))
             self._runner = runner
             self._ready.set()
@@ -490,7 +490,7 @@ class Engine:
         while self._step_once(runner):
             pass
 
-    def _step_once(self, runner: ModelRunner) -> bool:
+    def _step_once(self, runner: Runner) -> bool:
         """Wait for a batch, plan it, run it, route the results. False when the engine stops."""
         with self._cond:
             offered = self._wait_for_batch()
@@ -620,7 +620,7 @@ class Engine:
                                _Probes(self.runner, pending, record))
 
     def _after_scheduled(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan,
-                         result: StepResult, runner: ModelRunner) -> None:
+                         result: StepResult, runner: Runner) -> None:
         """Keep each stream's last result (what a reuse serves); let the frame policies measure (shadows, audits)."""
         for pending, record, output in zip(batch, records, result.outputs, strict=True):
             record.last_result = (output.outputs, output.logits)
@@ -718,7 +718,7 @@ class _Probes:
     """An adaptive stream's probe: a copy of its state (in its record) that runs a candidate budget's sparse steps on
     its frames, not served (model/chooser.py); on the inference thread, after the frame was served."""
 
-    def __init__(self, runner: ModelRunner, pending: PendingFrame, record: StreamRecord):
+    def __init__(self, runner: Runner, pending: PendingFrame, record: StreamRecord):
         self.runner, self.pending, self.record = runner, pending, record
 
     def start(self) -> None:

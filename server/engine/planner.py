@@ -86,9 +86,11 @@ class Round:
 class RunnerFacts(Protocol):
     """What the planner needs to know of the runner."""
 
-    num_patches: int
     dense_first_frame: bool  # a stream's first frame seeds its state (clip windows fill instead)
     plain_dense: bool  # steps whose budgets are all full run the plain dense model (absent: True)
+
+    @property
+    def num_patches(self) -> int: ...
 
     @property
     def config(self) -> Any: ...

@@ -1,5 +1,7 @@
-"""The model runner: owns the eventful model on its device; turns bytes into model input and plans into results.
+"""The runners: each owns a model family on its device; turns bytes into model input and plans into results.
 
+`Runner` is all the engine and the API use of one; every family implements it (ModelRunner: classifiers,
+DetectRunner: detectors, ClipRunner: clips), and server/engine/factory.py builds the one a model spec needs.
 `prepare` runs on decode threads (Pillow decode + preprocessing, CPU); `execute` runs on the one inference thread.
 """
 
@@ -7,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -18,7 +20,9 @@ from model.preprocess import Preprocessor
 from model.state import StreamState
 from model.vit import VisionTransformer
 from server.engine.decode import FrameLimits, FrameRejected, decode_image
-from server.engine.planner import StepPlan
+from server.engine.planner import RunnerFacts, StepPlan
+
+Task = Literal["classify", "detect", "clip"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,53 @@ class WarmupTimings:
     """Warm steps timed at start-up: the budget controller's first figures for this model on this device."""
 
     dense_s: dict[int, float]  # batch size -> seconds of one plain dense step
-    eventful: list[tuple[int, int, float]]  # sparse steps: (batch size, patch tokens per gate over the batch, seconds)
+    eventful: list[tuple[int, int, float]]  # other steps: (batch size, sum of FrameOutput.budget_tokens, seconds)
+
+
+@runtime_checkable
+class Runner(RunnerFacts, Protocol):
+    """What the engine and the API use of a runner, and all they use (the planner's part is RunnerFacts:
+    num_patches, dense_first_frame, plain_dense, config, new_state)."""
+
+    task: Task  # what the outputs are: class top-k, boxes, clip actions
+    audits_supported: bool  # FrameOutput.logits are class logits an audit can compare (adaptive policy)
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def refresh_interval(self) -> int | None:
+        """Frames after which a stream's state reseeds (None: never, or no state to reseed)."""
+
+    @property
+    def execution(self) -> str | None:
+        """How eventful steps execute (eager, compile, graph, compile-graph); None: no eventful step."""
+
+    @property
+    def pool_bytes(self) -> int | None:
+        """Bytes of the per-stream state pool on the device; None: states are allocated per stream."""
+
+    def prepare(self, data: bytes) -> PreparedFrame:
+        """Encoded bytes -> model input (decode threads). Raises FrameRejected for bad frames."""
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """One batched step over the plan's frames (the inference thread)."""
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
+        """Steps run before serving at these batch sizes; their timings are the budget controller's first figures."""
 
 
 class FrameRunner:
     """What every runner shares: the model's preprocessing behind frame limits, its device, dtype and labels."""
 
+    task: ClassVar[Task]
     dense_first_frame = True  # a stream's first frame computes every token (it seeds the stream's state)
+    plain_dense = True  # a step whose budgets are all full runs the plain dense model
     audits_supported = False  # FrameOutput.logits are class logits an audit can compare (adaptive policy)
+    config: Any  # the model's config (model.config.ViTConfig or a subclass)
+    device: torch.device
+    dtype: torch.dtype
+    labels: list[str]
+    limits: FrameLimits
 
     def __init__(self, model: nn.Module, top_k: int = 5, limits: FrameLimits | None = None):
         self.model = model
@@ -98,11 +141,11 @@ class FrameRunner:
         return PreparedFrame(image, (height, width), time.perf_counter() - start)
 
 
-
 class ModelRunner(FrameRunner):
     """A VisionTransformer behind EventfulViT and the classifier read-out (top-k); `read_out` is what other
     eventful models (detectors) change."""
 
+    task = "classify"
     audits_supported = True
 
     def __init__(
@@ -121,6 +164,14 @@ class ModelRunner(FrameRunner):
     def pool_bytes(self) -> int:
         """Bytes of the state pool on the device (every slot, used or not)."""
         return self.eventful.pool.nbytes
+
+    @property
+    def refresh_interval(self) -> int | None:
+        return self.eventful.config.refresh_interval
+
+    @property
+    def execution(self) -> str:
+        return self.eventful.config.execution
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] CPU float32 -> the model's device and dtype (pinned, non-blocking copy on CUDA)."""
@@ -194,7 +245,7 @@ class ModelRunner(FrameRunner):
         """The shapes steps of up to max_batch streams can take, compiled or captured at start-up (none when eager;
         compiled CPU steps warm the plain and seeding shapes only: a CPU compile takes about a minute per shape,
         so the sparse ones compile when first used). Captured: every batch bucket x every token bucket."""
-        execution = self.eventful.config.execution
+        execution = self.execution
         if execution == "eager":
             return []
         batches = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})

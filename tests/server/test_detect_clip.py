@@ -13,9 +13,10 @@ from model.config import DetectorConfig, PreprocessConfig, VideoConfig
 from model.rlt import classify_clips
 from model.videomae import VideoMAE
 from model.yolos import YolosDetector, postprocess_detections
-from server.app import build_runner, create_app
+from server.app import create_app
 from server.engine.clip_runner import ClipRunner, ClipWindow
 from server.engine.detect_runner import DetectRunner
+from server.engine.factory import build_runner
 from server.settings import Settings
 from tests.server.conftest import encode, frames
 
