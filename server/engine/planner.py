@@ -87,7 +87,7 @@ class RunnerFacts(Protocol):
     """What the planner needs to know of the runner."""
 
     dense_first_frame: bool  # a stream's first frame seeds its state (clip windows fill instead)
-    plain_dense: bool  # steps whose budgets are all full run the plain dense model (absent: True)
+    plain_dense: bool  # steps whose budgets are all full run the plain dense model
 
     @property
     def num_patches(self) -> int: ...
@@ -157,7 +157,7 @@ class Planner:
             return frame_plans[j].action == "dense" and record.schedule.spec.policy == "skip"
 
         stepping = [j for j in range(len(live)) if frame_plans.get(j, FramePlan("dense")).action != "reuse"]
-        plain = getattr(self.runner, "plain_dense", True) and all(full(j, live[j][1], live[j][2]) for j in stepping)
+        plain = self.runner.plain_dense and all(full(j, live[j][1], live[j][2]) for j in stepping)
         planned = []
         for j, (pending, record, tokens) in enumerate(live):
             frame_plan = frame_plans.get(j)

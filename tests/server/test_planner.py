@@ -29,6 +29,7 @@ class FakeState:
 class FakeRunner:
     num_patches = CONFIG.num_patches  # 16
     dense_first_frame = True
+    plain_dense = True
     config = CONFIG
 
     def new_state(self) -> FakeState:
