@@ -169,8 +169,9 @@ class EventfulViT:
 
     @property
     def bucketed(self) -> bool:
-        """Shapes padded to buckets (compile and graph executions); eager steps run exact shapes."""
-        return self.config.execution != "eager"
+        """Shapes padded to buckets (captured executions: one graph per shape); eager and compiled steps run exact
+        shapes (compiled ones with dynamic sizes: one graph per step kind serves every batch and width)."""
+        return self.config.execution in ("graph", "compile-graph")
 
     def new_state(self) -> StreamState:
         """A state in this runner's pool (its slot returns to the pool on `release()`)."""
@@ -328,11 +329,13 @@ class EventfulViT:
         execution = self.config.execution
         if execution == "eager":
             return lambda images, slots, limits: fn(images, slots, limits, pool.layers)
-        key = (shape, id(pool), pool.generation)
+        # compiled: one executor per step kind, its sizes dynamic (dynamo specialises a batch of 1 and compiles a
+        # second graph for the rest); captured: one per shape
+        key = (shape.kind if execution == "compile" else shape, id(pool), pool.generation)
         if key not in self._executors:
             if execution == "compile":
                 _raise_recompile_limits()
-                compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+                compiled = torch.compile(fn, fullgraph=True, dynamic=True)
                 self._executors[key] = lambda images, slots, limits: compiled(images, slots, limits, pool.layers)
             elif execution == "graph":
                 self._executors[key] = _CapturedStep(self, fn, pool, shape)

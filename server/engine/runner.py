@@ -242,16 +242,20 @@ class ModelRunner(FrameRunner):
         return WarmupTimings(dense_seconds, eventful)
 
     def step_shapes(self, max_batch: int) -> list[StepShape]:
-        """The shapes steps of up to max_batch streams can take, compiled or captured at start-up (none when eager;
-        compiled CPU steps warm the plain and seeding shapes only: a CPU compile takes about a minute per shape,
-        so the sparse ones compile when first used). Captured: every batch bucket x every token bucket."""
+        """The shapes compiled or captured at start-up, so that no frame waits for a compile or a capture: none when
+        eager; compiled (dynamic sizes), each step kind at one stream and at two (dynamo's two specialisations, about
+        a minute each on a CPU, which then serve every batch and width); captured, every batch bucket up to
+        max_batch x every token bucket."""
         execution = self.execution
         if execution == "eager":
             return []
-        batches = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
         n, np_, prefix = self.config.num_tokens, self.num_patches, self.config.num_prefix_tokens
+        if execution == "compile":
+            batches = [b for b in (1, 2) if b <= max_batch]
+            return [StepShape(b, width, kind) for b in batches
+                    for kind, width in (("plain", n), ("seed", n), ("sparse", prefix + min(8, np_)))]
+        batches = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
         shapes = [StepShape(b, n, kind) for b in batches for kind in ("plain", "seed")]
-        if execution in ("graph", "compile-graph"):
-            widths = sorted({prefix + token_bucket(r, np_) for r in range(np_)})
-            shapes += [StepShape(b, width, "sparse") for b in batches for width in widths]
+        widths = sorted({prefix + token_bucket(r, np_) for r in range(np_)})
+        shapes += [StepShape(b, width, "sparse") for b in batches for width in widths]
         return shapes

@@ -282,3 +282,17 @@ def test_the_runner_seeds_the_frames_the_plan_says_and_no_others(tiny_model):
     assert again.dense and again.budget_tokens == 16
     flushed = runner.execute(plan(True, True)).outputs[0]
     assert flushed.dense and flushed.budget_tokens == 16
+
+
+def test_start_up_compiles_each_step_kind_at_one_and_two_streams(tiny_model):
+    """Compiled steps have dynamic sizes: warming one and two streams of each kind covers every batch and width;
+    eager steps warm nothing."""
+    from model.eventful import EventfulConfig, StepShape
+
+    assert ModelRunner(tiny_model).step_shapes(8) == []
+    runner = ModelRunner(tiny_model, EventfulConfig(execution="compile"))
+    n, prefix = tiny_model.config.num_tokens, tiny_model.config.num_prefix_tokens
+    shapes = runner.step_shapes(8)
+    assert {(s.batch, s.kind) for s in shapes} == {(b, k) for b in (1, 2) for k in ("plain", "seed", "sparse")}
+    assert StepShape(1, n, "seed") in shapes and StepShape(2, prefix + 8, "sparse") in shapes
+    assert {s.batch for s in runner.step_shapes(1)} == {1}
