@@ -77,6 +77,8 @@ class Metrics:
                                       "Disconnected streams whose state is kept for a resume.", registry=registry)
         self.state_bytes = Gauge(f"{p}_state_bytes", "Bytes of eventful state held for all streams.",
                                  registry=registry)
+        self.state_pool_bytes = Gauge(f"{p}_state_pool_bytes", "Bytes of the state pool on the model's device (every "
+                                      "stream slot, allocated at start-up for --max-streams).", registry=registry)
         self.budget_tokens = Gauge(f"{p}_budget_tokens", "Global budget now: patch tokens per gate.",
                                    registry=registry)
         self.patch_tokens = Gauge(f"{p}_patch_tokens", "Patch tokens per frame of the loaded model.",
@@ -161,6 +163,7 @@ class Metrics:
         self.active_streams.set(snapshot.active_streams)
         self.retained_streams.set(snapshot.retained_streams)
         self.state_bytes.set(snapshot.state_bytes)
+        self.state_pool_bytes.set(snapshot.pool_bytes)
         self.budget_tokens.set(snapshot.budget_tokens)
         self.patch_tokens.set(snapshot.num_patches)
         self.target_latency.set(snapshot.target_latency_s)

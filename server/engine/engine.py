@@ -299,6 +299,7 @@ class Engine:
                 active_streams=self._registry.connected_count,
                 retained_streams=self._registry.retained_count,
                 state_bytes=self._registry.state_bytes,
+                pool_bytes=(self._runner.pool_bytes or 0) if self._runner is not None else 0,
                 budget_tokens=view.tokens if view else 0,
                 num_patches=policy.num_patches if policy else 0,
                 target_latency_s=state.target_s if auto and state else 0.0,

@@ -60,6 +60,7 @@ class EngineSnapshot:
     measured_p95_s: float | None = None  # end to end, over the controller's window (about the last second)
     stream_tokens: tuple[float, int, int] | None = None  # (mean, min, max) tokens per gate over connected streams
     saturated: bool = False  # auto mode: the minimum budget cannot meet the target; frames are being shed
+    pool_bytes: int = 0  # the state pool on the model's device: every slot, allocated at start-up (0: none)
     floor_unmet_streams: int = 0  # adaptive streams whose fidelity floor is not met even at every frame dense
 
 

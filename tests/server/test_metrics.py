@@ -26,6 +26,7 @@ EXPECTED = {
     "eventful_macs_saved": "counter",
     "eventful_active_streams": "gauge",
     "eventful_state_bytes": "gauge",
+    "eventful_state_pool_bytes": "gauge",
     "eventful_budget_tokens": "gauge",
     "eventful_target_latency_seconds": "gauge",
     "eventful_measured_p95_latency_seconds": "gauge",
@@ -80,6 +81,7 @@ def test_metrics_move_with_traffic(client):
     assert during["eventful_macs_total"] > 0 and during["eventful_macs_saved_total"] > 0  # 3 frames at 4 of 16
     assert during["eventful_active_streams"] == 1 and after["eventful_active_streams"] == 0
     assert during["eventful_state_bytes"] > 0 and after["eventful_state_bytes"] == 0
+    assert during["eventful_state_pool_bytes"] == after["eventful_state_pool_bytes"] > during["eventful_state_bytes"]
     assert during["eventful_budget_tokens"] == 4
     client.put("/v1/budget", json={"mode": "fixed", "tokens": 10})
     assert scrape(client)["eventful_budget_tokens"] == 10
@@ -133,11 +135,12 @@ def test_metrics_module_on_its_own_registry():
                            updated_fractions=[0.3, 1.0], macs=100, dense_macs=250))
     metrics.frame(FrameEvent("failed", code="frame_too_large"))
     metrics.latency(LatencyStats(0.04))
-    body, _ = metrics.render(EngineSnapshot(True, 3, 1, 1234, 50, 196))
+    body, _ = metrics.render(EngineSnapshot(True, 3, 1, 1234, 50, 196, pool_bytes=4321))
     text = body.decode()
     assert "eventful_macs_total 100.0" in text and "eventful_macs_saved_total 150.0" in text
     assert 'eventful_decode_errors_total{code="frame_too_large"} 1.0' in text
     assert "eventful_state_bytes 1234.0" in text and "eventful_active_streams 3.0" in text
+    assert "eventful_state_pool_bytes 4321.0" in text
     assert registry.get_sample_value("eventful_frame_latency_seconds_bucket", {"le": "0.05"}) == 1
     assert registry.get_sample_value("eventful_queue_wait_seconds_count") == 2
     # a second Metrics on a fresh registry does not clash (one registry per app / test)
