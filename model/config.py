@@ -214,3 +214,54 @@ NAMED_CONFIGS.update(
         "videomae-base": _videomae(768, 12, 12),  # MCG-NJU/videomae-base-finetuned-kinetics
     }
 )
+
+
+# --------------------------------------------------------------------------- windowed-attention backbones (ViTDet)
+
+
+@dataclass(frozen=True)
+class ViTDetConfig(ViTConfig):
+    """ViTDet (Li et al., ECCV 2022): a plain ViT backbone for detection at high resolution. No class token, no
+    head: the output is the final feature map [B, C, H/p, W/p]. Blocks in window_block_indices (transformers'
+    VitDetConfig convention) attend within non-overlapping window_size x window_size windows of the grid padded to
+    whole windows (padding tokens are zeros after norm1, as transformers); the others attend globally. Relative
+    position terms (rel_pos_h / rel_pos_w) are decomposed per axis, as in MViTv2."""
+
+    class_token: bool = False
+    num_classes: int = 0
+    window_size: int = 14
+    window_block_indices: tuple[int, ...] = ()
+    use_relative_position_embeddings: bool = True
+    use_absolute_position_embeddings: bool = True
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    def is_windowed(self, block: int) -> bool:
+        return self.window_size > 0 and block in self.window_block_indices
+
+    @property
+    def window_grid(self) -> tuple[int, int]:
+        """Windows along (height, width) once the grid is padded to whole windows."""
+        gh, gw = self.grid_size
+        return -(-gh // self.window_size), -(-gw // self.window_size)
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window_size**2
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens of the grid padded to whole windows (the window-major layout of a windowed block's keys)."""
+        nh, nw = self.window_grid
+        return nh * nw * self.window_tokens
+
+
+# detectron2's ViTDet: longest side resized to 1024 and padded; here whole frames resized to the input size.
+_VITDET_PRE = PreprocessConfig(resize_shortest=None, resize_to=(1024, 1024), crop_size=None, interpolation="bilinear")
+
+NAMED_CONFIGS["vitdet-base-patch16-1024"] = ViTDetConfig(
+    image_size=(1024, 1024), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072,
+    window_size=14, window_block_indices=(0, 1, 3, 4, 6, 7, 9, 10), preprocess=_VITDET_PRE,
+)  # fmt: skip  # ViTDet-B (detectron2 mask_rcnn_vitdet_b): global attention in blocks 2, 5, 8, 11

@@ -146,12 +146,13 @@ class EventfulViT:
         self.model = model
         self.config = config or EventfulConfig()
         self.vit = model.config
-        if self.vit.num_prefix_tokens < 1:
-            raise ValueError("the eventful step needs at least one prefix token (the always-updated class token)")
+        if self.vit.num_prefix_tokens < 1 and self.config.level != "tokenwise":
+            raise ValueError("the qk and full levels need a prefix token (ranks outside the budget redirect to it)")
         self.scale = self.vit.head_dim**-0.5
         self._norm_scale = math.sqrt(self.vit.embed_dim)  # gates compare L2 norms: RMS thresholds x sqrt(C)
         self._dense_block_macs = dense_block_macs(self.vit)
         self._fixed_macs = embed_macs(self.vit) + head_macs(self.vit)
+        self._dense_frame_macs = dense_macs(self.vit)
         p = next(model.parameters())
         if self.config.execution in ("graph", "compile-graph") and p.device.type != "cuda":
             raise ValueError(f"execution {self.config.execution!r} captures CUDA graphs: the model must be on a CUDA "
@@ -227,7 +228,7 @@ class EventfulViT:
         for members, _, _, member_counts in parts:
             for j, c in zip(members, member_counts, strict=True):
                 counts[j] = c
-                macs[j] = dense_macs(self.vit) if dense_frame[j] else self._frame_macs(c)
+                macs[j] = self._dense_frame_macs if dense_frame[j] else self._frame_macs(c)
         for j, state in enumerate(states):
             if dense_frame[j]:
                 state.needs_dense = False
@@ -239,7 +240,7 @@ class EventfulViT:
         if order != list(range(b)):
             inverse = _device_ints(sorted(range(b), key=order.__getitem__), x.device)
             x, logits = x.index_select(0, inverse), logits.index_select(0, inverse)
-        return StepOutput(logits, x, torch.tensor(counts, dtype=torch.long), macs, dense_macs(self.vit), dense_frame)
+        return StepOutput(logits, x, torch.tensor(counts, dtype=torch.long), macs, self._dense_frame_macs, dense_frame)
 
     def _dense_frame(self, state: StreamState) -> bool:
         """This frame (re)seeds the stream's state: its first, the first after a flush, or a refresh."""
@@ -319,7 +320,7 @@ class EventfulViT:
         for state in states:
             state.flush()
         counts = torch.full((b, self.vit.depth, 3), self.vit.num_tokens, dtype=torch.long)
-        macs = dense_macs(self.vit)
+        macs = self._dense_frame_macs
         return StepOutput(logits[:b], x[:b], counts, [macs] * b, macs, [True] * b)
 
     # ---- executors: the same pure function, eager, compiled or captured per shape ---------------

@@ -32,6 +32,7 @@ from model.config import (
     PreprocessConfig,
     VideoConfig,
     ViTConfig,
+    ViTDetConfig,
 )
 from model.vit import VisionTransformer
 
@@ -108,6 +109,10 @@ def model_class(config: ViTConfig) -> type[nn.Module]:
         return YolosDetector
     if isinstance(config, VideoConfig):
         return VideoMAE
+    if isinstance(config, ViTDetConfig):
+        from model.vitdet import ViTDetBackbone
+
+        return ViTDetBackbone
     return VisionTransformer
 
 
@@ -587,6 +592,74 @@ def videomae_hf_to_model_state_dict(
     return out
 
 
+def config_from_hf_vitdet(config_json: Mapping) -> ViTDetConfig:
+    """ViTDetConfig of an HF VitDetModel / VitDetBackbone config.json (input size: its image_size, whose grid the
+    global blocks' relative position embeddings are sized for). Residual conv blocks are refused (not in ViTDet-B)."""
+    if config_json.get("residual_block_indices"):
+        raise CheckpointError(f"residual_block_indices {config_json['residual_block_indices']}: residual conv blocks "
+                              "are not supported (ViTDet-B has none)")
+    common = _hf_common({"layer_norm_eps": 1e-6, **config_json, "intermediate_size": 0}, ("vitdet",))
+    image_size = _hf_hw(config_json.get("image_size", 224), "image_size")
+    window_size = int(config_json.get("window_size", 0))
+    return ViTDetConfig(
+        image_size=image_size, qkv_bias=bool(config_json.get("qkv_bias", True)),
+        window_size=window_size,
+        window_block_indices=tuple(int(i) for i in config_json.get("window_block_indices", ())),
+        use_relative_position_embeddings=bool(config_json.get("use_relative_position_embeddings", False)),
+        use_absolute_position_embeddings=bool(config_json.get("use_absolute_position_embeddings", True)),
+        preprocess=PreprocessConfig(resize_shortest=None, resize_to=image_size, crop_size=None,
+                                    interpolation="bilinear"),
+        **{**common, "mlp_dim": int(config_json.get("mlp_ratio", 4)) * common["embed_dim"], "num_classes": 0,
+           "label_names": None},
+    )  # fmt: skip
+
+
+def resample_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear resampling of relative position embeddings [L, Dh] to [length, Dh] (transformers' get_rel_pos)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    grid = rel_pos.float().reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1)  # [1, Dh, L]
+    return F.interpolate(grid, size=length, mode="linear").reshape(-1, length).permute(1, 0).to(rel_pos.dtype)
+
+
+_HF_VITDET = {
+    "embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.projection.bias": "patch_embed.proj.bias",
+}
+_HF_VITDET_BLOCK = {"attention.qkv": "attn.qkv", "attention.proj": "attn.proj", "attention.rel_pos_h": "attn.rel_pos_h",
+                    "attention.rel_pos_w": "attn.rel_pos_w"}
+
+
+def vitdet_hf_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ViTDetConfig
+) -> dict[str, torch.Tensor]:
+    """HF VitDetModel / VitDetBackbone state dict -> ours: the position embeddings' class position dropped and the
+    pretraining grid resampled (bicubic) to config's grid, the global blocks' relative position embeddings resampled
+    (linear) to config's grid, as transformers does at run time; validated."""
+    expected = _expected_shapes(config)
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, value in state_dict.items():
+        name = key.removeprefix("vitdet.")
+        block = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|rel_pos_h|rel_pos_w)", name)
+        if name in _HF_VITDET:
+            out[_HF_VITDET[name]] = value
+        elif name == "embeddings.position_embeddings":  # [1, 1 + g*g, C]: a class position, then a square grid
+            out["pos_embed"] = resample_pos_embed(value[:, 1:], config.grid_size, 0)
+        elif block and block.group(3).startswith("rel_pos"):
+            ours = f"blocks.{block.group(1)}.attn.{block.group(3)}"
+            length = expected[ours][0] if ours in expected else value.shape[0]
+            out[ours] = resample_rel_pos(value, length)
+        elif block:
+            module = block.group(2)
+            ours = _HF_VITDET_BLOCK.get(module, module)  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
+            out[f"blocks.{block.group(1)}.{ours}.{block.group(3)}"] = value
+        else:
+            unmapped.append(key)
+    _validate(out, config, "Hugging Face ViTDet", unmapped)
+    return out
+
+
 # --------------------------------------------------------------------------- I/O
 
 
@@ -646,7 +719,7 @@ def load_timm_checkpoint(
 
 
 def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = None) -> VisionTransformer:
-    """A Hugging Face ViT/DeiT/YOLOS/VideoMAE model directory (config.json + model.safetensors or .bin)."""
+    """A Hugging Face ViT/DeiT/YOLOS/VideoMAE/ViTDet model directory (config.json + model.safetensors or .bin)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
@@ -661,6 +734,9 @@ def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = Non
         native = config_from_hf_yolos(config_json, pre_json)
         config = adapt_image_size(native, image_size)
         return _build(config, yolos_hf_to_model_state_dict(state_dict, config, old_grid=native.grid_size))
+    if config_json.get("model_type") == "vitdet":
+        config = adapt_image_size(config_from_hf_vitdet(config_json), image_size)
+        return _build(config, vitdet_hf_to_model_state_dict(state_dict, config))
     if config_json.get("model_type") == "videomae":
         native = config_from_hf_videomae(config_json, pre_json)
         if any(k.removeprefix("videomae.") in _VIDEOMAE_LENGTH_KEYS for k in state_dict):

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from model.config import ViTConfig
+from model.config import ViTConfig, ViTDetConfig
 
 Level = Literal["tokenwise", "qk", "full"]
 LEVELS: tuple[str, ...] = ("tokenwise", "qk", "full")
@@ -48,6 +48,17 @@ def buffer_shapes(config: ViTConfig, level: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def layer_buffer_shapes(config: ViTConfig, level: str) -> list[dict[str, tuple[int, ...]]]:
+    """Per layer, the per-slot shape of each buffer: `buffer_shapes`, except that a windowed block of a ViTDet keeps
+    its keys and values in window-major order over the grid padded to whole windows ([N_pad, 2C]: the keys of every
+    window are a view of the slot's rows, the padding rows the keys and values of a zero token)."""
+    shapes = buffer_shapes(config, level)
+    if not isinstance(config, ViTDetConfig):
+        return [shapes] * config.depth
+    windowed = {**shapes, "key_values": (config.padded_tokens, 2 * config.embed_dim)}
+    return [windowed if config.is_windowed(i) else shapes for i in range(config.depth)]
+
+
 class StatePool:
     """Slot-addressed buffers for up to `slots` streams of one model and level, plus one scratch slot."""
 
@@ -60,6 +71,7 @@ class StatePool:
         self.config, self.level = config, level
         self.device, self.dtype = torch.device(device), dtype
         self.shapes = buffer_shapes(config, level)
+        self.layer_shapes = layer_buffer_shapes(config, level)
         self.generation = 0
         self.layers: list[dict[str, torch.Tensor]] = self._allocate(slots)  # per layer: name -> [slots + 1, ...]
         self._free = list(range(slots))  # lowest first
@@ -68,8 +80,8 @@ class StatePool:
     def _allocate(self, slots: int) -> list[dict[str, torch.Tensor]]:
         return [
             {name: torch.zeros((slots + 1, *shape), device=self.device, dtype=self.dtype)
-             for name, shape in self.shapes.items()}
-            for _ in range(self.config.depth)
+             for name, shape in shapes.items()}
+            for shapes in self.layer_shapes
         ]
 
     @property
@@ -121,7 +133,7 @@ class StatePool:
     def slot_breakdown(self) -> dict[str, int]:
         """Bytes of one slot per buffer kind, summed over layers."""
         size = torch.empty((), dtype=self.dtype).element_size()
-        return {name: self.config.depth * size * _numel(shape) for name, shape in self.shapes.items()}
+        return {name: size * sum(_numel(shapes[name]) for shapes in self.layer_shapes) for name in self.shapes}
 
     @property
     def bytes_per_slot(self) -> int:
