@@ -219,6 +219,15 @@ def stream_fidelity(outputs: torch.Tensor, dense_logits: torch.Tensor, mac_ratio
     return {key: statistics.fmean(f[key] for f in per_stream) for key in per_stream[0]}
 
 
+def eventful_runner(model: VisionTransformer, eventful: EventfulConfig) -> EventfulViT:
+    """The eventful runner of a model. A ViTDet backbone's outputs are its feature maps [B, C, h, w], compared
+    flattened (`flatten(1)`, a no-op for classifier logits [B, K]): rel_l2 is then the feature map's error, and top-1
+    / top-5 (the largest feature) mean nothing."""
+    from model.vitdet import EventfulViTDet, ViTDetBackbone
+
+    return EventfulViTDet(model, eventful) if isinstance(model, ViTDetBackbone) else EventfulViT(model, eventful)
+
+
 def _profile_sparse_step(
     runner: EventfulViT, batch: Callable, first_step: int, states: list, budgets: list, device: torch.device, tries: int
 ):
@@ -259,7 +268,7 @@ def run_model_bench(
 
     specs = [tuple(b) if isinstance(b, tuple | list) else (float(b),) for b in budgets]
     values = [stream_budget_values(spec, streams) for spec in specs]
-    runners = [EventfulViT(model, eventful) for _ in specs]
+    runners = [eventful_runner(model, eventful) for _ in specs]
     states = [[runner.new_state() for _ in range(streams)] for runner in runners]
     step_budgets = [[_budget(policy, v) for v in vals] for vals in values]
 
@@ -292,11 +301,11 @@ def run_model_bench(
             if j < 0:
                 logits = dense_forward(frames)
                 dense_ms.append((_clock(device) - start) * 1e3)
-                dense_logits.append(logits.float().cpu())
+                dense_logits.append(logits.float().flatten(1).cpu())
                 continue
             out = runners[j].step(frames, states[j], step_budgets[j])
             ev_ms[j].append((_clock(device) - start) * 1e3)
-            ev_logits[j].append(out.logits.float().cpu())
+            ev_logits[j].append(out.logits.float().flatten(1).cpu())
             ev_macs[j].append(list(out.macs))
             ev_fraction[j].append(float(out.updated_tokens.float().mean()) / num_tokens)
             ev_dense[j].append(any(out.dense_frame))
