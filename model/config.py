@@ -265,3 +265,45 @@ NAMED_CONFIGS["vitdet-base-patch16-1024"] = ViTDetConfig(
     image_size=(1024, 1024), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072,
     window_size=14, window_block_indices=(0, 1, 3, 4, 6, 7, 9, 10), preprocess=_VITDET_PRE,
 )  # fmt: skip  # ViTDet-B (detectron2 mask_rcnn_vitdet_b): global attention in blocks 2, 5, 8, 11
+
+
+# --------------------------------------------------------------------------- open-vocabulary detection (OWLv2)
+
+# OpenAI CLIP normalisation (Owlv2ImageProcessor); frames are padded to a square, then resized whole.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Owlv2Config(ViTConfig):
+    """OWLv2 (Minderer et al., NeurIPS 2023): a CLIP vision encoder (pre-LayerNorm, quick_gelu MLPs, no bias on the
+    patch embedding) whose every patch token gets a box, an objectness and a class embedding compared with
+    text-query embeddings of a CLIP text encoder. The ViT fields describe the vision encoder; its class token is
+    the one prefix token (multiplied into every patch token by the image-feature path). num_classes is 0: the
+    classes are the queries, given at run time."""
+
+    layer_norm_eps: float = 1e-5
+    num_classes: int = 0
+    text_embed_dim: int = 512
+    text_depth: int = 12
+    text_heads: int = 8
+    text_mlp_dim: int = 2048
+    vocab_size: int = 49408
+    max_text_tokens: int = 16  # positions of the text encoder: a query's tokens, BOS and EOS included
+    projection_dim: int = 512  # text projection (= text_embed_dim in every released OWLv2)
+    text_layer_norm_eps: float = 1e-5
+
+    @property
+    def text_config(self) -> ViTConfig:
+        """The text encoder's blocks as a ViTConfig (width, heads, MLP width, LayerNorm eps)."""
+        return ViTConfig(embed_dim=self.text_embed_dim, depth=self.text_depth, num_heads=self.text_heads,
+                         mlp_dim=self.text_mlp_dim, layer_norm_eps=self.text_layer_norm_eps, num_classes=0)
+
+
+# Owlv2ImageProcessor: pad to a square (bottom/right, black), resize to 960 x 960 bilinear, CLIP mean/std.
+_OWLV2_PRE = PreprocessConfig(resize_shortest=None, resize_to=(960, 960), crop_size=None, interpolation="bilinear",
+                              mean=CLIP_MEAN, std=CLIP_STD)
+
+NAMED_CONFIGS["owlv2-base-patch16"] = Owlv2Config(
+    image_size=(960, 960), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, preprocess=_OWLV2_PRE,
+)  # fmt: skip  # OWLv2-B/16 (google/owlv2-base-patch16-ensemble): 60 x 60 = 3,600 patches + class; CLIP-B text

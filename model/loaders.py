@@ -25,10 +25,13 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from model.config import (
+    CLIP_MEAN,
+    CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     NAMED_CONFIGS,
     DetectorConfig,
+    Owlv2Config,
     PreprocessConfig,
     VideoConfig,
     ViTConfig,
@@ -101,10 +104,14 @@ def _fit_pos_embed(pos_embed: torch.Tensor, config: ViTConfig, old_grid: tuple[i
 
 
 def model_class(config: ViTConfig) -> type[nn.Module]:
-    """The module a config describes: YolosDetector, VideoMAE or VisionTransformer."""
+    """The module a config describes: YolosDetector, VideoMAE, ViTDetBackbone, Owlv2Detector or VisionTransformer."""
     from model.videomae import VideoMAE
     from model.yolos import YolosDetector
 
+    if isinstance(config, Owlv2Config):
+        from model.owlv2 import Owlv2Detector
+
+        return Owlv2Detector
     if isinstance(config, DetectorConfig):
         return YolosDetector
     if isinstance(config, VideoConfig):
@@ -660,6 +667,106 @@ def vitdet_hf_to_model_state_dict(
     return out
 
 
+# --------------------------------------------------------------------------- Hugging Face OWLv2 layout
+
+
+def config_from_hf_owlv2(config_json: Mapping) -> Owlv2Config:
+    """Owlv2Config of an HF Owlv2ForObjectDetection config.json (vision_config, text_config, projection_dim). The input
+    size is the vision config's image_size (960 for the released checkpoints); frames are padded to a square and
+    resized whole to it (bilinear, CLIP mean/std), as Owlv2ImageProcessor."""
+    if config_json.get("model_type") != "owlv2":
+        model_type = config_json.get("model_type")
+        raise CheckpointError(f"unsupported Hugging Face model_type {model_type!r}; expected 'owlv2'")
+    vision, text = config_json.get("vision_config") or {}, config_json.get("text_config") or {}
+    for part, sub in (("vision", vision), ("text", text)):
+        if sub.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise CheckpointError(f"unsupported {part} hidden_act {sub['hidden_act']!r}: OWLv2 uses 'quick_gelu'")
+    image_size = _hf_hw(vision.get("image_size", 768), "image_size")
+    patch = vision.get("patch_size", 16)
+    if not isinstance(patch, int):
+        ph, pw = _hf_hw(patch, "patch_size")
+        if ph != pw:
+            raise CheckpointError(f"non-square patches {patch} are not supported")
+        patch = ph
+    hidden, heads = int(vision.get("hidden_size", 768)), int(vision.get("num_attention_heads", 12))
+    text_hidden, text_heads = int(text.get("hidden_size", 512)), int(text.get("num_attention_heads", 8))
+    for width, count in ((hidden, heads), (text_hidden, text_heads)):
+        if width % count:
+            raise CheckpointError(f"hidden_size {width} is not divisible by num_attention_heads {count}")
+    return Owlv2Config(
+        image_size=image_size, patch_size=patch, in_chans=int(vision.get("num_channels", 3)), embed_dim=hidden,
+        depth=int(vision.get("num_hidden_layers", 12)), num_heads=heads,
+        mlp_dim=int(vision.get("intermediate_size", 3072)), layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
+        text_embed_dim=text_hidden, text_depth=int(text.get("num_hidden_layers", 12)), text_heads=text_heads,
+        text_mlp_dim=int(text.get("intermediate_size", 2048)), vocab_size=int(text.get("vocab_size", 49408)),
+        max_text_tokens=int(text.get("max_position_embeddings", 16)),
+        projection_dim=int(config_json.get("projection_dim", 512)),
+        text_layer_norm_eps=float(text.get("layer_norm_eps", 1e-5)),
+        preprocess=PreprocessConfig(resize_shortest=None, resize_to=image_size, crop_size=None,
+                                    interpolation="bilinear", mean=CLIP_MEAN, std=CLIP_STD),
+    )  # fmt: skip
+
+
+_HF_OWLV2_TOP = {
+    "owlv2.vision_model.embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "owlv2.vision_model.pre_layernorm.weight": "pre_norm.weight",
+    "owlv2.vision_model.pre_layernorm.bias": "pre_norm.bias",
+    "owlv2.vision_model.post_layernorm.weight": "norm.weight",
+    "owlv2.vision_model.post_layernorm.bias": "norm.bias",
+    "layer_norm.weight": "merge_norm.weight",
+    "layer_norm.bias": "merge_norm.bias",
+    "owlv2.text_model.embeddings.token_embedding.weight": "text.token_embed.weight",
+    "owlv2.text_model.final_layer_norm.weight": "text.norm.weight",
+    "owlv2.text_model.final_layer_norm.bias": "text.norm.bias",
+    "owlv2.text_projection.weight": "text.proj.weight",
+}
+_HF_OWLV2_BLOCK = {"self_attn.out_proj": "attn.proj", "layer_norm1": "norm1", "layer_norm2": "norm2",
+                   "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_HF_OWLV2_QKV = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+# CLIP's image-text contrastive parts, unused by detection
+_HF_OWLV2_IGNORED = ("owlv2.visual_projection.weight", "owlv2.logit_scale")
+
+
+def owlv2_hf_to_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Owlv2Config, old_grid: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """HF Owlv2ForObjectDetection state dict -> ours: q/k/v fused into qkv (vision and text blocks), the class
+    embedding as a [1, 1, C] token, position embeddings resampled (bicubic, as transformers' interpolate_pos_encoding)
+    from old_grid (default: square) to config's grid, heads under their names; validated."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # our fused name -> {q 0, k 1, v 2: (key, tensor)}
+    unmapped: list[str] = []
+    for key, value in state_dict.items():
+        block = re.fullmatch(r"owlv2\.(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key in _HF_OWLV2_IGNORED:
+            continue
+        if key in _HF_OWLV2_TOP:
+            out[_HF_OWLV2_TOP[key]] = value
+        elif key == "owlv2.vision_model.embeddings.class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "owlv2.vision_model.embeddings.position_embedding.weight":  # [1 + g*g, C]
+            out["pos_embed"] = resample_pos_embed(value[None], config.grid_size, 1, old_grid)
+        elif key == "owlv2.text_model.embeddings.position_embedding.weight":
+            out["text.pos_embed"] = value
+        elif re.fullmatch(r"(class_head|box_head|objectness_head)\.\w+\.(weight|bias)", key):
+            out[key] = value
+        elif block and block.group(3) in _HF_OWLV2_QKV:
+            name = f"{'text.' if block.group(1) == 'text' else ''}blocks.{block.group(2)}.attn.qkv.{block.group(4)}"
+            qkv.setdefault(name, {})[_HF_OWLV2_QKV[block.group(3)]] = (key, value)
+        elif block and block.group(3) in _HF_OWLV2_BLOCK:
+            prefix = "text." if block.group(1) == "text" else ""
+            out[f"{prefix}blocks.{block.group(2)}.{_HF_OWLV2_BLOCK[block.group(3)]}.{block.group(4)}"] = value
+        else:
+            unmapped.append(key)
+    for name, parts in sorted(qkv.items()):
+        if len(parts) == 3:
+            out[name] = torch.cat([parts[j][1] for j in range(3)], dim=0)  # [3C(, C)]
+        else:
+            unmapped.extend(k for k, _ in parts.values())
+    _validate(out, config, "Hugging Face OWLv2", unmapped)
+    return out
+
+
 # --------------------------------------------------------------------------- I/O
 
 
@@ -719,7 +826,7 @@ def load_timm_checkpoint(
 
 
 def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = None) -> VisionTransformer:
-    """A Hugging Face ViT/DeiT/YOLOS/VideoMAE/ViTDet model directory (config.json + model.safetensors or .bin)."""
+    """A Hugging Face ViT/DeiT/YOLOS/VideoMAE/ViTDet/OWLv2 model directory (config.json + model.safetensors or .bin)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
@@ -730,6 +837,10 @@ def load_hf_directory(path: str | Path, image_size: tuple[int, int] | None = Non
     pre_path = path / "preprocessor_config.json"
     pre_json = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else None
     state_dict = read_state_dict(weights)
+    if config_json.get("model_type") == "owlv2":
+        native = config_from_hf_owlv2(config_json)
+        config = adapt_image_size(native, image_size)
+        return _build(config, owlv2_hf_to_model_state_dict(state_dict, config, old_grid=native.grid_size))
     if config_json.get("model_type") == "yolos":
         native = config_from_hf_yolos(config_json, pre_json)
         config = adapt_image_size(native, image_size)
