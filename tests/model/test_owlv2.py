@@ -12,7 +12,7 @@ import torch
 
 from model.config import CLIP_MEAN, CLIP_STD, NAMED_CONFIGS, Owlv2Config, PreprocessConfig
 from model.eventful import INT64_MAX, INT64_MIN, EventfulConfig, full_budget
-from model.loaders import adapt_image_size, load_model
+from model.loaders import adapt_image_size, config_from_hf_owlv2, load_model, owlv2_hf_to_model_state_dict
 from model.owlv2 import (
     EventfulOwlv2,
     Owlv2Detector,
@@ -116,6 +116,40 @@ def test_loader_refuses_other_activations(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_named_architecture_is_the_released_layout():
+    """transformers' OWLv2 defaults with the 960 px vision input (google/owlv2-base-patch16-ensemble's config.json)
+    read back as the named architecture."""
+    hf_config = transformers.Owlv2Config(vision_config=dict(image_size=960, patch_size=16))
+    assert config_from_hf_owlv2(hf_config.to_dict()) == NAMED_CONFIGS["owlv2-base-patch16"]
+
+
+@pytest.mark.slow
+def test_owlv2_base_matches_transformers_at_320():
+    """OWLv2-B/16 (ViT-B vision encoder, CLIP-B text encoder) with its 60 x 60 position grid resampled to 20 x 20,
+    converted in memory, against transformers interpolating at run time."""
+    torch.manual_seed(0)
+    hf = transformers.Owlv2ForObjectDetection(transformers.Owlv2Config(vision_config=dict(image_size=960))).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "position_embedding" in name or "class_embedding" in name:
+                p.normal_(0, 0.2)
+    config = NAMED_CONFIGS["owlv2-base-patch16"].with_image_size((320, 320))
+    ours = Owlv2Detector(config).eval()
+    ours.load_state_dict(owlv2_hf_to_model_state_dict(hf.state_dict(), config, old_grid=(60, 60)))
+    images = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(4))
+    ids = pad_token_ids([[49406, 320, 2368, 49407], [49406, 1929, 49407]], 16)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=images, interpolate_pos_encoding=True)
+        logits, boxes = ours(images, ids)
+        features = ours.forward_head(ours.forward_features(images))
+    assert (features - expected.image_embeds.flatten(1, 2)).abs().max() <= 1e-4
+    assert (boxes - expected.pred_boxes).abs().max() <= 1e-4
+    # transformers' init gives logits up to ~3,000 (large per-patch scales): fp32 rounding of the cosines, times
+    # that scale, is the difference, so the bound is relative
+    scale = float(expected.logits.abs().max())
+    assert (logits - expected.logits).abs().max() <= 1e-5 * max(scale, 10.0)
+
+
 def test_named_owlv2_base():
     config = NAMED_CONFIGS["owlv2-base-patch16"]
     assert isinstance(config, Owlv2Config) and config.grid_size == (60, 60) and config.num_tokens == 3601
@@ -171,10 +205,11 @@ def test_full_budget_equals_dense_frame_after_frame(owlv2, level):
     n = CONFIG.num_patches
     for t in range(len(frames)):
         out = runner.step(torch.stack([frames[t], others[t]]), states, [full_budget(n), StreamBudget(tokens=6)])
-        step_logits, step_boxes = runner.detect(out.logits, queries)
+        step_logits, step_boxes = runner.detect(out.logits, torch.stack([queries, queries.flip(0)]))
         assert out.logits.shape == (2, n, CONFIG.embed_dim) and step_logits.shape == (2, n, 4)
         assert (out.logits[0] - features[t]).abs().max() <= 1e-4
-        assert (step_logits[0] - logits[t]).abs().max() <= 1e-4
+        assert (step_logits[0] - logits[t]).abs().max() <= 1e-4  # per-stream queries: [B, Q, D]
+        assert (step_logits[1] - runner.detect(out.logits[1:], queries.flip(0))[0][0]).abs().max() <= 1e-5
         assert (step_boxes[0] - boxes[t]).abs().max() <= 1e-4
         assert out.macs[0] == out.dense_macs
         assert int(out.updated_tokens[1].min()) >= 1  # the class token passes every gate of the sparse stream
