@@ -139,10 +139,11 @@ class EventfulViT:
     `step(images, states, budgets)` takes one frame per stream. Holds no per-stream data besides the pool.
     Each step is one or two fixed-shape calls (the streams that seed their state, the sparse ones), each a pure
     function of (images [B, 3, H, W], slots [B], limits [B, W]) and the pool: no host sync, no data-dependent shape,
-    so it compiles into one graph and captures into one CUDA graph per `StepShape`.
+    so it compiles into one graph and captures into one CUDA graph per `StepShape`. slots: the streams the pool
+    holds before it grows (doubling; the server sizes it for --max-streams, so it never grows there).
     """
 
-    def __init__(self, model: VisionTransformer, config: EventfulConfig | None = None, slots: int = 8):
+    def __init__(self, model: VisionTransformer, config: EventfulConfig | None = None, slots: int = 1):
         self.model = model
         self.config = config or EventfulConfig()
         self.vit = model.config

@@ -255,7 +255,7 @@ class EventfulOwlv2(EventfulViT):
     `Owlv2Detector.forward_head`); `detect` gives each stream's logits against its queries and the boxes. MACs
     count the heads (their query dot products excluded: queries differ per stream)."""
 
-    def __init__(self, model: Owlv2Detector, config: EventfulConfig | None = None, slots: int = 8):
+    def __init__(self, model: Owlv2Detector, config: EventfulConfig | None = None, slots: int = 1):
         super().__init__(model, config, slots)
         heads = owlv2_head_macs(self.vit)
         self._fixed_macs = embed_macs(self.vit) + heads

@@ -231,7 +231,7 @@ class EventfulViTDet(EventfulViT):
     """EventfulViT's step over a ViTDetBackbone, token-wise level only. `StepOutput.logits` is the feature map
     [B, C, H/p, W/p] (the backbone's output); every token is a patch (no prefix token passes the gates)."""
 
-    def __init__(self, model: ViTDetBackbone, config: EventfulConfig | None = None, slots: int = 8):
+    def __init__(self, model: ViTDetBackbone, config: EventfulConfig | None = None, slots: int = 1):
         config = config or EventfulConfig()
         if config.level != "tokenwise":
             raise ValueError(f"EventfulViTDet runs the token-wise level only, not {config.level!r}")
