@@ -618,6 +618,19 @@ def rest_call(base: str, method: str, path: str, body: dict[str, Any] | None = N
         raise RuntimeError(f"{method} {path}: {type(err).__name__}: {err}") from err
 
 
+def queries_message(queries: list[str]) -> dict[str, Any]:
+    """The control message that sets this stream's text queries (OWLv2 models)."""
+    return {"type": "queries", "queries": list(queries)}
+
+
+def parse_queries(text: str) -> list[str]:
+    """'person, car' -> ['person', 'car']."""
+    queries = [part.strip() for part in text.split(",") if part.strip()]
+    if not queries:
+        raise argparse.ArgumentTypeError("give at least one query, e.g. 'person,car'")
+    return queries
+
+
 def set_stream_budget(base: str, stream_id: str, tokens: int, api_key: str | None = None) -> dict[str, Any]:
     """PUT /v1/streams/{id}/budget {"tokens": R}; returns the server's answer."""
     return rest_call(base, "PUT", f"/v1/streams/{stream_id}/budget", {"tokens": tokens}, api_key)
@@ -636,6 +649,7 @@ class CameraConfig:
     jpeg_quality: int = 85
     api_key: str | None = None
     budget: int | None = None
+    queries: list[str] | None = None  # text queries (OWLv2 models): sent as a control message on every connect
     output: str | None = None
     frames: int | None = None  # stop after this many source frames
     duration_s: float | None = None  # stop after this many seconds of streaming
@@ -772,6 +786,8 @@ class CameraClient:
                 )
             except RuntimeError as err:
                 self._log(f"could not set the budget: {err}")
+        if self.config.queries:  # (again after a reconnect: a restarted server has lost them)
+            await ws.send(json.dumps(queries_message(self.config.queries)))
         self._next_index = 0  # a new connection counts frames from 0
         self._in_flight.clear()
         self._ws = ws
@@ -807,6 +823,12 @@ class CameraClient:
             except ValueError:
                 continue
             kind = message.get("type")
+            if kind == "queries":
+                self._log(f"queries: {', '.join(map(str, message.get('queries') or []))}")
+                continue
+            if kind == "error" and message.get("frame") is None:  # about a control message (the queries)
+                self._log(f"server: {message.get('code')}: {message.get('message')}")
+                continue
             if kind not in ("result", "dropped", "error") or message.get("frame") is None:
                 continue
             entry = self._in_flight.pop(message["frame"], None)
@@ -1026,6 +1048,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help="API key (default: EVENTFUL_API_KEY)")
     parser.add_argument("--budget", type=int, default=None, metavar="R",
                         help="set this stream's budget to R tokens per gate (PUT /v1/streams/{id}/budget)")
+    parser.add_argument("--queries", type=parse_queries, default=None, metavar="TEXT,TEXT",
+                        help="text queries for an OWLv2 server, comma-separated (e.g. 'person,car'): sent as the "
+                             "queries control message after connecting; boxes are labelled with them")
     parser.add_argument("--output", default=None, help="write the annotated video here (e.g. annotated.mp4)")
     parser.add_argument("--frames", type=int, default=None, help="stop after N source frames")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds of streaming")
@@ -1072,7 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
         config = CameraConfig(
             server=args.server, source=args.source, stream_id=args.stream_id, fps=args.fps, resize=args.resize,
             jpeg_quality=args.jpeg_quality, api_key=args.api_key or os.environ.get("EVENTFUL_API_KEY"),
-            budget=args.budget, output=args.output, frames=args.frames, duration_s=args.duration, loop=args.loop,
+            budget=args.budget, queries=args.queries, output=args.output, frames=args.frames, duration_s=args.duration,
+            loop=args.loop,
             backoff_max_s=max(0.2, args.reconnect_max_wait), give_up_after_s=args.give_up_after,
         )
         if config.source != "pattern" and "://" not in config.source and not config.source.startswith("/dev/") \

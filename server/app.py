@@ -19,7 +19,7 @@ from server.api import model as model_api
 from server.api.access_log import install_token_redaction
 from server.api.connection import Connections, IdleLimits
 from server.api.deps import require_api_key
-from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget
+from server.engine import BudgetError, Engine, EngineConfig, EngineNotReady, GlobalBudget, QueriesUnsupported
 from server.engine.factory import build_runner, configured_weights, frame_limits
 from server.metrics import Metrics
 from server.settings import Settings
@@ -104,6 +104,10 @@ def create_app(
     async def budget_error(request: Request, exc: BudgetError) -> JSONResponse:
         loc = ["body"] if exc.field == "body" else ["body", exc.field]
         return _unprocessable([{"loc": loc, "msg": exc.message, "type": "value_error"}])
+
+    @app.exception_handler(QueriesUnsupported)
+    async def queries_unsupported(request: Request, exc: QueriesUnsupported) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status.HTTP_409_CONFLICT)
 
     @app.exception_handler(EngineNotReady)
     async def not_ready(request: Request, exc: EngineNotReady) -> JSONResponse:

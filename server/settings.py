@@ -63,9 +63,15 @@ class Settings(BaseSettings):
     budget_max_tokens: int | None = Field(
         None, ge=0, description="auto mode: the controller's ceiling (default: all patch tokens)")
     top_k: int = Field(5, ge=1, le=100, description="labels per result")
-    # detection (YOLOS) and clip (VideoMAE) models
-    detect_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detection score threshold (YOLOS)")
-    max_boxes: int = Field(100, ge=1, description="at most this many boxes per frame (YOLOS)")
+    # detection (YOLOS, OWLv2) and clip (VideoMAE) models
+    detect_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detection score threshold (YOLOS, OWLv2)")
+    max_boxes: int = Field(100, ge=1, description="at most this many boxes per frame (YOLOS, OWLv2)")
+    default_queries: str = Field(
+        "person,car", description="OWLv2: comma-separated text queries of streams that set none of their own")
+    tokenizer: Annotated[str | None, Flag(metavar="DIR")] = Field(
+        None, description="OWLv2: a CLIP tokenizer directory (as save_pretrained writes it); default: --model's "
+        "directory when it holds tokenizer files; the random-weight owlv2-base-patch16 falls back to a built-in "
+        "hashing tokenizer (its labels mean nothing)")
     clip_stride: int = Field(8, ge=1, description="clip models: an action label every this many frames")
     rlt_tau: float = Field(0.1, ge=0.0, description="clip models: Run-Length Tokenization threshold (0: off)")
 

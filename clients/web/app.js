@@ -1,6 +1,7 @@
 // eventful-serve camera page: a camera (getUserMedia) or a local video file, streamed as JPEG frames over the
 // WebSocket /v1/streams/{id} (at most MAX_IN_FLIGHT unanswered), results drawn over the video, live latency and
-// budget graphs, and a budget slider (PUT /v1/streams/{id}/budget). Protocol: docs/protocol.md. Plain JS, no build.
+// budget graphs, a budget slider (PUT /v1/streams/{id}/budget) and text queries for OWLv2 models (the `queries`
+// control message, sent again on every connect). Protocol: docs/protocol.md. Plain JS, no build.
 "use strict";
 
 const MAX_IN_FLIGHT = 2;     // frames sent (or being encoded) and not yet answered
@@ -14,6 +15,7 @@ const state = window.eventful = {
   sent: 0, results: 0, dropped: 0, errors: 0, inFlight: 0,
   lastResult: null, lastFrameSize: null, drawnResult: null, drawnCaption: "", drawnBoxes: 0, draws: 0,
   numPatches: null, budget: null, history: [],  // history: {t (ms), latency (ms), budget}
+  queries: null, queriesAnswer: null, queriesError: "",  // queries: as typed; queriesAnswer: the server's answer
 };
 
 const $ = (id) => document.getElementById(id);
@@ -134,6 +136,7 @@ function connect() {
     state.connected = true;
     backoffMs = 500;
     setStatus(`streaming ${state.streamId}`, "ok");
+    sendQueries();  // (again after a reconnect: a restarted server has lost them)
   };
   socket.onmessage = (event) => { if (ws === socket) onMessage(JSON.parse(event.data)); };
   socket.onclose = async (event) => {
@@ -177,6 +180,17 @@ function sendFrame() {
 }
 
 function onMessage(message) {
+  if (message.type === "queries") {
+    state.queriesAnswer = message.queries;
+    state.queriesError = "";
+    $("queries-info").textContent = `queries: ${message.queries.join(", ")}`;
+    return;
+  }
+  if (message.type === "error" && message.frame === null) {  // about a control message (the queries)
+    state.queriesError = `${message.code}: ${message.message}`;
+    $("queries-info").textContent = state.queriesError;
+    return;
+  }
   if (!["result", "dropped", "error"].includes(message.type) || message.frame === null) return;
   const sent = pending.get(message.frame);
   if (!sent) return;
@@ -227,6 +241,25 @@ function stop() {
   $("start").disabled = false;
   $("stop").disabled = true;
   setStatus("stopped");
+}
+
+// ---- text queries (OWLv2) -------------------------------------------------------------------------------
+
+function parseQueries(text) {
+  return text.split(",").map((q) => q.trim()).filter((q) => q.length > 0);
+}
+
+function setQueries() {
+  const queries = parseQueries($("queries").value);
+  state.queries = queries.length ? queries : null;
+  if (!state.queries) { $("queries-info").textContent = "type queries, comma-separated"; return; }
+  if (!sendQueries()) $("queries-info").textContent = `sent when the stream starts: ${queries.join(", ")}`;
+}
+
+function sendQueries() {
+  if (!state.queries || !ws || ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(JSON.stringify({ type: "queries", queries: state.queries }));
+  return true;
 }
 
 // ---- budget ----------------------------------------------------------------------------------------------
@@ -403,6 +436,9 @@ function init() {
   $("budget-slider").oninput = () => { $("budget-value").textContent = $("budget-slider").value; };
   $("budget-slider").onchange = putBudget;
   $("budget-reset").onclick = resetBudget;
+  $("queries-send").onclick = setQueries;
+  $("queries").onkeydown = (event) => { if (event.key === "Enter") setQueries(); };
+  if (params.get("queries")) { $("queries").value = params.get("queries"); setQueries(); }
   $("stream-id").onchange = () => refreshBudget().catch(() => {});
   $("file-input").onchange = () => { $("source-file").checked = true; };
   $("camera-select").onchange = () => { $("source-camera").checked = true; if (state.running) openSource().catch((err) => setStatus(String(err), "bad")); };

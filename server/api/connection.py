@@ -18,7 +18,17 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from server.engine import Engine, FrameDropped, FrameError, FrameResult, StreamHandle, StreamMessage, StreamRefused
+from server.engine import (
+    Engine,
+    FrameDropped,
+    FrameError,
+    FrameResult,
+    QueriesUnsupported,
+    QueryError,
+    StreamHandle,
+    StreamMessage,
+    StreamRefused,
+)
 
 log = logging.getLogger("eventful.api")
 
@@ -247,7 +257,8 @@ class StreamConnection:
         await self.close(CLOSE_IDLE, reason)
 
     def _on_text(self, text: str) -> None:
-        """Text messages are JSON control messages; only {"type": "ping"} exists (answered with a pong). Over the
+        """Text messages are JSON control messages: {"type": "ping"} (answered with a pong) and {"type": "queries",
+        "queries": [...]} (answered with the queries in effect, or an error). Over the
         rate limit a message is not processed: the first of a run gets a rate_limited error, the rest nothing (a
         client is never closed for its own control messages)."""
         if not self._control_budget.take():
@@ -267,10 +278,25 @@ class StreamConnection:
         except (ValueError, RecursionError):  # RecursionError: nested too deeply
             self._enqueue(_error("invalid_message", "text messages must be JSON; frames are binary messages"))
             return
-        if isinstance(request, dict) and request.get("type") == "ping":
+        kind = request.get("type") if isinstance(request, dict) else None
+        if kind == "ping":
             self._enqueue({"type": "pong", "frames": self.frames})
+        elif kind == "queries":
+            self._enqueue(self._set_queries(request.get("queries")))
         else:
-            self._enqueue(_error("invalid_message", 'unknown control message; the only one is {"type": "ping"}'))
+            self._enqueue(_error("invalid_message", 'unknown control message; they are {"type": "ping"} and '
+                                 '{"type": "queries", "queries": [...]}'))
+
+    def _set_queries(self, queries: Any) -> dict[str, Any]:
+        """The stream's text queries from its next frame on: {"type": "queries", "queries": [...]} back, or an
+        error (`invalid_queries`, `queries_unsupported`); the stream goes on either way."""
+        try:
+            view = self.engine.set_stream_queries(self.stream_id, queries)
+        except QueryError as err:
+            return _error("invalid_queries", f"{err.field}: {err.message}")
+        except QueriesUnsupported as err:
+            return _error("queries_unsupported", str(err))
+        return {"type": "queries", "queries": view["queries"]}
 
     async def _write_loop(self) -> None:
         while True:

@@ -206,3 +206,11 @@ class ModelOut(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+class StreamQueriesOut(BaseModel):
+    """A stream's text queries (open-vocabulary models): its own, or the server's default."""
+
+    stream_id: str
+    queries: list[str] = Field(description="the texts its results are labelled with, in order")
+    source: Literal["stream", "default"] = Field(description="set for this stream, or --default-queries")

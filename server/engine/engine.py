@@ -25,6 +25,7 @@ from server.engine.decode import FrameLimits, FrameRejected, check_size
 from server.engine.frame_policy import PolicyError, StreamPolicySpec
 from server.engine.messages import FrameDropped, FrameError, FrameResult, FrameTiming, StreamMessage
 from server.engine.planner import FULL, PlannedFrame, Planner, Round, StepPlan
+from server.engine.queries import QueriesUnsupported, QueryError, StreamQueries
 from server.engine.registry import (
     CLOSE_TRY_AGAIN_LATER,
     RawFrame,
@@ -48,6 +49,7 @@ from server.engine.stats import (
 log = logging.getLogger("eventful.engine")
 
 MAX_STREAM_POLICIES = 1024  # frame policies kept by stream id (set before or while a stream is connected)
+MAX_STREAM_QUERIES = 1024  # text query lists kept by stream id (likewise)
 ACTIVE_STREAM_S = 1.0  # a stream that sent a frame this recently is expected to send again (batching)
 WINDOW_STEP_FRACTION = 0.25  # wait for expected company up to this fraction of a recent step (at least the window)
 
@@ -139,6 +141,7 @@ class Engine:
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
         self._last_arrival_at: float | None = None  # perf_counter() of the latest frame from any stream
         self._stream_policies: dict[str, StreamPolicySpec] = {}  # frame policies set over REST, by stream id
+        self._stream_queries: dict[str, StreamQueries] = {}  # text queries set over REST or a control message
         self._started = False
         self._stopping = False
         self._paused = False
@@ -423,6 +426,39 @@ class Engine:
             return {"stream_id": stream_id, **record.schedule.view()}
         return {"stream_id": stream_id, "policy": spec.policy, "setting": asdict(spec)}
 
+    # ---- text queries (open-vocabulary models; QueriesUnsupported otherwise, QueryError out of the limits) ----
+
+    def set_stream_queries(self, stream_id: str, queries: object) -> dict:
+        """Set a stream's text queries (a list of strings), checked and tokenized now; encoded on the inference
+        thread before the stream's next frame (connected or not: they apply when it connects)."""
+        checked = self.runner.check_queries(queries)
+        with self._cond:
+            if stream_id not in self._stream_queries and len(self._stream_queries) >= MAX_STREAM_QUERIES:
+                raise QueryError("stream_id", f"at most {MAX_STREAM_QUERIES} streams may have queries of their own")
+            self._stream_queries[stream_id] = checked
+        return self.stream_queries(stream_id)
+
+    def clear_stream_queries(self, stream_id: str) -> bool:
+        """Back to the default queries; False when the stream had none of its own."""
+        self._queries_supported()
+        with self._cond:
+            return self._stream_queries.pop(stream_id, None) is not None
+
+    def stream_queries(self, stream_id: str) -> dict:
+        """{"stream_id", "queries", "source": "stream" | "default"}."""
+        default = self._queries_supported()
+        with self._cond:
+            own = self._stream_queries.get(stream_id)
+        if own is None:
+            return {"stream_id": stream_id, "queries": list(default), "source": "default"}
+        return {"stream_id": stream_id, "queries": list(own.texts), "source": "stream"}
+
+    def _queries_supported(self) -> tuple[str, ...]:
+        default = self.runner.default_queries
+        if default is None:
+            raise QueriesUnsupported()
+        return default
+
     # ---- decode threads --------------------------------------------------------------------
 
     def _decode(self, session: Session, raw: RawFrame) -> None:
@@ -476,7 +512,8 @@ class Engine:
             self._policy = policy
             self._planner = Planner(runner, policy, self.config.seeds_per_step, runner.refresh_interval,
                                     self._stream_policies.get,
-                                    lambda now, demands: self._controller.decide(now, demands))
+                                    lambda now, demands: self._controller.decide(now, demands),
+                                    self._stream_queries.get)
             self._runner = runner
             self._ready.set()
         except (FileNotFoundError, ValueError, KeyError) as err:  # a bad spec or checkpoint: the message says it

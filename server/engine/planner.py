@@ -49,6 +49,7 @@ class PlannedFrame:
     frame_size: tuple[int, int] | None = None  # decoded (height, width): outputs in frame pixels (boxes)
     shadow: StreamBudget | None = None  # a keyframe of an adaptive stream: a sparse step first, measured, not served
     seed: bool = False  # every token, writing every buffer of the state (a keyframe); the model obeys
+    queries: Any = None  # the stream's text queries (queries.StreamQueries; open-vocabulary models); None: default
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Planner:
         refresh_interval: int | None = None,
         stream_policy: Callable[[str], StreamPolicySpec | None] = lambda stream_id: None,
         decide: Decide | None = None,
+        stream_queries: Callable[[str], Any] = lambda stream_id: None,
     ):
         self.runner = runner
         self.policy = policy
@@ -117,6 +119,7 @@ class Planner:
         self.refresh_interval = refresh_interval
         self.stream_policy = stream_policy
         self.decide = decide
+        self.stream_queries = stream_queries  # a stream's text queries as set (None: the model's default)
         self.last_decision: Decision | None = None
 
     # ---- budgets ------------------------------------------------------------------------------
@@ -181,7 +184,8 @@ class Planner:
                 seed = True
             record.frame_size = pending.frame_size
             planned.append(PlannedFrame(pending.stream_id, pending.frame, pending.image, record.state, budget, flush,
-                                        pending.frame_size, shadow, seed and self.runner.dense_first_frame))
+                                        pending.frame_size, shadow, seed and self.runner.dense_first_frame,
+                                        self.stream_queries(pending.stream_id)))
             out.frames.append(pending)
             out.records.append(record)
         out.plan = StepPlan(planned, plain_dense=plain and bool(planned))

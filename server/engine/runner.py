@@ -1,7 +1,8 @@
 """The runners: each owns a model family on its device; turns bytes into model input and plans into results.
 
 `Runner` is all the engine and the API use of one; every family implements it (ModelRunner: classifiers,
-DetectRunner: detectors, ClipRunner: clips), and server/engine/factory.py builds the one a model spec needs.
+DetectRunner: detectors, Owlv2Runner: open-vocabulary detectors, ClipRunner: clips), and server/engine/factory.py
+builds the one a model spec needs.
 `prepare` runs on decode threads (Pillow decode + preprocessing, CPU); `execute` runs on the one inference thread.
 """
 
@@ -21,6 +22,7 @@ from model.state import StreamState
 from model.vit import VisionTransformer
 from server.engine.decode import FrameLimits, FrameRejected, decode_image
 from server.engine.planner import RunnerFacts, StepPlan
+from server.engine.queries import QueriesUnsupported, StreamQueries
 
 Task = Literal["classify", "detect", "clip"]
 
@@ -93,6 +95,14 @@ class Runner(RunnerFacts, Protocol):
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
         """Steps run before serving at these batch sizes; their timings are the budget controller's first figures."""
 
+    @property
+    def default_queries(self) -> tuple[str, ...] | None:
+        """The text queries of streams that set none; None: the model takes no text queries."""
+
+    def check_queries(self, queries: Any) -> StreamQueries:
+        """Queries as a stream sets them (a JSON list of strings), checked and tokenized (any thread). Raises
+        QueriesUnsupported, or QueryError (server/engine/queries.py) naming the query out of the limits."""
+
 
 class FrameRunner:
     """What every runner shares: the model's preprocessing behind frame limits, its device, dtype and labels."""
@@ -122,6 +132,11 @@ class FrameRunner:
     def num_patches(self) -> int:
         return self.config.num_patches
 
+    default_queries = None  # no text queries (open-vocabulary detectors have them)
+
+    def check_queries(self, queries: Any) -> StreamQueries:
+        raise QueriesUnsupported()
+
     def prepare(self, data: bytes) -> PreparedFrame:
         """Encoded bytes -> model input. Raises FrameRejected (protocol error code) for bad frames."""
         start = time.perf_counter()
@@ -147,6 +162,7 @@ class ModelRunner(FrameRunner):
 
     task = "classify"
     audits_supported = True
+    eventful_class: ClassVar[type[EventfulViT]] = EventfulViT  # the eventful step around the model
 
     def __init__(
         self, model: VisionTransformer, eventful: EventfulConfig | None = None, top_k: int = 5,
@@ -154,7 +170,7 @@ class ModelRunner(FrameRunner):
     ):
         super().__init__(model, top_k, limits)
         # the state pool: `slots` streams' buffers allocated once (it grows, copying, only past that)
-        self.eventful = EventfulViT(model, eventful, slots=slots)
+        self.eventful = self.eventful_class(model, eventful, slots=slots)
 
     def new_state(self) -> StreamState:
         """A slot of the pool; it returns to the pool when the state is released or dropped."""
@@ -195,15 +211,21 @@ class ModelRunner(FrameRunner):
                                  seeds=[p.seed for p in plan.frames])  # the plan decides; the model obeys
         results = self.read_out(out, plan)
         fractions = out.updated_fraction.tolist()
-        logits = out.logits.float().cpu()  # [B, K]
+        logits = self.served_logits(out)  # [B, K] or None
         outputs = []
         for j, planned in enumerate(plan.frames):
             tokens = planned.budget.tokens
             used = self.num_patches if out.dense_frame[j] or tokens is None else min(tokens, self.num_patches)
             shadow_logits, shadow_macs = shadows.get(j, (None, 0))
-            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j], logits[j],
+            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j],
+                                       None if logits is None else logits[j],
                                        shadow_logits, shadow_macs))
         return StepResult(outputs, start, time.perf_counter() - start, out.dense_macs)
+
+    def served_logits(self, out: StepOutput) -> torch.Tensor | None:
+        """The step's logits on the CPU, kept with each result ([B, K]: what audits compare); None where a step's
+        logits are a feature map too large to copy every frame."""
+        return out.logits.float().cpu()
 
     def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:
         """Per frame, the `outputs` of its result: the classifier's top-k classes."""

@@ -220,3 +220,30 @@ def test_videomae_actions_served_and_drawn_by_the_camera_command(real_video, tmp
         assert any(np.abs(written[i][:16].astype(int) - source[i][:16].astype(int)).mean(-1)[banner].mean() > 40
                    for i in range(15, CLIP_FRAMES))  # fmt: skip
     print(f"clip: {elapsed:.1f} s, dropped {summary['dropped']}, pixel figures {figures}")
+
+
+def test_owlv2_queries_sent_by_the_camera_command_label_its_boxes(tmp_path):
+    """The named random-weight OWLv2 (built-in fallback tokenizer) on 127.0.0.1: `eventful-camera --queries` sets
+    the stream's queries with the control message, and its boxes come back labelled with them."""
+    args = ["--model", "owlv2-base-patch16", "--image-size", "64", "--detect-threshold", "0.0", "--max-boxes", "3",
+            "--default-queries", "cat", *COMMON]  # fmt: skip
+    with live_server(args, tmp_path / "server.log") as base:
+        ws_base = base.replace("http://", "ws://")
+        out_json = tmp_path / "owl.json"
+        command = [sys.executable, "-m", "clients.camera", "--server", ws_base, "--stream-id", "owl", "--frames", "4",
+                   "--fps", "4", "--quiet", "--queries", "person, forklift", "--json", str(out_json)]  # fmt: skip
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert "queries: person, forklift" in done.stderr
+        with httpx.Client(base_url=base, trust_env=False) as http:
+            assert http.get("/v1/streams/owl/queries").json() == {
+                "stream_id": "owl", "queries": ["person", "forklift"], "source": "stream"}
+        summary = json.loads(out_json.read_text())
+        assert summary["results"] >= 2 and summary["last_caption"] == "3 detections"
+        from websockets.sync.client import connect
+
+        with connect(f"{ws_base}/v1/streams/owl", open_timeout=10) as ws:  # the same stream id: its queries kept
+            ws.send(encode_jpeg(Image.new("RGB", (80, 60), (40, 90, 200)), JPEG_QUALITY))
+            message = json.loads(ws.recv(timeout=30))
+        assert {b["label"] for b in message["outputs"]["boxes"]} <= {"person", "forklift"}
+        assert all(0 <= b["score"] <= 1 and len(b["box"]) == 4 for b in message["outputs"]["boxes"])

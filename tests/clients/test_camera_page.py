@@ -159,3 +159,35 @@ def test_page_streams_a_fake_camera_draws_results_and_moves_the_budget(chromium,
     assert final[0] == 0 and final[1] >= 15 and final[2] == 0
     assert seen["frames_failed"] == 0 and seen["frames_processed"] >= final[1]
     assert shot.stat().st_size > 10_000
+
+
+def test_page_sends_typed_queries_and_draws_boxes_labelled_with_them(chromium, tmp_path):
+    """The named random-weight OWLv2 (built-in fallback tokenizer): queries typed before Start are sent as the
+    control message once the stream connects, the server keeps them for the stream, the drawn boxes carry them;
+    a bad query is answered with an error the page shows, and the stream goes on."""
+    from selenium.webdriver.common.by import By
+
+    args = ["--model", "owlv2-base-patch16", "--image-size", "64", "--detect-threshold", "0.0", "--max-boxes", "3",
+            "--default-queries", "cat", "--threads", "1", "--log-level", "warning"]  # fmt: skip
+    stream_id = "browser-owl"
+    with live_server(args, tmp_path / "server.log") as base, httpx.Client(base_url=base, trust_env=False) as http:
+        chromium.get(f"{base}/?stream={stream_id}&fps=4&width=320")
+        box = chromium.find_element(By.ID, "queries")
+        box.send_keys("person, forklift")
+        chromium.find_element(By.ID, "queries-send").click()
+        assert "sent when the stream starts" in chromium.find_element(By.ID, "queries-info").text
+        chromium.find_element(By.ID, "start").click()
+        wait_for(chromium, "window.eventful.queriesAnswer", 30, "the server's answer to the queries")
+        assert chromium.execute_script("return window.eventful.queriesAnswer") == ["person", "forklift"]
+        assert http.get(f"/v1/streams/{stream_id}/queries").json()["queries"] == ["person", "forklift"]
+        wait_for(chromium, "window.eventful.drawnBoxes > 0", 60, "boxes drawn")
+        labels = chromium.execute_script("return window.eventful.drawnResult.outputs.boxes.map((b) => b.label)")
+        assert labels and set(labels) <= {"person", "forklift"}
+        box.clear()
+        box.send_keys("x" * 70 + "\n")  # Enter sends too
+        wait_for(chromium, "window.eventful.queriesError", 15, "the error about the bad query")
+        assert chromium.execute_script("return window.eventful.queriesError").startswith("invalid_queries")
+        before = chromium.execute_script("return window.eventful.results")
+        wait_for(chromium, f"window.eventful.results >= {before + 2}", 30, "results after the bad query")
+        assert http.get(f"/v1/streams/{stream_id}/queries").json()["queries"] == ["person", "forklift"]
+        chromium.find_element(By.ID, "stop").click()

@@ -11,6 +11,7 @@ from typing import Generic, Protocol, get_args
 import pytest
 import torch
 
+from model.owlv2 import Owlv2Detector
 from model.videomae import VideoMAE
 from model.yolos import YolosDetector
 from server.engine.budget import BudgetPolicy, GlobalBudget
@@ -18,16 +19,19 @@ from server.engine.clip_runner import ClipRunner
 from server.engine.controller import BudgetController, ControllerConfig
 from server.engine.detect_runner import DetectRunner
 from server.engine.factory import build_runner
+from server.engine.owlv2_runner import Owlv2Runner
 from server.engine.planner import Planner
 from server.engine.registry import StreamRecord
 from server.engine.runner import ModelRunner, Runner, Task
 from server.engine.scheduler import PendingFrame
 from server.settings import Settings
 from tests.server.test_detect_clip import CLIP, DETECTOR
+from tests.server.test_owlv2_server import CONFIG as OWLV2
+from tests.server.test_owlv2_server import write_tokenizer
 
 SERVER = Path(__file__).resolve().parents[2] / "server"
-RUNNER_CLASSES = (ModelRunner, DetectRunner, ClipRunner)
-TASKS = {ModelRunner: "classify", DetectRunner: "detect", ClipRunner: "clip"}
+RUNNER_CLASSES = (ModelRunner, DetectRunner, Owlv2Runner, ClipRunner)
+TASKS = {ModelRunner: "classify", DetectRunner: "detect", Owlv2Runner: "detect", ClipRunner: "clip"}
 
 
 def protocol_members(proto: type) -> set[str]:
@@ -45,14 +49,15 @@ MEMBERS = protocol_members(Runner)
 
 @pytest.fixture(scope="module")
 def models(tiny_model) -> dict[type, torch.nn.Module]:
-    return {ModelRunner: tiny_model, DetectRunner: YolosDetector(DETECTOR).eval(), ClipRunner: VideoMAE(CLIP).eval()}
+    return {ModelRunner: tiny_model, DetectRunner: YolosDetector(DETECTOR).eval(),
+            Owlv2Runner: Owlv2Detector(OWLV2).eval(), ClipRunner: VideoMAE(CLIP).eval()}
 
 
 def test_the_protocol_names_what_the_engine_and_the_api_need():
     assert MEMBERS == {
         "num_patches", "dense_first_frame", "plain_dense", "config", "new_state",  # the planner's (RunnerFacts)
         "task", "audits_supported", "device", "dtype", "refresh_interval", "execution", "pool_bytes",
-        "prepare", "execute", "warmup",
+        "prepare", "execute", "warmup", "default_queries", "check_queries",
     }  # fmt: skip
 
 
@@ -71,12 +76,14 @@ def test_every_runner_class_has_every_member_with_the_protocol_s_signatures(cls)
 
 
 @pytest.mark.parametrize("cls", RUNNER_CLASSES, ids=lambda c: c.__name__)
-def test_the_factory_builds_each_family_s_runner_and_it_is_a_runner(cls, models):
-    settings = Settings(model="unused", device="cpu", refresh_interval=12)
+def test_the_factory_builds_each_family_s_runner_and_it_is_a_runner(cls, models, tmp_path):
+    tokenizer = write_tokenizer(tmp_path / "tokenizer") if cls is Owlv2Runner else None
+    settings = Settings(model="unused", device="cpu", refresh_interval=12, tokenizer=tokenizer, default_queries="cat")
     runner = build_runner(settings, models[cls])
     assert type(runner) is cls and isinstance(runner, Runner)
     assert runner.task == TASKS[cls]
     assert (runner.device.type, runner.dtype) == ("cpu", torch.float32)
+    assert runner.default_queries == (("cat",) if cls is Owlv2Runner else None)
     if cls is ClipRunner:  # no eventful step, no pool, nothing to reseed, no plain dense step
         assert (runner.execution, runner.pool_bytes, runner.refresh_interval, runner.plain_dense) == (
             None, None, None, False)
