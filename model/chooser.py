@@ -171,6 +171,12 @@ class AdaptiveSchedule:
         self.choices[self.policy.name] = self.choices.get(self.policy.name, 0) + 1
         return action, self.policy.budget
 
+    def will_audit(self, action: FrameAction) -> bool:
+        """Whether `after_frame` audits this frame (drawn in `next_action`, so a planner can say it before the step):
+        a dense frame is audited for free (its answer is the dense one), another one when the credit holds a
+        dense frame."""
+        return self._audit_draw and (action == "dense" or self._credit() >= self.dense_macs)
+
     def shadow_budget(self) -> StreamBudget | None:
         """Before a keyframe's dense step: the sparse budget to run on this frame first (a shadow), or None."""
         if self.shadowed is None:

@@ -569,10 +569,6 @@ class Engine:
                 window = max(self.config.batch_window_s, WINDOW_STEP_FRACTION * self._recent_step_s)
                 due = self._scheduler.next_batch(now, incoming, window, self._shed_limit, take=False)
                 if isinstance(due, list):
-                    if self._shed_age is not None:  # full batches, less the frames that would be late
-                        due, late = self._scheduler.split_late(due, now - self._shed_age)
-                        self._scheduler.take(late, now)
-                        self._drop_late(late)
                     return due
                 if due is not None:
                     timeout = due if timeout is None else min(timeout, due)
@@ -597,26 +593,20 @@ class Engine:
             self.stats.frame(FrameEvent("dropped"))
 
     def _plan(self, offered: list[PendingFrame]) -> Round:
-        """Under the lock: the planner's round over the offered frames (budgets first: the controller's, in auto mode);
-        the scheduler lets go of the frames the round answers, and of frames whose connection closed."""
+        """Under the lock: the planner's round over the offered frames; the scheduler lets go of the frames it
+        disposes of; shed frames are answered `dropped`."""
         now = time.perf_counter()
-        live, gone = [], []
-        for pending in offered:
-            record = self._registry.records.get(pending.stream_id)
-            if record is None or record.session is None or record.session.id != pending.session:
-                gone.append(pending)  # its connection closed after it was queued
-            else:
-                live.append((pending, record))
         offered_ids = {p.stream_id for p in offered}
         expected = [r.stream_id for r in self._registry.records.values()
                     if r.stream_id not in offered_ids and r.session is not None
                     and (self._scheduler.is_ready(r.stream_id) or self._expected_soon(r, now))]
-        decision = self._planner.decide_budgets(now, live, expected)
-        self._shed_limit = decision.max_batch if decision is not None else None
-        self._shed_age = decision.max_age_s if decision is not None else None
-        step = self._planner.plan(live)
-        self._scheduler.take([*step.taken, *gone], now)
-        for _ in gone:
+        step = self._planner.round([(p, self._registry.records.get(p.stream_id)) for p in offered], now, expected,
+                                   self._shed_age)
+        self._shed_limit = step.decision.max_batch if step.decision is not None else None
+        self._shed_age = step.decision.max_age_s if step.decision is not None else None
+        self._scheduler.take(step.taken, now)
+        self._drop_late(step.late)
+        for _ in step.gone:
             self.stats.frame(FrameEvent("dropped"))
         if self._shed_limit is not None or self._shed_age is not None:
             self._shed_late_frames(now)

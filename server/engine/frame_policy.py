@@ -73,6 +73,7 @@ class FramePlan:
     action: FrameAction
     budget: StreamBudget | None = None
     shadow: StreamBudget | None = None
+    audit: bool = False  # adaptive: the frame is audited after it is served (compared with the dense model's answer)
 
 
 class StreamSchedule:
@@ -104,7 +105,8 @@ class StreamSchedule:
             self.phase += 1
         if action == "reuse" and not has_result:
             action = "dense"
-        return FramePlan(action, budget if action == "sparse" else None, shadow)
+        audit = self.adaptive is not None and self.adaptive.will_audit(action)
+        return FramePlan(action, budget if action == "sparse" else None, shadow, audit)
 
     def after(self, action: FrameAction, served: torch.Tensor | None, audit, shadow: torch.Tensor | None,
               served_macs: int, shadow_macs: int, probes=None) -> int:

@@ -6,9 +6,12 @@ Pure bookkeeping (no threads, no model): the engine calls it under its lock with
 the controller simulator in tests drives the same object.
 
 Rules, in order, for the frames offered (each a stream's latest):
+- a frame whose connection closed is let go; while the controller sheds load, frames older than its age limit are
+  dropped, all but the youngest;
 - a stream with a frame policy (`skip`, `keyframe`, `adaptive`) plans its own frame: reuse (its last result again,
   no step), a keyframe (dense, reseeding: not held back by `seeds_per_step`, the stream's schedule pays for it) or
-  a sparse frame at the policy's budget;
+  a sparse frame at the policy's budget; an adaptive stream also says whether the frame is audited (compared with
+  the dense model after it is served, from the stream's measuring credit);
 - the step runs the plain dense model when every frame that steps is at the full budget (or a skipping stream's
   dense frame): no state is written, each stream's next sparse frame reseeds;
 - otherwise a frame seeds its stream's state (every token, writing every buffer) when it is the stream's first,
@@ -77,11 +80,15 @@ class Round:
     records: list[StreamRecord] = field(default_factory=list)
     reused: list[tuple[PendingFrame, StreamRecord]] = field(default_factory=list)  # answered with the last result
     held: list[PendingFrame] = field(default_factory=list)  # seeding frames over seeds_per_step: next round
+    audited: set[str] = field(default_factory=set)  # streams whose frame is audited after it is served
+    late: list[PendingFrame] = field(default_factory=list)  # shed (too old to make the target): answered dropped
+    gone: list[PendingFrame] = field(default_factory=list)  # their connection closed: nobody to answer
+    decision: Decision | None = None  # the controller's, in auto mode
 
     @property
     def taken(self) -> list[PendingFrame]:
-        """The frames this round answers (the scheduler lets go of them; held frames stay)."""
-        return [*self.frames, *(p for p, _ in self.reused)]
+        """The frames this round disposes of (the scheduler lets go of them; held frames stay)."""
+        return [*self.frames, *(p for p, _ in self.reused), *self.late, *self.gone]
 
 
 class RunnerFacts(Protocol):
@@ -142,6 +149,25 @@ class Planner:
 
     # ---- the plan -----------------------------------------------------------------------------
 
+    def round(self, offered: list[tuple[PendingFrame, StreamRecord | None]], now: float, expected: list[str] = (),
+              max_age_s: float | None = None) -> Round:
+        """Everything decided for the frames the scheduler offers, in order: frames whose connection closed are let
+        go; with the controller shedding (max_age_s, its last decision), frames older than that are dropped, all but
+        the youngest (a step, and with it the next decision, always happens); the budgets (auto mode); the plan."""
+        closed = [r is None or r.session is None or r.session.id != p.session for p, r in offered]
+        gone = [p for (p, _), c in zip(offered, closed, strict=True) if c]
+        live = [(p, r) for (p, r), c in zip(offered, closed, strict=True) if not c]
+        late: list[PendingFrame] = []
+        if max_age_s is not None and live:
+            youngest = max((p for p, _ in live), key=lambda p: p.received_at)
+            old = [p.received_at < now - max_age_s and p is not youngest for p, _ in live]
+            late = [p for (p, _), o in zip(live, old, strict=True) if o]
+            live = [pr for pr, o in zip(live, old, strict=True) if not o]
+        decision = self.decide_budgets(now, live, expected)
+        out = self.plan(live)
+        out.gone, out.late, out.decision = gone, late, decision
+        return out
+
     def plan(self, offered: list[tuple[PendingFrame, StreamRecord]]) -> Round:
         """The step over these frames (the scheduler's order: served longest ago first). Creates a stream's state on
         its first frame."""
@@ -154,6 +180,7 @@ class Planner:
         out = Round(StepPlan([]))
         out.reused = [(p, r) for j, (p, r, _) in enumerate(live) if frame_plans.get(j, FramePlan("dense")).action
                       == "reuse"]
+        out.audited = {live[j][0].stream_id for j, fp in frame_plans.items() if fp.audit}
         def full(j: int, record: StreamRecord, tokens: int) -> bool:  # steps at the full budget
             if j not in frame_plans:
                 return StreamBudget(tokens).is_dense_for(self.runner.num_patches)

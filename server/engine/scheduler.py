@@ -73,17 +73,6 @@ class Scheduler:
             del self._ready[frame.stream_id]
         return late
 
-    @staticmethod
-    def split_late(batch: list[PendingFrame], received_before: float) -> tuple[list[PendingFrame], list[PendingFrame]]:
-        """(kept, late): the batch's frames received before this time are late (load shedding with full batches:
-        they could not make the target), except the youngest, which is always kept (a step, and with it the next
-        decision, always happens while frames arrive)."""
-        youngest = max(batch, key=lambda f: f.received_at, default=None)
-        kept, late = [], []
-        for frame in batch:
-            (late if frame.received_at < received_before and frame is not youngest else kept).append(frame)
-        return kept, late
-
     def is_ready(self, stream_id: str) -> bool:
         return stream_id in self._ready
 

@@ -80,16 +80,6 @@ def test_a_frame_offered_but_not_taken_goes_first_in_the_next_batch():
     assert [f.stream_id for f in scheduler.next_batch(6.0)] == ["b", "c"]
 
 
-def test_split_late_drops_the_frames_past_the_age_limit_but_always_keeps_the_youngest():
-    batch = [pending("a", 0, 1.00), pending("b", 0, 1.05), pending("c", 0, 1.09)]
-    kept, late = Scheduler.split_late(batch, received_before=1.06)
-    assert [f.stream_id for f in kept] == ["c"] and [f.stream_id for f in late] == ["a", "b"]
-    kept, late = Scheduler.split_late(batch, received_before=2.0)  # all too old: the youngest is still served
-    assert [f.stream_id for f in kept] == ["c"] and [f.stream_id for f in late] == ["a", "b"]
-    kept, late = Scheduler.split_late(batch, received_before=0.5)
-    assert kept == batch and late == []
-
-
 def test_expire_takes_out_frames_received_too_long_ago():
     scheduler = Scheduler(max_batch_size=4, batch_window_s=0.0)
     scheduler.put(pending("old", 0, 1.0))

@@ -136,3 +136,50 @@ def test_auto_mode_asks_the_controller_with_the_seeding_streams_marked():
 def test_fixed_mode_does_not_ask():
     p = planner(decide=lambda now, demands: pytest.fail("asked in fixed mode"))
     assert p.decide_budgets(0.0, [], []) is None
+
+
+def test_a_round_lets_closed_connections_go_and_sheds_old_frames_but_the_youngest():
+    from server.engine.registry import Session
+
+    p, records = planner(), {}
+    frames = [PendingFrame(s, 1, 0, torch.zeros(3, 32, 32), (32, 32), t, t, 0.0)
+              for s, t in (("a", 1.00), ("b", 1.05), ("c", 1.09), ("d", 1.10))]
+    for f in frames:
+        records[f.stream_id] = StreamRecord(f.stream_id, session=Session(1, f.stream_id, lambda m: None))
+    records["d"].session = Session(2, "d", lambda m: None)  # d reconnected: its queued frame is of the old session
+    offered = [(f, records[f.stream_id]) for f in frames]
+    out = p.round(offered, now=1.12, max_age_s=0.05)
+    assert [f.stream_id for f in out.gone] == ["d"] and [f.stream_id for f in out.late] == ["a", "b"]
+    assert [f.stream_id for f in out.plan.frames] == ["c"]
+    assert {f.stream_id for f in out.taken} == {"a", "b", "c", "d"}
+    everything_old = p.round(offered[:3], now=5.0, max_age_s=0.05)  # all too old: the youngest is still served
+    assert [f.stream_id for f in everything_old.late] == ["a", "b"]
+    assert [f.stream_id for f in everything_old.plan.frames] == ["c"]
+    assert p.round(offered[:3], now=5.0).late == []  # not shedding: nothing is dropped
+
+
+def test_the_plan_says_which_frames_are_audited_and_those_are_the_ones_audited():
+    """An adaptive stream's audits (drawn at plan time from its measuring credit) are named in the round, and after
+    the frame is served exactly those call for the dense model."""
+    policies = {"a": StreamPolicySpec("adaptive", ratio=2.0, audit_share=0.5)}
+    p, records = planner(stream_policy=policies.get), {}
+    audited, called = [], []
+    gen = torch.Generator().manual_seed(0)
+    for t in range(60):
+        frame = PendingFrame("a", 1, t, torch.rand(3, 32, 32, generator=gen), (32, 32), 0.0, 0.0, 0.0)
+        out = step(p, records, [frame])
+        record = records["a"]
+        fp_audit = "a" in out.audited
+        audited.append(fp_audit)
+        action = "reuse" if out.reused else ("dense" if out.plan.frames[0].seed else "sparse")
+        logits = torch.randn(4, generator=gen)
+        record.last_result = ({}, logits)
+        calls = []
+
+        def dense(calls=calls):
+            calls.append(1)
+            return torch.randn(4, generator=gen)
+
+        record.schedule.after(action, logits, dense, None, 100, 0)
+        called.append(bool(calls) or (fp_audit and action == "dense"))
+    assert any(audited) and audited == called
