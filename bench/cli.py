@@ -135,8 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)")
     s.add_argument("--fps", type=float, default=0.0, help="frames/s per stream; 0 = closed loop (capacity)")
     s.add_argument("--in-flight", type=int, default=2, help="closed loop: unanswered frames per stream")
-    d = sub.add_parser("detect", help="dense vs eventful YOLOS at several budgets on a video (box agreement)")
-    d.add_argument("--model", required=True, help="HF YOLOS directory or id, or a named architecture (yolos-tiny)")
+    d = sub.add_parser("detect", help="dense vs eventful detectors (YOLOS, OWLv2) at several budgets on a video: box "
+                                      "agreement beside frame skipping")
+    d.add_argument("--model", required=True, help="HF YOLOS or OWLv2 directory or id, or a named architecture "
+                                                  "(yolos-tiny, owlv2-base-patch16)")
+    d.add_argument("--queries", default="person,car",
+                   help="OWLv2: comma-separated text queries (the labels of its boxes)")
+    d.add_argument("--tokenizer", default=None, help="OWLv2: a directory with the CLIP tokenizer (default: the model "
+                                                     "directory's; a named random-weight model: hashed words)")
     d.add_argument("--video", required=True, help="any video file PyAV can decode")
     d.add_argument("--budgets", type=_parse_budgets, default=None,
                    help="image tokens per gate, comma-separated (default: all, 1/2, 1/4, 1/8 of the patches)")
@@ -311,7 +317,7 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from bench.detect_bench import format_table, run_detect_bench
+    from bench.detect_bench import format_table, owlv2_detector, run_detect_bench
     from model.eventful import EventfulConfig
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
@@ -321,9 +327,22 @@ def run_detect(args: argparse.Namespace) -> int:
     if args.frames < 2 or args.top_k < 1:
         print("error: --frames must be at least 2 and --top-k at least 1", file=sys.stderr)
         return 2
-    model = load_model(args.model, image_size=args.image_size)
-    if not isinstance(model, YolosDetector):
-        print(f"error: {args.model} is not a YOLOS detector (use `eventful-bench model` for classifiers)",
+    from model.owlv2 import Owlv2Detector, Owlv2Preprocessor, load_tokenizer
+    from server.engine.queries import has_tokenizer_files, parse_query_list
+
+    model = load_model(args.model, image_size=args.image_size).eval()
+    if isinstance(model, YolosDetector):
+        detector, preprocess = model, Preprocessor(model.config.preprocess)
+    elif isinstance(model, Owlv2Detector):
+        queries = parse_query_list(args.queries)
+        if not queries:
+            print("error: --queries gives no query", file=sys.stderr)
+            return 2
+        directory = args.tokenizer or (args.model if has_tokenizer_files(args.model) else None)
+        detector = owlv2_detector(model, queries, load_tokenizer(directory) if directory else None)
+        preprocess = Owlv2Preprocessor(model.config)
+    else:
+        print(f"error: {args.model} is not a YOLOS or OWLv2 detector (use `eventful-bench model` for classifiers)",
               file=sys.stderr)
         return 2
     frames = read_video_frames(args.video, max_frames=args.frames)
@@ -331,11 +350,11 @@ def run_detect(args: argparse.Namespace) -> int:
         print(f"error: {args.video} has fewer than 2 decodable frames", file=sys.stderr)
         return 2
     frame_size = tuple(frames[0].shape[:2])  # (height, width): boxes are reported in these pixels
-    images = Preprocessor(model.config.preprocess)(frames)
+    images = preprocess(frames)
     n = model.config.num_patches
     budgets = [int(b) for b in args.budgets] if args.budgets else [n, n // 2, n // 4, n // 8]
     report = run_detect_bench(
-        model, images, frame_size, budgets, model_name=args.model, video_name=args.video,
+        detector, images, frame_size, budgets, model_name=args.model, video_name=args.video,
         eventful=EventfulConfig(level=args.level), threshold=args.threshold, top_k=args.top_k,
     )
     return _finish(format_table(report), report, args.json_path)

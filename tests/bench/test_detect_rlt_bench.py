@@ -24,7 +24,35 @@ def test_detect_bench_writes_results(real_video, tmp_path, capsys):
     full, sparse = report["results"]
     assert full["agreement"] == full["recall"] == 1.0 and full["mean_iou"] > 0.999 and full["mac_ratio"] == 1.0
     assert sparse["mac_ratio"] > 1.0 and 0.0 <= sparse["recall"] <= 1.0 and sparse["speedup"] > 0
+    assert full["box_f1"] == 1.0 and full["skip_box_f1"] == 1.0 and full["skip_mean_iou"] > 0.999
+    assert 0.0 <= sparse["box_f1"] <= 1.0 and 0.0 <= sparse["skip_box_f1"] <= 1.0
     assert "recall%" in capsys.readouterr().out
+
+
+def test_detect_bench_runs_owlv2_with_text_queries(real_video, tmp_path, capsys):
+    """The named OWLv2 (random weights, hashed-word queries): boxes labelled by the queries, at full budget the
+    dense model's, beside frame skipping."""
+    out = tmp_path / "owl.json"
+    code = main([
+        "detect", "--model", "owlv2-base-patch16", "--image-size", "64x64", "--video", str(real_video), "--frames",
+        "4", "--budgets", "16,4", "--threshold", "0", "--top-k", "5", "--queries", "person, car", "--threads", "1",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["queries"] == ["person", "car"] and report["detection_tokens"] == 16
+    full, sparse = report["results"]
+    assert full["box_f1"] == 1.0 and full["mean_iou"] > 0.999 and full["mac_ratio"] == 1.0
+    assert sparse["mac_ratio"] > 1.0 and sparse["skip_box_f1"] is not None
+    assert "queries: person, car" in capsys.readouterr().out
+
+
+def test_skip_schedule_serves_every_ratio_th_frame():
+    from bench.detect_bench import skip_schedule
+
+    assert skip_schedule(7, 1.0) == list(range(7))
+    assert skip_schedule(7, 2.0) == [0, 0, 2, 2, 4, 4, 6]
+    assert skip_schedule(7, 3.0) == [0, 0, 0, 3, 3, 3, 6]
 
 
 def test_rlt_bench_writes_results(real_video, tmp_path):
