@@ -21,5 +21,5 @@ def get_model(request: Request, engine: EngineDep) -> ModelOut:
         weights_source=weights.source if weights else None, task=runner.task, image_size=tuple(config.image_size),
         patch_size=config.patch_size, num_patches=runner.num_patches, num_classes=config.num_classes,
         device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."), execution=runner.execution,
-        state_pool_bytes=runner.pool_bytes,
+        state_pool_bytes=runner.pool_bytes, captured_graph_bytes=runner.graph_bytes,
     )

@@ -198,6 +198,9 @@ class ModelOut(BaseModel):
     dtype: str
     execution: str | None = Field(
         None, description="how eventful steps run: eager, compile or graph (null for clip models)")
+    captured_graph_bytes: int | None = Field(
+        None, description="device memory the step shapes captured at start-up hold (execution graph or compile-graph; "
+        "null otherwise)")
     state_pool_bytes: int | None = Field(
         None, description="bytes of the state pool on the device: every stream slot and the scratch slot, allocated "
         "at start-up for --max-streams (null for clip models, whose windows are per stream)")

@@ -67,6 +67,7 @@ class ClipRunner(FrameRunner):
     refresh_interval = None  # a window has no reference tokens to reseed
     execution = None  # no eventful step: one packed forward pass per step
     pool_bytes = None  # windows are allocated per stream (ClipWindow.nbytes), not from a pool
+    graph_bytes = None  # nothing is captured
 
     def __init__(
         self, model: VideoMAE, tau: float = DEFAULT_TAU, stride: int = 8, top_k: int = 5,

@@ -8,6 +8,7 @@ builds the one a model spec needs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -23,6 +24,8 @@ from model.vit import VisionTransformer
 from server.engine.decode import FrameLimits, FrameRejected, decode_image
 from server.engine.planner import RunnerFacts, StepPlan
 from server.engine.queries import QueriesUnsupported, StreamQueries
+
+log = logging.getLogger("eventful.engine")
 
 Task = Literal["classify", "detect", "clip"]
 
@@ -85,6 +88,10 @@ class Runner(RunnerFacts, Protocol):
     @property
     def pool_bytes(self) -> int | None:
         """Bytes of the per-stream state pool on the device; None: states are allocated per stream."""
+
+    @property
+    def graph_bytes(self) -> int | None:
+        """Device memory the captured step graphs hold (captured at start-up); None: nothing is captured."""
 
     def prepare(self, data: bytes) -> PreparedFrame:
         """Encoded bytes -> model input (decode threads). Raises FrameRejected for bad frames."""
@@ -182,6 +189,11 @@ class ModelRunner(FrameRunner):
         return self.eventful.pool.nbytes
 
     @property
+    def graph_bytes(self) -> int | None:
+        """Device memory the captured step graphs hold (None unless steps are captured: graph, compile-graph)."""
+        return self.eventful.graph_bytes if self.eventful.bucketed else None
+
+    @property
     def refresh_interval(self) -> int | None:
         return self.eventful.config.refresh_interval
 
@@ -247,7 +259,12 @@ class ModelRunner(FrameRunner):
         n = self.num_patches
         sparse = StreamBudget(tokens=max(1, n // 4))
         dense_seconds, eventful = {}, []
-        self.eventful.prepare(self.step_shapes(max(batch_sizes)))
+        shapes = self.step_shapes(max(batch_sizes))
+        self.eventful.prepare(shapes)
+        if shapes:
+            graphs = self.graph_bytes
+            captured = "" if graphs is None else f", the captured graphs hold {graphs / 2**20:.0f} MB"
+            log.info("%s: %d step shapes ready%s", self.execution, len(shapes), captured)
         for batch in batch_sizes:
             image = torch.rand(batch, 3, h, w, device=self.device, dtype=self.dtype)
             states = [self.new_state() for _ in range(batch)]

@@ -204,7 +204,7 @@ def test_a_server_on_random_weights_says_so_at_start_up_in_v1_model_and_readyz(c
     assert described["model"] == "deit-tiny-patch16-224" and described["task"] == "classify"
     assert described["num_patches"] == 4 and described["image_size"] == [32, 32]
     # the state pool: max_streams slots, a probe slot and scratch, DeiT-Tiny's 12 blocks x 6 [5, 192] fp32 buffers
-    assert (described["dtype"], described["execution"]) == ("float32", "eager")
+    assert (described["dtype"], described["execution"], described["captured_graph_bytes"]) == ("float32", "eager", None)
     assert described["state_pool_bytes"] == (settings.max_streams + 2) * 12 * 6 * 5 * 192 * 4
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert "random weights" in ready.json()["detail"]

@@ -56,7 +56,7 @@ def models(tiny_model) -> dict[type, torch.nn.Module]:
 def test_the_protocol_names_what_the_engine_and_the_api_need():
     assert MEMBERS == {
         "num_patches", "dense_first_frame", "plain_dense", "config", "new_state",  # the planner's (RunnerFacts)
-        "task", "audits_supported", "device", "dtype", "refresh_interval", "execution", "pool_bytes",
+        "task", "audits_supported", "device", "dtype", "refresh_interval", "execution", "pool_bytes", "graph_bytes",
         "prepare", "execute", "warmup", "default_queries", "check_queries",
     }  # fmt: skip
 
@@ -84,6 +84,7 @@ def test_the_factory_builds_each_family_s_runner_and_it_is_a_runner(cls, models,
     assert runner.task == TASKS[cls]
     assert (runner.device.type, runner.dtype) == ("cpu", torch.float32)
     assert runner.default_queries == (("cat",) if cls is Owlv2Runner else None)
+    assert runner.graph_bytes is None  # eager (or no eventful step): nothing captured
     if cls is ClipRunner:  # no eventful step, no pool, nothing to reseed, no plain dense step
         assert (runner.execution, runner.pool_bytes, runner.refresh_interval, runner.plain_dense) == (
             None, None, None, False)
