@@ -105,9 +105,11 @@ class _Gate:
     """The tokens one gate chose for a batch: `width` ranks per row, of which `valid` are updated."""
 
     index: torch.Tensor  # [B, W] token index per rank (prefix tokens first, then patches by change, descending)
-    valid: torch.Tensor  # [B, W] rank within the stream's budget (r and threshold)
-    rows: torch.Tensor  # [B * W] pool rows a selected token writes ([slots + 1) * N] view; scratch where not valid)
+    valid: torch.Tensor | None  # [B, W] rank within the stream's budget (r and threshold); None: every rank
+    rows: torch.Tensor | None  # [B * W] pool rows a selected token writes ([slots + 1) * N] view; scratch where not
+    # valid); None: the rows' slots are a range and every rank counts, so writes go through a view of those slots
     batch_rows: torch.Tensor  # [B * W] rows of a [B * N] view of the batch's tokens
+    slots: range | None = None  # with rows None: the consecutive slots of the rows
 
     def take(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, W, C]: the ranked tokens."""
@@ -118,7 +120,11 @@ class _Gate:
         """values [B, W, D] (or [B * W, D]) into a pool buffer [slots + 1, N, D] at the valid ranks (the rest land in
         scratch)."""
         d = values.shape[-1]
-        buffer.view(-1, d).index_copy_(0, self.rows, values if values.dim() == 2 else values.reshape(-1, d))
+        values = values if values.dim() == 2 else values.reshape(-1, d)
+        if self.rows is None:  # the slots' rows of the buffer are one view, laid out as the batch
+            buffer[self.slots.start : self.slots.stop].view(-1, d).index_copy_(0, self.batch_rows, values)
+        else:
+            buffer.view(-1, d).index_copy_(0, self.rows, values)
 
 
 def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -290,6 +296,8 @@ class EventfulViT:
         slots_t, limits_t = meta_t[: shape.batch], meta_t[shape.batch :].view(shape.batch, -1)
         if self.config.execution == "eager" and not pad and slots == list(range(slots[0], slots[0] + b)):
             slots_t = range(slots[0], slots[0] + b)
+        if not seed and self._every_rank_counts(shape, [budgets[j] for j in members], pad):
+            limits_t = shape.width  # no masks to compute: every rank of every row is within its budget
         x, logits, valid = self._executor(pool, shape)(chosen, slots_t, limits_t)
         if seed:
             counts = [[[n] * 3] * self.vit.depth] * b
@@ -303,6 +311,14 @@ class EventfulViT:
                 c = prefix + min(self.vit.num_patches if tokens is None else tokens, self.vit.num_patches)
                 counts.append([[c] * 3] * self.vit.depth)
         return x[:b], logits[:b], counts
+
+    def _every_rank_counts(self, shape: StepShape, budgets: list[StreamBudget], pad: int) -> bool:
+        """Eager token-wise steps whose rows all update every rank (the same top-r, no threshold, no padding) skip
+        the masks (two operators a gate)."""
+        np_, prefix = self.vit.num_patches, self.vit.num_prefix_tokens
+        return (self.config.execution == "eager" and self.config.level == "tokenwise" and not pad
+                and all(b.threshold is None and min(np_ if b.tokens is None else b.tokens, np_) == shape.width - prefix
+                        for b in budgets))
 
     def _gate_counts(self, per_gate: list[int]) -> list[list[int]]:
         """Tokens per gate [depth * gates] -> [depth][qkv, proj, mlp] (token-wise: proj follows qkv)."""
@@ -373,17 +389,19 @@ class EventfulViT:
         return x, self.model.forward_head(x), None
 
     def _sparse_step(self, images, slots, limits, layers):
-        """Rows' top tokens per gate, within each row's limits. Returns x, logits and valid [B, gates, W]."""
+        """Rows' top tokens per gate, within each row's limits. Returns x, logits and valid [B, gates, W].
+        limits: [B, W], or the width W alone when every rank of every row is updated (eager: no masks, valid None)."""
         n, device = self.vit.num_tokens, images.device
         batch_rows = torch.arange(images.shape[0], device=device)[:, None] * n
         scratch_row = (layers[0]["qkv_reference"].shape[0] - 1) * n
         slot_index = torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, range) else slots
-        ctx = _Context(slots, limits, slot_index[:, None] * n, batch_rows, scratch_row, limits.shape[1])
+        width, limits = (limits, None) if isinstance(limits, int) else (limits.shape[1], limits)
+        ctx = _Context(slots, limits, slot_index[:, None] * n, batch_rows, scratch_row, width)
         valids: list[torch.Tensor] = []
         x = self.model.embed(images)  # [B, N, C]
         for i, block in enumerate(self.model.blocks):
             x = self.model.after_block(self._sparse_block(block, x, layers[i], ctx, valids), i)
-        return x, self.model.forward_head(x), torch.stack(valids, dim=1)
+        return x, self.model.forward_head(x), torch.stack(valids, dim=1) if valids else None
 
     # ---- gates ---------------------------------------------------------------------------------
 
@@ -400,11 +418,18 @@ class EventfulViT:
         change = torch.linalg.vector_norm(g - _rows(reference, ctx.slots), dim=-1)  # [B, N]: sqrt(C) x RMS
         keys = torch.add(self._tiebreak, change.float().view(torch.int32).to(torch.int64), alpha=n)  # [B, N]
         top, index = keys.topk(ctx.width, dim=1)  # [B, W], prefix tokens first
-        valid = top >= ctx.limits
-        if redirect:
-            index = torch.where(valid, index, index[:, :1])
-        rows = torch.where(valid, index + ctx.slot_rows, ctx.scratch_row).flatten()
-        gate = _Gate(index, valid, rows, (index + ctx.batch_rows).flatten())
+        # rows of the batch's [B * N] view (one row: the token indices themselves)
+        batch_rows = index.flatten() if b == 1 else (index + ctx.batch_rows).flatten()
+        if ctx.limits is None and isinstance(ctx.slots, range):  # every rank counts, the slots are one view
+            gate = _Gate(index, None, None, batch_rows, ctx.slots)
+        elif ctx.limits is None:  # every rank is updated
+            gate = _Gate(index, None, (index + ctx.slot_rows).flatten(), batch_rows)
+        else:
+            valid = top >= ctx.limits
+            if redirect:
+                index = torch.where(valid, index, index[:, :1])
+                batch_rows = index.flatten() if b == 1 else (index + ctx.batch_rows).flatten()
+            gate = _Gate(index, valid, torch.where(valid, index + ctx.slot_rows, ctx.scratch_row).flatten(), batch_rows)
         gate.write(reference, gate.take(g))
         return gate
 
@@ -455,7 +480,8 @@ class EventfulViT:
         attn, heavy = block.attn, self.config.level != "tokenwise"
         h_all = block.norm1(x) if normed else None  # residual gates: LayerNorm on the selected tokens only
         gate = self._gate(h_all if normed else x, layer["qkv_reference"], ctx, redirect=heavy)
-        valids.append(gate.valid)
+        if gate.valid is not None:
+            valids.append(gate.valid)
         h = gate.take(h_all) if normed else block.norm1(gate.take(x))  # [B, W, C]
         qkv = linear(h, attn.qkv)  # [B, W, 3C]
         if level == "tokenwise":
@@ -474,7 +500,8 @@ class EventfulViT:
 
         h_all = block.norm2(x) if normed else None
         gate = self._gate(h_all if normed else x, layer["mlp_reference"], ctx)
-        valids.append(gate.valid)
+        if gate.valid is not None:
+            valids.append(gate.valid)
         h = gate.take(h_all) if normed else block.norm2(gate.take(x))
         gate.write(layer["mlp_update"], block.mlp(h))
         return x + _rows(layer["mlp_update"], ctx.slots)
@@ -565,7 +592,7 @@ class _Context:
     """Per-call tensors every gate of a sparse step uses."""
 
     slots: torch.Tensor | range  # [B] pool slot per row (padding rows: scratch); eager: a range when consecutive
-    limits: torch.Tensor  # [B, W] int64 key a rank must reach to be updated
+    limits: torch.Tensor | None  # [B, W] int64 key a rank must reach to be updated; None: every rank is
     slot_rows: torch.Tensor  # [B, 1] slot * N: first row of each slot in a [(slots + 1) * N] view
     batch_rows: torch.Tensor  # [B, 1] b * N: first row of each batch row in a [B * N] view
     scratch_row: int  # first row of the scratch slot

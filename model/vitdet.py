@@ -273,7 +273,8 @@ class EventfulViTDet(EventfulViT):
         normed, c, attn = self.config.gate_position == "normed", self.vit.embed_dim, block.attn
         h_all = block.norm1(x) if normed else None
         gate = self._gate(h_all if normed else x, layer["qkv_reference"], ctx)
-        valids.append(gate.valid)
+        if gate.valid is not None:
+            valids.append(gate.valid)
         h = gate.take(h_all) if normed else block.norm1(gate.take(x))  # [B, W, C]
         qkv = linear(h, attn.qkv)  # [B, W, 3C]
         if block.windowed:
@@ -286,7 +287,8 @@ class EventfulViTDet(EventfulViT):
 
         h_all = block.norm2(x) if normed else None
         gate = self._gate(h_all if normed else x, layer["mlp_reference"], ctx)
-        valids.append(gate.valid)
+        if gate.valid is not None:
+            valids.append(gate.valid)
         h = gate.take(h_all) if normed else block.norm2(gate.take(x))
         gate.write(layer["mlp_update"], block.mlp(h))
         return x + _rows(layer["mlp_update"], ctx.slots)
@@ -300,7 +302,8 @@ class EventfulViTDet(EventfulViT):
         rows = self._window_rows[gate.index]  # [B, W] window-major row of each rank
         slot_rows = ctx.slot_rows // n * n_pad  # [B, 1] first row of each slot in a [(slots + 1) * N_pad] view
         scratch_row = (key_values.shape[0] - 1) * n_pad
-        pool_rows = torch.where(gate.valid, rows + slot_rows, scratch_row).flatten()
+        pool_rows = (rows + slot_rows if gate.valid is None else torch.where(gate.valid, rows + slot_rows, scratch_row)
+                     ).flatten()
         key_values.view(-1, 2 * c).index_copy_(0, pool_rows, qkv.view(-1, 3 * c)[:, c:])
         batch_rows = (rows + torch.arange(b, device=rows.device)[:, None] * n_pad).flatten()  # [B * W], distinct
         queries = qkv.new_zeros(b * n_pad, c).index_copy_(0, batch_rows, qkv.view(-1, 3 * c)[:, :c])
