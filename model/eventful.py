@@ -269,7 +269,7 @@ class EventfulViT:
         rows = batch_bucket(b) if self.bucketed else b
         if seed:
             return StepShape(rows, n, "seed")
-        r = max(min(np_ if bud.tokens is None else bud.tokens, np_) for bud in budgets)
+        r = max(self._cap(bud) for bud in budgets)
         return StepShape(rows, self.vit.num_prefix_tokens + (token_bucket(r, np_) if self.bucketed else r), "sparse")
 
     def _run(self, pool: StatePool, images: torch.Tensor, states: list[StreamState], budgets: list[StreamBudget],
@@ -286,10 +286,9 @@ class EventfulViT:
         slots = [states[j].slot for j in members] + [pool.scratch] * pad
         meta = list(slots)
         if not seed:  # limits [rows, width]: a rank is updated when its key >= its limit (see _gate)
-            np_ = self.vit.num_patches
             for j in [*members, *([None] * pad)]:
                 bud = budgets[j] if j is not None else StreamBudget(tokens=0)
-                cap = min(np_ if bud.tokens is None else bud.tokens, np_)
+                cap = self._cap(bud)
                 key = INT64_MIN if bud.threshold is None else _float_bits(bud.threshold * self._norm_scale) * n
                 meta += [INT64_MIN] * prefix + [key] * cap + [INT64_MAX] * (shape.width - prefix - cap)
         meta_t = _device_ints(meta, chosen.device)
@@ -307,18 +306,20 @@ class EventfulViT:
         else:
             counts = []
             for j in members:
-                tokens = budgets[j].tokens
-                c = prefix + min(self.vit.num_patches if tokens is None else tokens, self.vit.num_patches)
-                counts.append([[c] * 3] * self.vit.depth)
+                counts.append([[prefix + self._cap(budgets[j])] * 3] * self.vit.depth)
         return x[:b], logits[:b], counts
 
     def _every_rank_counts(self, shape: StepShape, budgets: list[StreamBudget], pad: int) -> bool:
         """Eager token-wise steps whose rows all update every rank (the same top-r, no threshold, no padding) skip
         the masks (two operators a gate)."""
-        np_, prefix = self.vit.num_patches, self.vit.num_prefix_tokens
+        width = shape.width - self.vit.num_prefix_tokens
         return (self.config.execution == "eager" and self.config.level == "tokenwise" and not pad
-                and all(b.threshold is None and min(np_ if b.tokens is None else b.tokens, np_) == shape.width - prefix
-                        for b in budgets))
+                and all(b.threshold is None and self._cap(b) == width for b in budgets))
+
+    def _cap(self, budget: StreamBudget) -> int:
+        """Patch tokens a budget may update per gate (its r, or every patch)."""
+        np_ = self.vit.num_patches
+        return np_ if budget.tokens is None else min(budget.tokens, np_)
 
     def _gate_counts(self, per_gate: list[int]) -> list[list[int]]:
         """Tokens per gate [depth * gates] -> [depth][qkv, proj, mlp] (token-wise: proj follows qkv)."""
@@ -464,11 +465,17 @@ class EventfulViT:
         out = _merge(out)  # [B, N, C]
         if level != "tokenwise":
             _write_rows(layer["proj_reference"], slots, out)
-        update = linear(out, attn.proj)
+        return self._seed_block_rest(block, x, out, layer, slots)
+
+    def _seed_block_rest(self, block, x: torch.Tensor, attention: torch.Tensor, layer: dict[str, torch.Tensor],
+                         slots) -> torch.Tensor:
+        """A seeding block after its attention ([B, N, C], before proj): proj, the residual, the MLP branch, every
+        buffer of the rows' slots written."""
+        update = linear(attention, block.attn.proj)
         _write_rows(layer["attention_update"], slots, update)
         x = x + update
         h = block.norm2(x)
-        _write_rows(layer["mlp_reference"], slots, h if normed else x)
+        _write_rows(layer["mlp_reference"], slots, h if self.config.gate_position == "normed" else x)
         update = block.mlp(h)
         _write_rows(layer["mlp_update"], slots, update)
         return x + update
@@ -476,13 +483,9 @@ class EventfulViT:
     def _sparse_block(self, block: Block, x: torch.Tensor, layer: dict[str, torch.Tensor], ctx: _Context,
                       valids: list[torch.Tensor]) -> torch.Tensor:
         # x: [B, N, C] current residual stream
-        normed, level, c = self.config.gate_position == "normed", self.config.level, self.vit.embed_dim
-        attn, heavy = block.attn, self.config.level != "tokenwise"
-        h_all = block.norm1(x) if normed else None  # residual gates: LayerNorm on the selected tokens only
-        gate = self._gate(h_all if normed else x, layer["qkv_reference"], ctx, redirect=heavy)
-        if gate.valid is not None:
-            valids.append(gate.valid)
-        h = gate.take(h_all) if normed else block.norm1(gate.take(x))  # [B, W, C]
+        level, c, attn = self.config.level, self.vit.embed_dim, block.attn
+        heavy = level != "tokenwise"
+        gate, h = self._gated_input(block.norm1, x, layer["qkv_reference"], ctx, valids, redirect=heavy)
         qkv = linear(h, attn.qkv)  # [B, W, 3C]
         if level == "tokenwise":
             gate.write(layer["key_values"], qkv.view(-1, 3 * c)[:, c:])  # a strided view: written without a copy
@@ -496,13 +499,23 @@ class EventfulViT:
             proj_gate = self._gate(out, layer["proj_reference"], ctx)
             valids.append(proj_gate.valid)
             proj_gate.write(layer["attention_update"], linear(proj_gate.take(out), attn.proj))
-        x = x + _rows(layer["attention_update"], ctx.slots)
+        return self._mlp_branch(block, x + _rows(layer["attention_update"], ctx.slots), layer, ctx, valids)
 
-        h_all = block.norm2(x) if normed else None
-        gate = self._gate(h_all if normed else x, layer["mlp_reference"], ctx)
+    def _gated_input(self, norm, x: torch.Tensor, reference: torch.Tensor, ctx: _Context, valids: list[torch.Tensor],
+                     redirect: bool = False) -> tuple[_Gate, torch.Tensor]:
+        """A branch's gate on x [B, N, C] (residual gates) or on norm(x) (normed gates), and the branch's input at the
+        ranked tokens, norm(x) there [B, W, C] (residual gates: LayerNorm on those tokens only)."""
+        normed = self.config.gate_position == "normed"
+        h_all = norm(x) if normed else None
+        gate = self._gate(h_all if normed else x, reference, ctx, redirect)
         if gate.valid is not None:
             valids.append(gate.valid)
-        h = gate.take(h_all) if normed else block.norm2(gate.take(x))
+        return gate, gate.take(h_all) if normed else norm(gate.take(x))
+
+    def _mlp_branch(self, block, x: torch.Tensor, layer: dict[str, torch.Tensor], ctx: _Context,
+                    valids: list[torch.Tensor]) -> torch.Tensor:
+        """x + the MLP branch: updated at the MLP gate's tokens, reused elsewhere."""
+        gate, h = self._gated_input(block.norm2, x, layer["mlp_reference"], ctx, valids)
         gate.write(layer["mlp_update"], block.mlp(h))
         return x + _rows(layer["mlp_update"], ctx.slots)
 

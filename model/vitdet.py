@@ -258,24 +258,13 @@ class EventfulViTDet(EventfulViT):
         else:
             _write_rows(layer["key_values"], slots, qkv[..., c:])
             out = attn.global_attention(qkv[..., :c], qkv[..., c:], None)
-        update = linear(out, attn.proj)
-        _write_rows(layer["attention_update"], slots, update)
-        x = x + update
-        h = block.norm2(x)
-        _write_rows(layer["mlp_reference"], slots, h if normed else x)
-        update = block.mlp(h)
-        _write_rows(layer["mlp_update"], slots, update)
-        return x + update
+        return self._seed_block_rest(block, x, out, layer, slots)
 
     def _sparse_block(self, block: ViTDetBlock, x: torch.Tensor, layer: dict[str, torch.Tensor], ctx: _Context,
                       valids: list[torch.Tensor]) -> torch.Tensor:
         # x: [B, N, C] current residual stream
-        normed, c, attn = self.config.gate_position == "normed", self.vit.embed_dim, block.attn
-        h_all = block.norm1(x) if normed else None
-        gate = self._gate(h_all if normed else x, layer["qkv_reference"], ctx)
-        if gate.valid is not None:
-            valids.append(gate.valid)
-        h = gate.take(h_all) if normed else block.norm1(gate.take(x))  # [B, W, C]
+        c, attn = self.vit.embed_dim, block.attn
+        gate, h = self._gated_input(block.norm1, x, layer["qkv_reference"], ctx, valids)
         qkv = linear(h, attn.qkv)  # [B, W, 3C]
         if block.windowed:
             out = self._windowed_attention(attn, qkv, gate, layer["key_values"], ctx)
@@ -283,15 +272,7 @@ class EventfulViTDet(EventfulViT):
             gate.write(layer["key_values"], qkv.view(-1, 3 * c)[:, c:])
             out = attn.global_attention(qkv[..., :c], _rows(layer["key_values"], ctx.slots), gate.index)
         gate.write(layer["attention_update"], linear(out, attn.proj))
-        x = x + _rows(layer["attention_update"], ctx.slots)
-
-        h_all = block.norm2(x) if normed else None
-        gate = self._gate(h_all if normed else x, layer["mlp_reference"], ctx)
-        if gate.valid is not None:
-            valids.append(gate.valid)
-        h = gate.take(h_all) if normed else block.norm2(gate.take(x))
-        gate.write(layer["mlp_update"], block.mlp(h))
-        return x + _rows(layer["mlp_update"], ctx.slots)
+        return self._mlp_branch(block, x + _rows(layer["attention_update"], ctx.slots), layer, ctx, valids)
 
     def _windowed_attention(self, attn: WindowAttention, qkv: torch.Tensor, gate: _Gate, key_values: torch.Tensor,
                             ctx: _Context) -> torch.Tensor:
