@@ -30,7 +30,7 @@ from model.eventful import EventfulConfig, EventfulViT
 from model.kernels import linear
 from model.macs import dense_macs, embed_macs
 from model.preprocess import Frame, Preprocessor, _as_list, _to_uint8_chw
-from model.vit import Block, init_random_weights
+from model.vit import Block, PatchEmbed, init_random_weights
 from model.yolos import Detections, boxes_to_corners
 
 # --------------------------------------------------------------------------- blocks
@@ -62,19 +62,6 @@ class Owlv2Block(Block):
         q, k, v = self.attn.split_heads(linear(self.norm1(x), self.attn.qkv))
         x = x + linear(self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)), self.attn.proj)
         return x + self.mlp(self.norm2(x))
-
-
-class Owlv2PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, a strided convolution without bias (CLIP)."""
-
-    def __init__(self, config: Owlv2Config):
-        super().__init__()
-        p = config.patch_size
-        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=p, stride=p, bias=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # images: [B, 3, H, W] -> [B, Np, C]
-        return self.proj(images).flatten(2).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- heads
@@ -174,7 +161,7 @@ class Owlv2Detector(nn.Module):
         super().__init__()
         self.config = config
         c = config.embed_dim
-        self.patch_embed = Owlv2PatchEmbed(config)
+        self.patch_embed = PatchEmbed(config, bias=False)  # CLIP: no bias
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, c))
         self.pre_norm = nn.LayerNorm(c, eps=config.layer_norm_eps)
@@ -195,11 +182,6 @@ class Owlv2Detector(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens [B, 1 + Np, C] (class token first), pre-LayerNorm applied
         patches = self.patch_embed(images)
-        if patches.shape[1] != self.config.num_patches:
-            raise ValueError(
-                f"input {tuple(images.shape[-2:])} gives {patches.shape[1]} patches; the model was built for "
-                f"{self.config.image_size} ({self.config.num_patches} patches)"
-            )
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
         return self.pre_norm(x)
 

@@ -11,16 +11,24 @@ from model.kernels import linear, linear_gelu
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens via a strided convolution."""
+    """Non-overlapping patches -> tokens via a strided convolution (bias=False: CLIP's). Refuses an input that does
+    not give the model's patch count."""
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, bias: bool = True):
         super().__init__()
         p = config.patch_size
-        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=p, stride=p)
+        self.config = config
+        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=p, stride=p, bias=bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens: [B, N_patch, C]
-        return self.proj(images).flatten(2).transpose(1, 2)
+        patches = self.proj(images).flatten(2).transpose(1, 2)
+        if patches.shape[1] != self.config.num_patches:
+            raise ValueError(
+                f"input {tuple(images.shape[-2:])} gives {patches.shape[1]} patches; the model was built for "
+                f"{self.config.image_size} ({self.config.num_patches} patches)"
+            )
+        return patches
 
 
 class Attention(nn.Module):
@@ -116,11 +124,6 @@ class VisionTransformer(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens: [B, N, C] (prefix tokens first)
         patches = self.patch_embed(images)
-        if patches.shape[1] != self.config.num_patches:
-            raise ValueError(
-                f"input {tuple(images.shape[-2:])} gives {patches.shape[1]} patches; the model was built for "
-                f"{self.config.image_size} ({self.config.num_patches} patches)"
-            )
         b = patches.shape[0]
         prefix = [t.expand(b, -1, -1) for t in self.prefix_tokens()]
         return torch.cat([*prefix, patches], dim=1) + self.pos_embed

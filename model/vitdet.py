@@ -171,12 +171,7 @@ class ViTDetBackbone(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens: [B, N, C] (raster order, no prefix tokens)
-        patches = self.patch_embed(images)
-        if patches.shape[1] != self.config.num_patches:
-            raise ValueError(
-                f"input {tuple(images.shape[-2:])} gives {patches.shape[1]} patches; the model was built for "
-                f"{self.config.image_size} ({self.config.num_patches} patches)"
-            )
+        patches = self.patch_embed(images)  # [B, N, C]
         return patches if self.pos_embed is None else patches + self.pos_embed
 
     def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
