@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ViTDetConfig
-from model.eventful import EventfulConfig, EventfulViT, _Context, _Gate, _rows, _write_rows
+from model.eventful import EventfulConfig, EventfulViT, _Context, _Gate, _heads, _merge, _rows, _write_rows
 from model.kernels import linear
 from model.macs import embed_macs, gate_macs
 from model.vit import Mlp, PatchEmbed, init_random_weights
@@ -57,18 +57,6 @@ def relative_bias(q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor)
     rel_h = torch.einsum(spec, q, table_h)  # [B, H, M, kh]
     rel_w = torch.einsum(spec, q, table_w)  # [B, H, M, kw]
     return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-
-
-def _heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, M, C] -> [B, H, M, Dh] view."""
-    b, m, c = rows.shape
-    return rows.view(b, m, heads, c // heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, M, Dh] -> [B, M, C]."""
-    b, h, m, d = x.shape
-    return x.transpose(1, 2).reshape(b, m, h * d)
 
 
 # --------------------------------------------------------------------------- the dense backbone
