@@ -10,8 +10,10 @@ L2 over all tokens, and over the moving 10 % (the tokens whose dense feature cha
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -25,6 +27,7 @@ from model.vit import VisionTransformer
 KEYFRAME_INTERVALS = (2, 3, 4, 6, 8)
 SEED = StreamBudget(tokens=0)  # any sparse budget: a flushed state computes every token and seeds its buffers
 MOVING_SHARE = 0.1
+MAX_PHASES = 12  # phases of frame skipping's pattern scored (a ratio p/q has p)
 
 
 @dataclass
@@ -153,6 +156,32 @@ def moving_tokens(dense: Served, share: float = MOVING_SHARE) -> torch.Tensor:
     return torch.zeros_like(change, dtype=torch.bool).scatter_(1, top, True)
 
 
+def skip_at_phase(dense: Served, ratio: float, shift: int) -> Served:
+    """Frame skipping at this ratio with its keyframe pattern shifted by `shift` frames, from the dense reference (a
+    skipped frame serves the last dense result; frame 0 is dense whatever the phase: there is nothing to serve)."""
+    source, last = [], 0
+    for t in range(dense.logits.shape[0]):
+        if t == 0 or math.floor((t + shift) / ratio) != math.floor((t + shift - 1) / ratio):
+            last = t
+        source.append(last)
+    index = torch.tensor(source)
+    return Served(dense.logits[index], dense.features[index], [dense.macs[0] * (s == t) for t, s in enumerate(source)],
+                  ["dense" if s == t else "reuse" for t, s in enumerate(source)])
+
+
+def skip_phases(dense: Served, moving: torch.Tensor, ratio: float) -> dict:
+    """Frame skipping at this ratio over every phase of its keyframe pattern (the frame a user's skipping starts on
+    is arbitrary): the mean and range of its fidelity. Phase 0 is the `skip` row's pattern."""
+    period = Fraction(ratio).limit_denominator(MAX_PHASES).numerator  # a ratio p/q repeats every p frames
+    rows = []
+    for shift in range(min(period, MAX_PHASES)):
+        served = skip_at_phase(dense, ratio, shift)
+        rows.append({"mac_ratio": len(served.macs) * dense.macs[0] / sum(served.macs), **score(served, dense, moving)})
+    keys = ("mac_ratio", "top1_agreement", "rel_l2", "token_rel_l2", "moving_token_rel_l2")
+    return {"phases": len(rows), **{f"{k}_mean": statistics.fmean(r[k] for r in rows) for k in keys},
+            **{f"{k}_range": [min(r[k] for r in rows), max(r[k] for r in rows)] for k in keys if k != "mac_ratio"}}
+
+
 def fixed_policies(model: VisionTransformer, ratio: float, level: str) -> list[tuple[str, FramePolicy]]:
     """(family, policy) pairs that spend 1/ratio of the dense compute."""
     out = [("skip", policy_for_ratio("skip", ratio, model.config, level=level))]
@@ -189,6 +218,8 @@ def run_video(model: VisionTransformer, images: torch.Tensor, ratios: list[float
                 continue
             served = run_schedule(model, images, policy, level)
             results.append(_row(ratio, family, policy.name, served, dense, moving, dense_frame_macs))
+            if family == "skip":
+                results[-1]["phases"] = skip_phases(dense, moving, ratio)
             if progress:
                 progress(video, ratio, family)
         if "adaptive" not in families:
@@ -231,7 +262,7 @@ def _audit_report(served: Served, dense: Served) -> dict:
 def print_table(report: dict) -> str:
     lines = [f"model {report['model']}  level {report['level']}  image {report['image_size']}"]
     header = (f"{'ratio':>5} {'policy':<11} {'setting':<22} {'MACx':>5} {'top1%':>6} {'relL2':>6} {'1stQ':>6} "
-              f"{'lastQ':>6} {'tokL2':>6} {'movL2':>6}  vs skip (relL2, movL2)")
+              f"{'lastQ':>6} {'tokL2':>6} {'movL2':>6}  vs skip (relL2, movL2)  vs skip's phases (relL2)")
     for video in report["videos"]:
         lines.append(f"\n{video['video']}: {video['frames']} frames, dense top-1 stable on "
                      f"{100 * video['dense_stability']:.0f}% of consecutive frames")
@@ -245,9 +276,18 @@ def print_table(report: dict) -> str:
                 f"{r['rel_l2_last_quarter']:6.3f} {r['token_rel_l2']:6.3f} {r['moving_token_rel_l2']:6.3f}  "
                 f"{r['rel_l2'] / max(s['rel_l2'], 1e-12):5.2f}x "
                 f"{r['moving_token_rel_l2'] / max(s['moving_token_rel_l2'], 1e-12):5.2f}x"
+                + (f"  {r['rel_l2'] / max(s['phases']['rel_l2_mean'], 1e-12):5.2f}x" if "phases" in s else "")
                 + (f"  audits {r['audits']} covers {r['audit_covers']} {r.get('choices', '')}"
                    if r["policy"] == "adaptive" else "")
             )
+            if "phases" in r:
+                p = r["phases"]
+                lines.append(
+                    f"{'':5} {'':<11} {'over ' + str(p['phases']) + ' phases':<22} {p['mac_ratio_mean']:5.2f} "
+                    f"{100 * p['top1_agreement_mean']:6.1f} {p['rel_l2_mean']:6.3f} {'':6} {'':6} "
+                    f"{p['token_rel_l2_mean']:6.3f} {p['moving_token_rel_l2_mean']:6.3f}  relL2 "
+                    f"{p['rel_l2_range'][0]:.3f}-{p['rel_l2_range'][1]:.3f}, top-1 "
+                    f"{100 * p['top1_agreement_range'][0]:.1f}-{100 * p['top1_agreement_range'][1]:.1f} %")
     if "coverage" in report:
         lines.append(f"\naudit intervals holding the true values: {report['coverage']}")
     return "\n".join(lines)

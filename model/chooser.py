@@ -99,6 +99,11 @@ class AdaptiveSchedule:
         self.phase = 0  # frames since the policy's schedule (re)started
         self.frame = 0
         self.spent = 0.0  # MACs of everything, served and measured
+        # the stream's compute so far: 1/ratio of a dense frame per frame, plus the first frame's dense step; what
+        # serving and measuring spent (a dense frame counted at dense MACs). Frame skipping spends what is left: its
+        # keyframe comes when a dense frame fits, so measuring delays keyframes instead of idling a reserved share
+        self.earned = float(self.dense_macs)
+        self.charged = 0.0
         self.measured = 0.0  # MACs of audits and shadows
         self.dense_history: list[tuple[int, torch.Tensor]] = []  # (frame, dense logits), recent
         self.audit_errors: list[float] = []
@@ -119,8 +124,9 @@ class AdaptiveSchedule:
         if ratio < 1:
             raise ValueError(f"compute ratio must be >= 1, got {ratio}")
         self.ratio = ratio
+        # keyframe candidates leave the audit share for measuring; frame skipping spends whatever measuring leaves
         self.serving_ratio = max(1.0, ratio / (1.0 - self.config.audit_share))
-        self.skip = policy_for_ratio("skip", self.serving_ratio, self.vit)
+        self.skip = policy_for_ratio("skip", ratio, self.vit)
         self.keyframes = [
             p for k in self.config.intervals
             if self.serving_ratio < k <= self.config.max_interval_over_ratio * self.serving_ratio
@@ -161,15 +167,26 @@ class AdaptiveSchedule:
 
         self._forced = cut
         self.shadowed = None
-        if self.policy.is_keyframe(self.phase) and not cut:
+        keyframe = self._keyframe_now()
+        if keyframe and not cut:
             if self.policy.kind == "keyframe" and self.phase > 0:
                 self.shadowed = self.policy
             if self.pending is not None:  # a switch costs nothing extra: it happens on a keyframe
                 self.policy, self.pending, self.phase = self.pending, None, 0
-        action = self.policy.action(self.phase)
+        action: FrameAction = "dense" if keyframe else "reuse" if self.policy.kind == "skip" else "sparse"
         self._audit_draw = self.rng.random() < self._audit_probability()
         self.choices[self.policy.name] = self.choices.get(self.policy.name, 0) + 1
         return action, self.policy.budget
+
+    def _keyframe_now(self) -> bool:
+        """Whether this frame is the serving policy's keyframe. Frame skipping's keyframes are paid from the stream's
+        whole compute (a dense frame once the credit holds one: with nothing measured, exactly the frames where
+        n / ratio passes an integer); a keyframe policy keeps its interval (its budget is solved for it)."""
+        if self.phase == 0:
+            return True
+        if self.policy.kind == "skip":
+            return self.earned - self.charged >= self.dense_macs * (1 - 1e-9)
+        return self.policy.is_keyframe(self.phase)
 
     def will_audit(self, action: FrameAction) -> bool:
         """Whether `after_frame` audits this frame (drawn in `next_action`, so a planner can say it before the step):
@@ -218,6 +235,9 @@ class AdaptiveSchedule:
         self.served_log[(action, self.phase if action != "dense" else 0, interval)] += 1
         self.spent += served_macs + extra
         self.measured += extra
+        served_cost = self.dense_macs if action == "dense" else served_macs if action == "sparse" else 0
+        self.charged += served_cost + extra
+        self.earned += self.dense_macs / self.ratio
         self.frame += 1
         # an audit's dense result reseeds the stream (and is what a skipping stream reuses); the schedule goes on
         self.phase += 1
@@ -260,10 +280,14 @@ class AdaptiveSchedule:
         probing = self.probe is not None or bool(self.exploring)
         return 0.25 if self._credit() >= self.dense_macs and not probing else 0.0  # probes first
 
-    def _credit(self) -> float:
-        """MACs the stream may still spend measuring: its audit share of 1/ratio of dense per frame so far, less
-        what audits and shadows took (serving at the serving ratio spends the rest)."""
+    def _share_credit(self) -> float:
+        """The audit share of the stream's compute so far (1/ratio of dense per frame), less what measuring took."""
         return (self.frame + 1) * self.config.audit_share * self.dense_macs / self.ratio - self.measured
+
+    def _credit(self) -> float:
+        """MACs the stream may still spend measuring: its unspent share, as far as the stream's whole compute holds
+        it with at most one dense frame of debt (which frame skipping pays back by a later keyframe)."""
+        return min(self._share_credit(), self.earned - self.charged + self.dense_macs)
 
     def _age(self, t: int) -> int:
         return t - self.dense_history[-1][0] if self.dense_history else 0
@@ -339,7 +363,7 @@ class AdaptiveSchedule:
 
     def predictions(self) -> dict[str, float]:
         out = {}
-        skip = self._cycle_mean(self.skip.interval)
+        skip = self._cycle_mean(self.serving_ratio)  # at most the audit share goes to measuring: as the candidates
         if skip is not None:
             out[self.skip.name] = skip
         for policy in self.keyframes:

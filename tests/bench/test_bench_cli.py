@@ -201,6 +201,10 @@ def test_fidelity_command_end_to_end(clip, tmp_path, capsys):
         assert row["mac_ratio"] > 1  # measured, first dense frame included (over 6 frames, keyframe8 is near 1.3)
     skip = next(r for r in video["results"] if r["policy"] == "skip")
     assert skip["mac_ratio"] == pytest.approx(2.0)
+    phases = skip["phases"]  # frame skipping over both phases of its pattern, scored from the dense reference
+    assert phases["phases"] == 2
+    assert phases["rel_l2_range"][0] <= skip["rel_l2"] <= phases["rel_l2_range"][1]
+    assert phases["rel_l2_range"][0] <= phases["rel_l2_mean"] <= phases["rel_l2_range"][1]
     adaptive = next(r for r in video["results"] if r["policy"] == "adaptive")
     assert adaptive["mac_ratio"] >= 1.9  # audits and shadows are paid from the same compute
     assert report["videos"][1]["results"] == video["results"]  # deterministic: the same clip, the same figures

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench.fidelity_bench import dense_reference, run_schedule
+from bench.fidelity_bench import dense_reference, moving_tokens, run_schedule, skip_at_phase, skip_phases
 from model.chooser import AdaptiveConfig, AdaptiveSchedule
 from model.macs import dense_macs
 from model.schedule import FramePolicy, mac_fraction, policy_for_ratio
@@ -80,8 +80,9 @@ def test_the_chooser_is_deterministic_for_a_seed_and_stays_within_its_compute(vi
     assert a.actions == b.actions and a.macs == b.macs and torch.equal(a.logits, b.logits)
     assert a_schedule.choice_counts() == b_schedule.choice_counts()
     assert a_schedule.measures.q  # it probed keyframe candidates (on copies of the state, not served)
-    # audits and shadows included, the stream spends at most 1/ratio of dense (a forced keyframe aside)
-    assert sum(a.macs) <= 40 * dense_macs(CONFIG) / 2.0 * 1.02
+    # audits and shadows included, the stream spends 1/ratio of dense (a forced keyframe aside), give or take the one
+    # dense frame measuring may borrow ahead (frame skipping pays it back with a later keyframe)
+    assert sum(a.macs) <= (40 / 2.0 + 1) * dense_macs(CONFIG)
 
 
 def test_an_audit_compares_the_served_answer_with_the_dense_model_on_that_frame(vit):
@@ -103,3 +104,44 @@ def test_a_scene_cut_forces_a_keyframe(vit):
     schedule = AdaptiveSchedule(CONFIG, 3.0, AdaptiveConfig(audit_share=0.0))
     served = run_schedule(vit, images, schedule)
     assert served.actions[10] == "dense"
+
+
+@pytest.mark.parametrize("ratio", [1.5, 2.0, 3.0, 2.5])
+def test_an_adaptive_stream_that_measures_nothing_skips_exactly_like_frame_skipping(vit, ratio):
+    # no audit share: nothing is measured, so no keyframe candidate is ever tried; frame skipping's keyframes are then
+    # paid from the stream's whole compute and fall on the same frames as the fixed policy's
+    images = video(30)
+    adaptive = run_schedule(vit, images, AdaptiveSchedule(CONFIG, ratio, AdaptiveConfig(audit_share=0.0)))
+    skip = run_schedule(vit, images, FramePolicy("skip", interval=ratio))
+    assert adaptive.actions == skip.actions and adaptive.macs == skip.macs
+    assert torch.equal(adaptive.logits, skip.logits)
+
+
+def test_an_audit_on_a_skipping_stream_is_paid_back_by_a_later_keyframe(vit):
+    images = video(60)
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore_candidates=0, seed=3))
+    served = run_schedule(vit, images, schedule)
+    assert schedule.audit_errors  # it audited reused frames (each a dense step after the frame was served)
+    dense = dense_macs(CONFIG)
+    assert sum(served.macs) <= (60 / 2.0 + 1) * dense  # audits included: the stream's compute, within a frame
+    assert sum(served.macs) >= (60 / 2.0 - 1) * dense  # and the unspent measuring share served frames
+    assert served.actions.count("dense") < 30  # fewer keyframes than frame skipping: the audits took their place
+
+
+@pytest.mark.parametrize("ratio", [2.0, 1.5, 3.0])
+def test_skip_phases_scored_from_the_dense_reference_equal_frame_skipping_run_through_the_model(vit, ratio):
+    images = video(13)
+    dense = dense_reference(vit, images)
+    run = run_schedule(vit, images, FramePolicy("skip", interval=ratio))
+    phase0 = skip_at_phase(dense, ratio, 0)  # the pattern the skip policy runs
+    assert phase0.actions == run.actions and phase0.macs == run.macs
+    assert torch.allclose(phase0.logits, run.logits, atol=1e-4)
+    assert torch.allclose(phase0.features, run.features, atol=1e-4)
+    periods = {2.0: 2, 1.5: 3, 3.0: 3}
+    for shift in range(1, periods[ratio]):  # another phase keeps the compute and moves the keyframes
+        other = skip_at_phase(dense, ratio, shift)
+        assert other.actions != run.actions and other.actions[0] == "dense"
+        assert abs(other.actions.count("dense") - run.actions.count("dense")) <= 1
+    phases = skip_phases(dense, moving_tokens(dense), ratio)
+    assert phases["phases"] == periods[ratio]
+    assert phases["rel_l2_range"][0] <= phases["rel_l2_mean"] <= phases["rel_l2_range"][1]
