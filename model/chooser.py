@@ -1,8 +1,11 @@
 """A per-stream policy chooser fed by online dense audits, at a fixed compute ratio.
 
-The stream's compute per frame is 1/ratio of a dense frame. A share of it (`audit_share`) pays for measuring;
-the rest serves frames with the chosen policy (frame skipping, or keyframe + sparse at one of several keyframe
-intervals, each with its token budget solved for the same compute).
+The stream's compute per frame is 1/ratio of a dense frame. Up to a share of it (`audit_share`) pays for
+measuring; the rest serves frames with the chosen policy: frame skipping, or keyframe + sparse at one of several
+keyframe intervals, each with its token budget solved for the compute the share leaves. Frame skipping spends
+whatever measuring leaves: its keyframe comes when the stream's credit holds a dense frame, so an audit (a dense
+step that reseeds the stream) takes a keyframe's place instead of idling a reserved share, and a stream that
+measures nothing computes exactly the frames fixed frame skipping does.
 
 What it measures, all against the dense model's logits:
   - audits: on frames drawn at random, the dense model runs after the frame is served and the served answer is
