@@ -87,7 +87,7 @@ def _direct(model: Owlv2Detector, tokenizer_dir: str, frame, queries: list[str],
 def test_the_factory_builds_an_owlv2_runner_with_the_default_queries(owlv2, tokenizer_dir):
     runner = build_runner(Settings(model="unused", device="cpu", tokenizer=tokenizer_dir,
                                    default_queries=" cat , a dog,"), owlv2)
-    assert type(runner) is Owlv2Runner and runner.task == "detect" and not runner.audits_supported
+    assert type(runner) is Owlv2Runner and runner.task == "detect" and runner.audits_supported
     assert runner.default_queries == ("cat", "a dog")
     assert runner.check_queries(["a cat", "dog"]).token_ids == ((14, 7, 11, 15), (14, 13, 15))
     with pytest.raises(ValueError, match="--tokenizer"):  # a model given in-process: no tokenizer to guess
