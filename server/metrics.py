@@ -115,7 +115,8 @@ class Metrics:
                                       buckets=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
                                       registry=registry)
         self.audit_box_iou = Histogram(f"{p}_audit_box_mean_iou",
-                                       "Mean IoU of the matched boxes (0 when none match) of the served detections "
+                                       "Mean IoU of the matched boxes (0 when none match, 1 when neither side has a "
+                                       "box) of the served detections "
                                        "against dense, per audit of a detector stream (all streams).",
                                        buckets=[0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0], registry=registry)
         self.floor_unmet = Gauge(f"{p}_fidelity_floor_unmet_streams",
