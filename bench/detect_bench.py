@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from model.eventful import EventfulConfig, EventfulViT, StepOutput
+from model.fidelity import box_f1, match_boxes
 from model.policy import StreamBudget
 from model.yolos import Detections, YolosDetector, box_iou, boxes_to_corners, postprocess_detections
-
-MATCH_IOU = 0.5
 
 
 @dataclass
@@ -60,25 +59,6 @@ class DetectBenchReport:
     threads: int
     queries: list[str] | None = None  # OWLv2: the text queries (labels)
     results: list[DetectBudgetResult] = field(default_factory=list)
-
-
-def match_boxes(dense: Detections, other: Detections, iou_threshold: float = MATCH_IOU) -> list[float]:
-    """Greedy one-to-one matching (highest IoU first) of dense boxes to other boxes with the same label and
-    IoU >= iou_threshold; returns the IoU of every match."""
-    if len(dense.scores) == 0 or len(other.scores) == 0:
-        return []
-    iou = box_iou(dense.boxes, other.boxes)  # [M, K]
-    iou = torch.where(dense.labels[:, None] == other.labels[None, :], iou, torch.zeros_like(iou))
-    matches = []
-    while True:
-        best = int(iou.argmax())
-        value = float(iou.flatten()[best])
-        if value < iou_threshold:
-            return matches
-        i, j = divmod(best, iou.shape[1])
-        matches.append(value)
-        iou[i, :] = -1
-        iou[:, j] = -1
 
 
 @dataclass
@@ -152,13 +132,7 @@ def agreement(dense_dets: list[Detections], dets: list[Detections]) -> dict[str,
         matched.extend(match_boxes(dense, other))
     recall = len(matched) / dense_total if dense_total else None
     precision = len(matched) / other_total if other_total else None
-    if recall is None and precision is None:
-        f1 = None
-    elif not recall or not precision:
-        f1 = 0.0
-    else:
-        f1 = 2 * precision * recall / (precision + recall)
-    return {"recall": recall, "precision": precision, "f1": f1,
+    return {"recall": recall, "precision": precision, "f1": box_f1(len(matched), dense_total, other_total),
             "mean_iou": statistics.fmean(matched) if matched else None}
 
 

@@ -7,7 +7,9 @@ whatever measuring leaves: its keyframe comes when the stream's credit holds a d
 step that reseeds the stream) takes a keyframe's place instead of idling a reserved share, and a stream that
 measures nothing computes exactly the frames fixed frame skipping does.
 
-What it measures, all against the dense model's logits:
+What it measures, all against the dense model's answer on the same frame, as the stream's fidelity measure compares
+them (model/fidelity.py: logit rel-L2 and top-1 agreement for a classifier, box F1 and matched-box IoU for a
+detector):
   - audits: on frames drawn at random, the dense model runs after the frame is served and the served answer is
     compared with it (a keyframe is an audit for free: its answer is the dense one). The dense result then
     reseeds the stream (its compute is not wasted). The audited errors give the stream's fidelity estimate with
@@ -33,11 +35,13 @@ import random
 import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from model.config import ViTConfig
+from model.fidelity import Fidelity, LogitFidelity
 from model.macs import dense_macs
 from model.policy import StreamBudget
 from model.schedule import FrameAction, FramePolicy, policy_for_ratio, sparse_frame_macs
@@ -64,10 +68,6 @@ class AdaptiveConfig:
             raise ValueError(f"audit_share must be in [0, 0.5], got {self.audit_share}")
 
 
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
 MAX_SAMPLES = 256
 
 
@@ -79,18 +79,20 @@ def _samples() -> deque:
 class _Measures:
     # the latest samples only (MAX_SAMPLES each): a long-running stream's memory stays bounded, and old scenes age out
     reuse: dict[int, deque[float]] = field(default_factory=dict)  # age -> errors of a result that old
-    reuse_agree: dict[int, deque[bool]] = field(default_factory=dict)  # age -> top-1 kept at that age
+    reuse_agree: dict[int, deque[float]] = field(default_factory=dict)  # age -> agreement (top-1 kept) at that age
     q: dict[float, deque[float]] = field(default_factory=dict)  # keyframe interval -> shadow / probe ratios
 
 
 class AdaptiveSchedule:
     """Frame by frame: `next_action(image)`, the caller serves, `shadow_budget()` before a keyframe's dense step,
-    then `after_frame(...)` (which may run an audit). Deterministic for a given seed."""
+    then `after_frame(...)` (which may run an audit). Deterministic for a given seed. `fidelity` compares a served
+    answer with the dense one (default: class logits)."""
 
     def __init__(self, config: ViTConfig, ratio: float, adaptive: AdaptiveConfig | None = None,
-                 level: str = "tokenwise"):
+                 level: str = "tokenwise", fidelity: Fidelity | None = None):
         self.vit = config
         self.config = adaptive or AdaptiveConfig()
+        self.fidelity: Fidelity = fidelity or LogitFidelity()
         self.level = level
         self.dense_macs = dense_macs(config)
         self._set_candidates(ratio)
@@ -108,9 +110,9 @@ class AdaptiveSchedule:
         self.earned = float(self.dense_macs)
         self.charged = 0.0
         self.measured = 0.0  # MACs of audits and shadows
-        self.dense_history: list[tuple[int, torch.Tensor]] = []  # (frame, dense logits), recent
+        self.dense_history: list[tuple[int, Any]] = []  # (frame, dense answer), recent
         self.audit_errors: list[float] = []
-        self.audit_agree: list[bool] = []
+        self.audit_agree: list[float] = []  # per audit: 1/0 top-1 equal (classifier), box F1 (detector)
         self.choices: dict[str, int] = {}
         # frames served, counted by (action, age of what they served, keyframe interval): bounded however long
         self.served_log: Counter[tuple[str, int, float | None]] = Counter()
@@ -121,7 +123,7 @@ class AdaptiveSchedule:
         self._audit_draw = False
         self.probe: FramePolicy | None = None  # the candidate a probe copy of the state is running
         self.probe_start = 0
-        self.probe_base: torch.Tensor | None = None  # dense logits of the frame the probe started from
+        self.probe_base: Any = None  # the dense answer of the frame the probe started from
 
     def _set_candidates(self, ratio: float) -> None:
         if ratio < 1:
@@ -204,13 +206,14 @@ class AdaptiveSchedule:
         cost = self._sparse_fraction(self.shadowed) * self.dense_macs  # paid from the measuring credit
         return self.shadowed.budget if self._credit() >= cost else None
 
-    def after_frame(self, t: int, action: FrameAction, served: torch.Tensor, dense_fn,
-                    shadow: torch.Tensor | None = None, shadow_macs: int = 0, served_macs: int = 0,
+    def after_frame(self, t: int, action: FrameAction, served: Any, dense_fn,
+                    shadow: Any = None, shadow_macs: int = 0, served_macs: int = 0,
                     probes=None) -> tuple[int, bool]:
         """Record what was served; returns (extra MACs spent measuring, whether the state was reseeded by an audit).
 
-        served: [K] logits served on this frame; dense_fn(): the dense logits of this frame (an audit);
-        probes: start() copies the stream's state (just seeded), step(budget) -> (logits, MACs) runs a sparse step
+        served: the answer served on this frame (as `fidelity` compares it: [K] logits, or Detections);
+        dense_fn(): the dense answer of this frame (an audit); shadow: the shadow step's answer;
+        probes: start() copies the stream's state (just seeded), step(budget) -> (answer, MACs) runs a sparse step
         of this frame on the copy, stop() drops it (None: no probing)."""
         extra = shadow_macs
         reseeded = False
@@ -221,7 +224,7 @@ class AdaptiveSchedule:
                 age = self._age(t)
                 reuse = self._reuse_error(age, dense)
                 if reuse is not None and reuse > 1e-6:
-                    ratio = _rel_l2(shadow, dense) / reuse
+                    ratio = self.fidelity.error(shadow, dense) / reuse
                     self.measures.q.setdefault(self.shadowed.interval, _samples()).append(ratio)
             self._record_dense(t, dense)
             if self._audit_draw:
@@ -251,16 +254,17 @@ class AdaptiveSchedule:
             self.policy, self.pending, self.phase = self.pending, None, 1
         return extra, reseeded
 
-    def _probe(self, t: int, dense: torch.Tensor | None, probes) -> int:
+    def _probe(self, t: int, dense: Any, probes) -> int:
         """Advance, finish or start a probe of the next candidate; returns the MACs it spent."""
         spent = 0
         if self.probe is not None:
-            logits, spent = probes.step(self.probe.budget)
+            answer, spent = probes.step(self.probe.budget)
             age = t - self.probe_start
             if dense is not None and age >= self.probe.interval:
-                reuse = _rel_l2(self.probe_base, dense)
+                reuse = self.fidelity.error(self.probe_base, dense)
                 if reuse > 1e-6:
-                    self.measures.q.setdefault(self.probe.interval, _samples()).append(_rel_l2(logits, dense) / reuse)
+                    q = self.fidelity.error(answer, dense) / reuse
+                    self.measures.q.setdefault(self.probe.interval, _samples()).append(q)
                 self.probe = None
             elif age > 4 * self.probe.interval:  # no dense result came: give up (a cut, a policy change)
                 self.probe = None
@@ -295,23 +299,23 @@ class AdaptiveSchedule:
     def _age(self, t: int) -> int:
         return t - self.dense_history[-1][0] if self.dense_history else 0
 
-    def _reuse_error(self, age: int, dense: torch.Tensor) -> float | None:
+    def _reuse_error(self, age: int, dense: Any) -> float | None:
         if not self.dense_history or age <= 0:
             return None
-        return _rel_l2(self.dense_history[-1][1], dense)
+        return self.fidelity.error(self.dense_history[-1][1], dense)
 
-    def _record_dense(self, t: int, dense: torch.Tensor) -> None:
+    def _record_dense(self, t: int, dense: Any) -> None:
         for s, old in self.dense_history:
             age = t - s
             if 0 < age <= self.config.max_lag:
-                self.measures.reuse.setdefault(age, _samples()).append(_rel_l2(old, dense))
-                self.measures.reuse_agree.setdefault(age, _samples()).append(bool(old.argmax() == dense.argmax()))
-        self.dense_history.append((t, dense.detach()))
+                self.measures.reuse.setdefault(age, _samples()).append(self.fidelity.error(old, dense))
+                self.measures.reuse_agree.setdefault(age, _samples()).append(self.fidelity.agreement(old, dense))
+        self.dense_history.append((t, dense.detach() if isinstance(dense, torch.Tensor) else dense))
         self.dense_history = [(s, d) for s, d in self.dense_history if t - s < self.config.max_lag]
 
-    def _record_audit(self, served: torch.Tensor, dense: torch.Tensor) -> None:
-        self.audit_errors.append(_rel_l2(served, dense))
-        self.audit_agree.append(bool(served.argmax() == dense.argmax()))
+    def _record_audit(self, served: Any, dense: Any) -> None:
+        self.audit_errors.append(self.fidelity.error(served, dense))
+        self.audit_agree.append(self.fidelity.agreement(served, dense))
 
     def _sparse_fraction(self, policy: FramePolicy) -> float:
         return sparse_frame_macs(self.vit, policy.tokens, self.level) / self.dense_macs
@@ -340,8 +344,8 @@ class AdaptiveSchedule:
         return math.exp(y0 + alpha * (math.log(age) - x0))
 
     def _agreement_at(self, age: int) -> float:
-        """Top-1 agreement of a result `age` frames old where that age has no samples: interpolated between age 0
-        (1.0) and the measured ages around it; beyond the oldest measured, its value."""
+        """Agreement (top-1, box F1) of a result `age` frames old where that age has no samples: interpolated between
+        age 0 (1.0) and the measured ages around it; beyond the oldest measured, its value."""
         measured = sorted((a, statistics.fmean(v)) for a, v in self.measures.reuse_agree.items() if v)
         below, above = (0, 1.0), None
         for a, p in measured:
@@ -405,18 +409,26 @@ class AdaptiveSchedule:
     # ---- what the stream reports -----------------------------------------------------------------
 
     def estimate(self) -> dict:
-        """The stream's fidelity so far (mean logit rel-L2 and top-1 agreement over its served frames), with
-        intervals. With enough audits, from the audits alone; before that, from the measured curves applied to
-        the frames served (a reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d))."""
+        """The stream's fidelity so far (mean error and agreement over its served frames, keyed by the fidelity
+        measure's names: `rel_l2` and `top1` for a classifier, `box_error` and `box_f1` for a detector), with
+        intervals. With enough audits, from the audits alone (the agreement's interval is Wilson's, exact for top-1,
+        conservative for a box F1 in [0, 1]); before that, from the measured curves applied to the frames served (a
+        reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d))."""
         n = len(self.audit_errors)
         z = statistics.NormalDist().inv_cdf(0.5 + self.config.confidence / 2)
         if n >= self.config.audits_for_estimate:
             mean = statistics.fmean(self.audit_errors)
             half = _t_quantile(self.config.confidence, n - 1) * statistics.stdev(self.audit_errors) / math.sqrt(n)
             agree = sum(self.audit_agree)
-            return {"audits": n, "source": "audits", "rel_l2": mean, "rel_l2_interval": (max(0.0, mean - half),
-                    mean + half), "top1": agree / n, "top1_interval": _wilson(agree, n, z), "policy": self.policy.name}
+            return self._named(n, "audits", mean, (max(0.0, mean - half), mean + half), agree / n,
+                               _wilson(agree, n, z))
         return self._modelled_estimate(n, z)
+
+    def _named(self, audits: int, source: str, error: float | None, error_interval: tuple[float, float],
+               agreement: float | None, agreement_interval: tuple[float, float]) -> dict:
+        e, a = self.fidelity.error_name, self.fidelity.agreement_name
+        return {"audits": audits, "source": source, e: error, f"{e}_interval": error_interval, a: agreement,
+                f"{a}_interval": agreement_interval, "policy": self.policy.name}
 
     def _modelled_estimate(self, audits: int, z: float) -> dict:
         errors, agreement, spreads, counts, weights = [], [], [], [], []
@@ -431,8 +443,7 @@ class AdaptiveSchedule:
             samples = self.measures.reuse.get(age, [])
             agree = self.measures.reuse_agree.get(age)
             if e is None:
-                return {"audits": audits, "source": "none", "rel_l2": None, "rel_l2_interval": (0.0, math.inf),
-                        "top1": None, "top1_interval": (0.0, 1.0), "policy": self.policy.name}
+                return self._named(audits, "none", None, (0.0, math.inf), None, (0.0, 1.0))
             rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)) if len(samples) >= 2 else 0.5
             p_agree = statistics.fmean(agree) if agree else self._agreement_at(age)
             counts.append(len(agree) if agree else 1)
@@ -445,27 +456,24 @@ class AdaptiveSchedule:
             agreement.append(p_agree)
             spreads.append(rse)
         if not errors:
-            return {"audits": audits, "source": "none", "rel_l2": None, "rel_l2_interval": (0.0, math.inf),
-                    "top1": None, "top1_interval": (0.0, 1.0), "policy": self.policy.name}
+            return self._named(audits, "none", None, (0.0, math.inf), None, (0.0, 1.0))
         n = sum(weights)
         mean = sum(w * e for w, e in zip(weights, errors, strict=True)) / n
-        top1 = sum(w * p for w, p in zip(weights, agreement, strict=True)) / n
+        agreed = sum(w * p for w, p in zip(weights, agreement, strict=True)) / n
         rse = max(spreads, default=0.0) + self.config.model_error
         # each frame's agreement is a share measured on `count` pairs of that age: binomial spread, frames weighted
         variance = sum(w * max(p * (1 - p), 0.05) / c
                        for w, p, c in zip(weights, agreement, counts, strict=True) if c != math.inf)
         # plus the curves' model error: half the disagreement rate either way (ages are interpolated), and a point
-        half_top1 = z * math.sqrt(variance) / n + 0.5 * (1 - top1) + 0.01
-        return {"audits": audits, "source": "model", "rel_l2": mean,
-                "rel_l2_interval": (max(0.0, mean * (1 - z * rse)), mean * (1 + z * rse)),
-                "top1": top1, "top1_interval": (max(0.0, top1 - half_top1), min(1.0, top1 + half_top1)),
-                "policy": self.policy.name}
+        half = z * math.sqrt(variance) / n + 0.5 * (1 - agreed) + 0.01
+        return self._named(audits, "model", mean, (max(0.0, mean * (1 - z * rse)), mean * (1 + z * rse)), agreed,
+                           (max(0.0, agreed - half), min(1.0, agreed + half)))
 
     def choice_counts(self) -> dict[str, int]:
         return dict(self.choices)
 
 
-def _wilson(successes: int, n: int, z: float) -> tuple[float, float]:
+def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom

@@ -90,6 +90,9 @@ class Detections:
     labels: torch.Tensor  # [K] class indices (into config.label_names)
     boxes: torch.Tensor  # [K, 4]
 
+    def to(self, device: torch.device | str) -> Detections:
+        return Detections(self.scores.to(device), self.labels.to(device), self.boxes.to(device))
+
     def to_list(self, label_names: tuple[str, ...] | list[str] | None) -> list[dict]:
         """Plain values: [{"label", "score", "box": [x0, y0, x1, y1]}]."""
         out = []

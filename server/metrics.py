@@ -100,7 +100,8 @@ class Metrics:
         self.audits = Counter(f"{p}_audits_total", "Dense audits of adaptive streams (served answer vs dense).",
                               registry=registry)
         self.audit_disagreements = Counter(f"{p}_audit_top1_disagreements_total",
-                                           "Audits whose served top-1 class differed from the dense model's.",
+                                           "Audits of classifier streams whose served top-1 class differed from "
+                                           "the dense model's.",
                                            registry=registry)
         self.audit_macs = Counter(f"{p}_audit_macs_total",
                                   "Multiply-accumulates spent on audits (share: against eventful_macs_total).",
@@ -108,6 +109,16 @@ class Metrics:
         self.audit_rel_l2 = Histogram(f"{p}_audit_logit_rel_l2",
                                       "Relative L2 error of the served logits against dense, per audit (all streams).",
                                       buckets=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0], registry=registry)
+        self.audit_box_f1 = Histogram(f"{p}_audit_box_f1",
+                                      "Box F1 (IoU >= 0.5, same label) of the served detections against dense, per "
+                                      "audit of a detector stream (all streams).",
+                                      buckets=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+                                      registry=registry)
+        self.audit_box_iou = Histogram(f"{p}_audit_box_mean_iou",
+                                       "Mean IoU of the matched boxes (0 when none match, 1 when neither side has a "
+                                       "box) of the served detections "
+                                       "against dense, per audit of a detector stream (all streams).",
+                                       buckets=[0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0], registry=registry)
         self.floor_unmet = Gauge(f"{p}_fidelity_floor_unmet_streams",
                                  "Adaptive streams whose fidelity floor cannot be met even with every frame dense.",
                                  registry=registry)
@@ -150,10 +161,14 @@ class Metrics:
 
     def audit(self, stats: AuditStats) -> None:
         self.audits.inc()
-        if not stats.top1_agrees:
-            self.audit_disagreements.inc()
         self.audit_macs.inc(stats.macs)
-        self.audit_rel_l2.observe(stats.rel_l2)
+        if stats.measure == "boxes":
+            self.audit_box_f1.observe(stats.agreement)
+            self.audit_box_iou.observe(1.0 - stats.error)
+            return
+        if stats.agreement < 1:
+            self.audit_disagreements.inc()
+        self.audit_rel_l2.observe(stats.error)
 
     # ---- scrape ------------------------------------------------------------------------------
 

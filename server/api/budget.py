@@ -148,15 +148,16 @@ def get_stream_policy(engine: EngineDep, stream_id: StreamId) -> StreamPolicyOut
     **JSON_BODY,
     description=(
         "`{\"policy\": \"adaptive\", \"ratio\": 3}` serves the stream at a third of the dense compute, choosing "
-        "between frame skipping and keyframe + sparse from dense audits (`audit_share`, default 0.05 of its "
-        "compute); `min_top1_agreement` / `max_rel_l2` set a fidelity floor the stream is given more compute for, "
-        "or reports it cannot meet (`floor_met`, `floor_error`). `{\"policy\": \"skip\", \"interval\": 4}`, "
+        "between frame skipping and keyframe + sparse from dense audits (`audit_share`, default 0.02 of its "
+        "compute; a classifier's audits compare logits, a detector's its detections); `min_top1_agreement` / "
+        "`max_rel_l2` (classifiers) or `min_box_f1` (detectors) set a fidelity floor the stream is given more compute "
+        "for, or reports it cannot meet (`floor_met`, `floor_error`). `{\"policy\": \"skip\", \"interval\": 4}`, "
         "`{\"policy\": \"keyframe\", \"interval\": 4}` and `{\"policy\": \"eventful\"}` (the default) are fixed."
     ),
 )
 def put_stream_policy(engine: EngineDep, stream_id: StreamId, body: StreamPolicyIn) -> StreamPolicyOut:
     spec = StreamPolicySpec(
         policy=body.policy, ratio=body.ratio, interval=body.interval, audit_share=body.audit_share,
-        min_top1_agreement=body.min_top1_agreement, max_rel_l2=body.max_rel_l2,
+        min_top1_agreement=body.min_top1_agreement, max_rel_l2=body.max_rel_l2, min_box_f1=body.min_box_f1,
     )
     return StreamPolicyOut(**engine.set_stream_policy(stream_id, spec))

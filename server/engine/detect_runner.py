@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from model.eventful import EventfulConfig, StepOutput
-from model.yolos import YolosDetector, postprocess_detections
+from model.fidelity import BoxFidelity
+from model.yolos import Detections, YolosDetector, postprocess_detections
 from server.engine.decode import FrameLimits
 from server.engine.planner import PlannedFrame, StepPlan
 from server.engine.runner import ModelRunner
@@ -21,7 +22,7 @@ class DetectRunner(ModelRunner):
     """A YolosDetector behind EventfulViT; outputs {"boxes": [{"label", "score", "box": [x0, y0, x1, y1]}]}."""
 
     task = "detect"
-    audits_supported = False  # per-query logits: the adaptive policy compares class logits
+    fidelity = BoxFidelity()  # audits compare the served detections with the dense ones (box F1, matched IoU)
 
     def __init__(
         self, model: YolosDetector, eventful: EventfulConfig | None = None, threshold: float = 0.5,
@@ -35,10 +36,12 @@ class DetectRunner(ModelRunner):
         """The decoded (height, width) of a planned frame (the model input size if the plan does not say)."""
         return tuple(planned.frame_size) if planned.frame_size is not None else tuple(self.config.image_size)
 
-    def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:
-        """Per frame, the detection heads on its detection tokens, post-processed to boxes in frame pixels."""
+    def read_out(self, out: StepOutput, plan: StepPlan) -> tuple[list[dict[str, Any]], list[Detections]]:
+        """Per frame, the detection heads on its detection tokens, post-processed to boxes in frame pixels: the
+        result's boxes, and the same Detections on the CPU (what audits compare)."""
         with torch.inference_mode():
             boxes = self.model.forward_boxes(out.tokens)  # [B, D, 4]
         sizes = [self._frame_size(p) for p in plan.frames]
-        detections = postprocess_detections(out.logits, boxes, sizes, self.threshold, self.max_boxes)
-        return [{"boxes": d.to_list(self.labels)} for d in detections]
+        detections = [d.to("cpu") for d in postprocess_detections(out.logits, boxes, sizes, self.threshold,
+                                                                     self.max_boxes)]
+        return [{"boxes": d.to_list(self.labels)} for d in detections], detections

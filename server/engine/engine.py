@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -401,9 +402,7 @@ class Engine:
 
     def set_stream_policy(self, stream_id: str, spec: StreamPolicySpec) -> dict:
         """Set a stream's frame policy (it takes effect on its next frame; a changed policy starts afresh)."""
-        runner = self.runner
-        if spec.policy == "adaptive" and not runner.audits_supported:
-            raise PolicyError("policy", "the adaptive policy's audits compare class logits: it needs a classifier")
+        spec.check_fidelity(self.runner.fidelity)
         with self._cond:
             if spec.policy == "eventful":
                 self._stream_policies.pop(stream_id, None)
@@ -631,7 +630,7 @@ class Engine:
                     continue
                 record.frames_processed += 1
                 record.frames_reused += 1
-                outputs, logits = record.last_result
+                outputs, answer = record.last_result
                 session.send(
                     FrameResult(
                         frame=pending.frame, budget_tokens=0, dense=False, updated_fraction=0.0, outputs=outputs,
@@ -641,37 +640,39 @@ class Engine:
                     )
                 )
                 self.stats.frame(FrameEvent("processed"))
-                served.append((pending, record, record.schedule, logits))
-        for pending, record, schedule, logits in served:
+                served.append((pending, record, record.schedule, answer, self._stream_queries.get(pending.stream_id)))
+        for pending, record, schedule, answer, queries in served:
             if schedule is not None:
-                schedule.after("reuse", logits, self._audit_for(pending, record, logits), None, 0, 0,
-                               _Probes(self.runner, pending, record))
+                schedule.after("reuse", answer, self._audit_for(pending, record, answer, queries), None, 0, 0,
+                               _Probes(self.runner, pending, record, queries))
 
     def _after_scheduled(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan,
                          result: StepResult, runner: Runner) -> None:
         """Keep each stream's last result (what a reuse serves); let the frame policies measure (shadows, audits)."""
-        for pending, record, output in zip(batch, records, result.outputs, strict=True):
-            record.last_result = (output.outputs, output.logits)
+        for pending, record, output, planned in zip(batch, records, result.outputs, plan.frames, strict=True):
+            record.last_result = (output.outputs, output.answer)
             schedule = record.schedule
             if schedule is not None:
                 action = "dense" if output.dense else "sparse"
-                schedule.after(action, output.logits, self._audit_for(pending, record, output.logits),
-                               output.shadow_logits, output.macs, output.shadow_macs,
-                               _Probes(runner, pending, record))
+                schedule.after(action, output.answer, self._audit_for(pending, record, output.answer, planned.queries),
+                               output.shadow_answer, output.macs, output.shadow_macs,
+                               _Probes(runner, pending, record, planned.queries))
 
-    def _audit_for(self, pending: PendingFrame, record: StreamRecord, served: torch.Tensor | None):
-        """An audit of this frame: the dense model on it (reseeding the stream; its result is what a skipping stream
-        serves next), compared by the stream's policy with what was served."""
+    def _audit_for(self, pending: PendingFrame, record: StreamRecord, served: Any, queries: Any):
+        """An audit of this frame: the dense model on it, with the stream's text queries if it has some (reseeding
+        the stream; its result is what a skipping stream serves next), compared by the stream's policy with what
+        was served. Only this stream's state and last result change."""
 
         def audit():
-            out = self.runner.execute(StepPlan([PlannedFrame(
+            runner = self.runner
+            out = runner.execute(StepPlan([PlannedFrame(
                 pending.stream_id, pending.frame, pending.image, record.state, FULL, False, pending.frame_size,
-                seed=True)])).outputs[0]
-            record.last_result = (out.outputs, out.logits)
-            self.stats.audit(AuditStats(
-                rel_l2=float((served - out.logits).norm() / out.logits.norm().clamp_min(1e-12)),
-                top1_agrees=bool(served.argmax() == out.logits.argmax()), macs=out.macs))
-            return out.logits
+                seed=True, queries=queries)])).outputs[0]
+            record.last_result = (out.outputs, out.answer)
+            fidelity = runner.fidelity
+            self.stats.audit(AuditStats(fidelity.kind, error=fidelity.error(served, out.answer),
+                                        agreement=fidelity.agreement(served, out.answer), macs=out.macs))
+            return out.answer
 
         return audit
 
@@ -746,18 +747,19 @@ class _Probes:
     """An adaptive stream's probe: a copy of its state (in its record) that runs a candidate budget's sparse steps on
     its frames, not served (model/chooser.py); on the inference thread, after the frame was served."""
 
-    def __init__(self, runner: Runner, pending: PendingFrame, record: StreamRecord):
-        self.runner, self.pending, self.record = runner, pending, record
+    def __init__(self, runner: Runner, pending: PendingFrame, record: StreamRecord, queries: Any = None):
+        self.runner, self.pending, self.record, self.queries = runner, pending, record, queries
 
     def start(self) -> None:
         self.record.probe_state = self.record.state.clone()
 
-    def step(self, budget: StreamBudget) -> tuple[torch.Tensor, int]:
+    def step(self, budget: StreamBudget) -> tuple[Any, int]:
         p = self.pending
         state = self.record.probe_state
         out = self.runner.execute(StepPlan([PlannedFrame(
-            p.stream_id, p.frame, p.image, state, budget, False, p.frame_size, seed=state.needs_dense)])).outputs[0]
-        return out.logits, out.macs
+            p.stream_id, p.frame, p.image, state, budget, False, p.frame_size, seed=state.needs_dense,
+            queries=self.queries)])).outputs[0]
+        return out.answer, out.macs
 
     def stop(self) -> None:
         self.record.probe_state = None

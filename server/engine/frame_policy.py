@@ -4,18 +4,22 @@
 dense model on every k-th frame and serves the last result again between (marked `reused`); `keyframe` runs a
 dense frame every k-th frame and the stream's token budget between; `adaptive` chooses per stream among frame
 skipping and keyframe + sparse at a compute ratio, from online dense audits (model/chooser.py), and honours a
-fidelity floor by lowering its compute ratio (more compute) until the floor holds, or says it cannot.
+fidelity floor by lowering its compute ratio (more compute) until the floor holds, or says it cannot. What an audit
+compares is the runner's fidelity measure (model/fidelity.py): a classifier's logits (top-1 agreement, rel-L2) or a
+detector's detections (box F1, mean IoU of the matched boxes); each has its own floors (FLOORS).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from model.chooser import AdaptiveConfig, AdaptiveSchedule
 from model.config import ViTConfig
+from model.fidelity import Fidelity
 from model.policy import StreamBudget
 from model.schedule import FrameAction, FramePolicy
 from server.engine.budget import BudgetError
@@ -23,6 +27,7 @@ from server.engine.budget import BudgetError
 POLICIES = ("eventful", "skip", "keyframe", "adaptive")
 FLOOR_CHECK_FRAMES = 30  # frames between checks of a fidelity floor
 FLOOR_STEP = 0.8  # a missed floor multiplies the compute ratio by this (more compute); a comfortable one divides
+FLOORS = {"logits": ("min_top1_agreement", "max_rel_l2"), "boxes": ("min_box_f1",)}  # by fidelity measure
 
 
 class PolicyError(BudgetError):
@@ -37,8 +42,9 @@ class StreamPolicySpec:
     ratio: float | None = None  # skip / adaptive: dense MACs over the stream's
     interval: int | None = None  # keyframe: frames per dense frame (skip: instead of ratio)
     audit_share: float = 0.02  # adaptive: share of the stream's compute spent on audits
-    min_top1_agreement: float | None = None  # adaptive: fidelity floor on top-1 agreement with dense
-    max_rel_l2: float | None = None  # adaptive: fidelity floor on the logits' relative L2 error
+    min_top1_agreement: float | None = None  # adaptive (classifier): fidelity floor on top-1 agreement with dense
+    max_rel_l2: float | None = None  # adaptive (classifier): fidelity floor on the logits' relative L2 error
+    min_box_f1: float | None = None  # adaptive (detector): fidelity floor on box F1 against the dense detections
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -53,16 +59,35 @@ class StreamPolicySpec:
             raise PolicyError("min_top1_agreement", f"must be in [0, 1], got {self.min_top1_agreement}")
         if self.max_rel_l2 is not None and not 0 < self.max_rel_l2 <= 10:
             raise PolicyError("max_rel_l2", f"max_rel_l2 must be in (0, 10], got {self.max_rel_l2}")
+        if self.min_box_f1 is not None and not 0 <= self.min_box_f1 <= 1:
+            raise PolicyError("min_box_f1", f"min_box_f1 must be in [0, 1], got {self.min_box_f1}")
         if self.policy == "skip" and (self.ratio is None) == (self.interval is None):
             raise PolicyError("ratio", "skip takes exactly one of ratio and interval")
         if self.policy == "keyframe" and self.interval is None:
             raise PolicyError("interval", "keyframe needs an interval (frames per dense frame)")
         if self.policy == "adaptive" and self.ratio is None:
             raise PolicyError("ratio", "adaptive needs a compute ratio")
-        floors = self.min_top1_agreement is not None or self.max_rel_l2 is not None
+        floors = self.floors
         if floors and self.policy != "adaptive":
-            field = "min_top1_agreement" if self.min_top1_agreement is not None else "max_rel_l2"
-            raise PolicyError(field, "a fidelity floor needs the adaptive policy (its audits measure fidelity)")
+            raise PolicyError(floors[0], "a fidelity floor needs the adaptive policy (its audits measure fidelity)")
+
+    @property
+    def floors(self) -> list[str]:
+        """The fidelity floors set, by field name."""
+        return [name for names in FLOORS.values() for name in names if getattr(self, name) is not None]
+
+    def check_fidelity(self, fidelity: Fidelity | None) -> None:
+        """Raises PolicyError where the model cannot serve this setting: adaptive without a fidelity measure (no
+        audits), or a floor of another measure (a top-1 floor for a detector, a box F1 floor for a classifier)."""
+        if self.policy != "adaptive":
+            return
+        if fidelity is None:
+            raise PolicyError("policy", "the adaptive policy's audits need a classifier or a detector model")
+        for name in self.floors:
+            if name not in FLOORS[fidelity.kind]:
+                model = "a detector" if fidelity.kind == "boxes" else "a classifier"
+                raise PolicyError(name, f"{name} is not a floor for {model}; its floors: "
+                                  f"{', '.join(FLOORS[fidelity.kind])}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +104,7 @@ class FramePlan:
 class StreamSchedule:
     """One stream's frame policy at run time (owned by its record; the inference thread drives it)."""
 
-    def __init__(self, spec: StreamPolicySpec, config: ViTConfig):
+    def __init__(self, spec: StreamPolicySpec, config: ViTConfig, fidelity: Fidelity | None = None):
         self.spec = spec
         self.phase = 0
         self.floor_error: str | None = None
@@ -87,7 +112,8 @@ class StreamSchedule:
         self.adaptive: AdaptiveSchedule | None = None
         self.fixed: FramePolicy | None = None
         if spec.policy == "adaptive":
-            self.adaptive = AdaptiveSchedule(config, spec.ratio, AdaptiveConfig(audit_share=spec.audit_share))
+            self.adaptive = AdaptiveSchedule(config, spec.ratio, AdaptiveConfig(audit_share=spec.audit_share),
+                                             fidelity=fidelity)
         elif spec.policy == "skip":
             self.fixed = FramePolicy("skip", interval=float(spec.interval or spec.ratio))
         elif spec.policy == "keyframe":
@@ -108,10 +134,11 @@ class StreamSchedule:
         audit = self.adaptive is not None and self.adaptive.will_audit(action)
         return FramePlan(action, budget if action == "sparse" else None, shadow, audit)
 
-    def after(self, action: FrameAction, served: torch.Tensor | None, audit, shadow: torch.Tensor | None,
-              served_macs: int, shadow_macs: int, probes=None) -> int:
-        """After the frame is served (adaptive: may run an audit through `audit()`, which returns the dense logits
-        of the frame and reseeds the stream). Returns the MACs spent measuring."""
+    def after(self, action: FrameAction, served: Any, audit, shadow: Any, served_macs: int, shadow_macs: int,
+              probes=None) -> int:
+        """After the frame is served (adaptive: may run an audit through `audit()`, which returns the dense answer
+        of the frame and reseeds the stream). served, shadow: answers as the fidelity measure compares them (class
+        logits, Detections). Returns the MACs spent measuring."""
         if self.adaptive is None or served is None:
             return 0
         extra, _ = self.adaptive.after_frame(self.frames, action, served, audit, shadow, shadow_macs, served_macs,
@@ -125,16 +152,18 @@ class StreamSchedule:
         """Give the stream more compute while its estimate misses a floor; back towards its ratio once it holds
         comfortably; say so when even dense frames would not do."""
         spec, chooser = self.spec, self.adaptive
-        if spec.min_top1_agreement is None and spec.max_rel_l2 is None:
+        max_error = spec.max_rel_l2  # the error floor (classifiers)
+        min_agreement = spec.min_top1_agreement if spec.min_top1_agreement is not None else spec.min_box_f1
+        if min_agreement is None and max_error is None:
             return
         est = chooser.estimate()
-        if est["rel_l2"] is None:
+        error, agreement = est[chooser.fidelity.error_name], est[chooser.fidelity.agreement_name]
+        if error is None:
             return
-        missed = (spec.max_rel_l2 is not None and est["rel_l2"] > spec.max_rel_l2) or (
-            spec.min_top1_agreement is not None and est["top1"] < spec.min_top1_agreement)
-        floor_top1 = spec.min_top1_agreement
-        comfortable = (spec.max_rel_l2 is None or est["rel_l2"] < 0.7 * spec.max_rel_l2) and (
-            floor_top1 is None or est["top1"] > floor_top1 + 0.5 * (1 - floor_top1))
+        missed = (max_error is not None and error > max_error) or (
+            min_agreement is not None and agreement < min_agreement)
+        comfortable = (max_error is None or error < 0.7 * max_error) and (
+            min_agreement is None or agreement > min_agreement + 0.5 * (1 - min_agreement))
         if missed:
             if chooser.ratio <= 1.0:
                 self.floor_error = "the fidelity floor is not met even at ratio 1 (every frame dense)"
@@ -156,14 +185,26 @@ class StreamSchedule:
             est = self.adaptive.estimate()
             out["serving"] = self.adaptive.policy.name
             out["effective_ratio"] = self.adaptive.ratio
-            out["fidelity"] = {
-                "audits": est["audits"], "source": est["source"], "rel_l2": est["rel_l2"],
-                "rel_l2_interval": [v if math.isfinite(v) else None for v in est["rel_l2_interval"]],
-                "top1_agreement": est["top1"], "top1_interval": list(est["top1_interval"]),
-            }
+            out["fidelity"] = _fidelity_view(est, self.adaptive.fidelity)
             out["floor_met"] = self.floor_error is None
             out["floor_error"] = self.floor_error
         return out
+
+
+def _fidelity_view(est: dict, fidelity: Fidelity) -> dict:
+    """The estimate under the names of what it measures: a classifier's `rel_l2` and `top1_agreement`, a detector's
+    `box_f1` and `mean_iou` (of the matched boxes: 1 - the box error), each with its interval."""
+    view = {"audits": est["audits"], "source": est["source"]}
+    if fidelity.kind == "boxes":
+        error, (low, high) = est["box_error"], est["box_error_interval"]
+        view.update(box_f1=est["box_f1"], box_f1_interval=list(est["box_f1_interval"]),
+                    mean_iou=None if error is None else 1.0 - error,
+                    mean_iou_interval=[max(0.0, 1.0 - high) if math.isfinite(high) else 0.0, min(1.0, 1.0 - low)])
+        return view
+    view.update(rel_l2=est["rel_l2"],
+                rel_l2_interval=[v if math.isfinite(v) else None for v in est["rel_l2_interval"]],
+                top1_agreement=est["top1"], top1_interval=list(est["top1_interval"]))
+    return view
 
 
 __all__ = ["POLICIES", "FramePlan", "PolicyError", "StreamPolicySpec", "StreamSchedule"]

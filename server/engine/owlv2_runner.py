@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from model.eventful import EventfulConfig, StepOutput
+from model.fidelity import BoxFidelity
 from model.owlv2 import EventfulOwlv2, Owlv2Detector, Owlv2Preprocessor, QueryCache, postprocess_owlv2
+from model.yolos import Detections
 from server.engine.decode import FrameLimits
 from server.engine.planner import PlannedFrame, StepPlan
 from server.engine.queries import StreamQueries, Tokenizer, check_query_texts, tokenize_queries
@@ -30,7 +32,7 @@ class Owlv2Runner(ModelRunner):
     label being the stream's query text."""
 
     task = "detect"
-    audits_supported = False  # the step's logits are a feature map: the adaptive policy compares class logits
+    fidelity = BoxFidelity()  # audits compare the served detections with the dense ones (box F1, matched IoU)
     eventful_class = EventfulOwlv2
 
     def __init__(
@@ -70,26 +72,25 @@ class Owlv2Runner(ModelRunner):
             self._caches.popitem(last=False)
         return cache.update(queries.token_ids), queries.texts
 
-    def served_logits(self, out: StepOutput) -> None:
-        return None  # the feature map ([B, Np, C]) stays on the device; no audits compare it
-
     def _frame_size(self, planned: PlannedFrame) -> tuple[int, int]:
         """The decoded (height, width) of a planned frame (the model input size if the plan does not say)."""
         return tuple(planned.frame_size) if planned.frame_size is not None else tuple(self.config.image_size)
 
-    def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:
-        """Per frame, the class head against its stream's queries and the box head, as boxes in frame pixels."""
+    def read_out(self, out: StepOutput, plan: StepPlan) -> tuple[list[dict[str, Any]], list[Detections]]:
+        """Per frame, the class head against its stream's queries and the box head, as boxes in frame pixels: the
+        result's boxes, and the same Detections on the CPU (what audits compare; labels index the queries)."""
         features = out.logits  # [B, Np, C]
         with torch.inference_mode():
             boxes = self.model.boxes(features)  # [B, Np, 4] normalised (cx, cy, w, h) of the padded square
-            results = []
+            results, answers = [], []
             for j, planned in enumerate(plan.frames):
                 embeddings, labels = self.query_embeddings(planned.stream_id, planned.queries)
                 logits = self.model.class_logits(features[j : j + 1], embeddings)  # [1, Np, Q]
                 detections = postprocess_owlv2(logits, boxes[j : j + 1], [self._frame_size(planned)],
-                                               self.threshold, self.max_boxes)[0]
+                                               self.threshold, self.max_boxes)[0].to("cpu")
                 results.append({"boxes": detections.to_list(list(labels))})
-        return results
+                answers.append(detections)
+        return results, answers
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
         """The default queries encoded (the text encoder's first call), then ModelRunner's warm steps."""

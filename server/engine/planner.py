@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
+from model.fidelity import Fidelity
 from model.policy import StreamBudget
 from server.engine.budget import BudgetPolicy
 from server.engine.controller import Decision, StreamDemand
@@ -96,6 +97,7 @@ class RunnerFacts(Protocol):
 
     dense_first_frame: bool  # a stream's first frame seeds its state (clip windows fill instead)
     plain_dense: bool  # steps whose budgets are all full run the plain dense model
+    fidelity: Fidelity | None  # what an adaptive stream's audits compare (model/fidelity.py); None: no audits
 
     @property
     def num_patches(self) -> int: ...
@@ -224,7 +226,7 @@ class Planner:
         if spec is None:
             record.schedule = None
         elif record.schedule is None or record.schedule.spec != spec:
-            record.schedule = StreamSchedule(spec, self.runner.config)
+            record.schedule = StreamSchedule(spec, self.runner.config, self.runner.fidelity)
         return record.schedule
 
     @staticmethod

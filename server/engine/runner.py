@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from model.eventful import EventfulConfig, EventfulViT, StepOutput, StepShape, batch_bucket, token_bucket
+from model.fidelity import Fidelity, LogitFidelity
 from model.policy import StreamBudget
 from model.preprocess import Preprocessor
 from model.state import StreamState
@@ -46,8 +47,8 @@ class FrameOutput:
     updated_fraction: float
     macs: int
     outputs: dict[str, Any]
-    logits: torch.Tensor | None = None  # [K] on the CPU: what audits compare (classifier runners)
-    shadow_logits: torch.Tensor | None = None  # [K] the shadow step's logits (PlannedFrame.shadow)
+    answer: Any = None  # on the CPU, what audits compare (Runner.fidelity): class logits [K], or Detections
+    shadow_answer: Any = None  # the same of the shadow step (PlannedFrame.shadow)
     shadow_macs: int = 0
 
 
@@ -70,10 +71,9 @@ class WarmupTimings:
 @runtime_checkable
 class Runner(RunnerFacts, Protocol):
     """What the engine and the API use of a runner, and all they use (the planner's part is RunnerFacts:
-    num_patches, dense_first_frame, plain_dense, config, new_state)."""
+    num_patches, dense_first_frame, plain_dense, fidelity, config, new_state)."""
 
     task: Task  # what the outputs are: class top-k, boxes, clip actions
-    audits_supported: bool  # FrameOutput.logits are class logits an audit can compare (adaptive policy)
     device: torch.device
     dtype: torch.dtype
 
@@ -117,7 +117,7 @@ class FrameRunner:
     task: ClassVar[Task]
     dense_first_frame = True  # a stream's first frame computes every token (it seeds the stream's state)
     plain_dense = True  # a step whose budgets are all full runs the plain dense model
-    audits_supported = False  # FrameOutput.logits are class logits an audit can compare (adaptive policy)
+    fidelity: ClassVar[Fidelity | None] = None  # how an audit compares a served answer with the dense one
     config: Any  # the model's config (model.config.ViTConfig or a subclass)
     device: torch.device
     dtype: torch.dtype
@@ -138,6 +138,11 @@ class FrameRunner:
     @property
     def num_patches(self) -> int:
         return self.config.num_patches
+
+    @property
+    def audits_supported(self) -> bool:
+        """Whether the adaptive policy's audits can compare this runner's answers (it has a fidelity measure)."""
+        return self.fidelity is not None
 
     default_queries = None  # no text queries (open-vocabulary detectors have them)
 
@@ -168,7 +173,7 @@ class ModelRunner(FrameRunner):
     eventful models (detectors) change."""
 
     task = "classify"
-    audits_supported = True
+    fidelity = LogitFidelity()
     eventful_class: ClassVar[type[EventfulViT]] = EventfulViT  # the eventful step around the model
 
     def __init__(
@@ -215,39 +220,34 @@ class ModelRunner(FrameRunner):
         for j, planned in enumerate(plan.frames):
             if planned.shadow is not None and not planned.state.needs_dense:  # measured on the old state, first
                 shadow = self.eventful.step(images[j : j + 1], [planned.state], [planned.shadow], seeds=[False])
-                shadows[j] = (shadow.logits[0].float().cpu(), shadow.macs[0])
+                shadows[j] = (self.read_out(shadow, StepPlan([planned]))[1][0], shadow.macs[0])
         for planned in plan.frames:
             if planned.flush:
                 planned.state.flush()
         out = self.eventful.step(images, [p.state for p in plan.frames], [p.budget for p in plan.frames],
                                  seeds=[p.seed for p in plan.frames])  # the plan decides; the model obeys
-        results = self.read_out(out, plan)
+        results, answers = self.read_out(out, plan)
         fractions = out.updated_fraction.tolist()
-        logits = self.served_logits(out)  # [B, K] or None
         outputs = []
         for j, planned in enumerate(plan.frames):
             tokens = planned.budget.tokens
             used = self.num_patches if out.dense_frame[j] or tokens is None else min(tokens, self.num_patches)
-            shadow_logits, shadow_macs = shadows.get(j, (None, 0))
-            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j],
-                                       None if logits is None else logits[j],
-                                       shadow_logits, shadow_macs))
+            shadow_answer, shadow_macs = shadows.get(j, (None, 0))
+            outputs.append(FrameOutput(used, out.dense_frame[j], fractions[j], out.macs[j], results[j], answers[j],
+                                       shadow_answer, shadow_macs))
         return StepResult(outputs, start, time.perf_counter() - start, out.dense_macs)
 
-    def served_logits(self, out: StepOutput) -> torch.Tensor | None:
-        """The step's logits on the CPU, kept with each result ([B, K]: what audits compare); None where a step's
-        logits are a feature map too large to copy every frame."""
-        return out.logits.float().cpu()
-
-    def read_out(self, out: StepOutput, plan: StepPlan) -> list[dict[str, Any]]:
-        """Per frame, the `outputs` of its result: the classifier's top-k classes."""
-        probs = out.logits.float().softmax(dim=-1)  # [B, K]
-        scores, indices = probs.topk(self.top_k, dim=-1)  # [B, k]
-        return [
+    def read_out(self, out: StepOutput, plan: StepPlan) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Per frame, the `outputs` of its result (the classifier's top-k classes) and its answer as audits compare
+        it (its logits [K] on the CPU)."""
+        logits = out.logits.float()  # [B, K]
+        scores, indices = logits.softmax(dim=-1).topk(self.top_k, dim=-1)  # [B, k]
+        results = [
             {"top": [{"label": self.labels[i], "index": i, "score": s}
                      for s, i in zip(scores[j].tolist(), indices[j].tolist(), strict=True)]}
             for j in range(len(plan.frames))
         ]
+        return results, list(logits.cpu())
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> WarmupTimings:
         """Per batch size, on blank frames with throwaway states: a dense then a sparse step (first-call allocations,

@@ -32,10 +32,12 @@ class FrameEvent:
 
 @dataclass(frozen=True)
 class AuditStats:
-    """One dense audit of an adaptive stream: the served answer against the dense model on the same frame."""
+    """One dense audit of an adaptive stream: the served answer against the dense model on the same frame, as the
+    model's fidelity measure compares them (model/fidelity.py)."""
 
-    rel_l2: float  # the served logits' relative L2 distance from the dense logits
-    top1_agrees: bool
+    measure: str  # "logits" (classifiers) | "boxes" (detectors)
+    error: float  # logits: relative L2 distance from the dense logits; boxes: 1 - mean IoU of the matched boxes
+    agreement: float  # logits: 1 when the top-1 classes are equal, else 0; boxes: box F1 at IoU 0.5
     macs: int  # what the audit cost (a dense frame)
 
 

@@ -14,8 +14,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from model.chooser import AdaptiveSchedule
 from model.config import PreprocessConfig, ViTConfig
 from model.vit import VisionTransformer
+from model.yolos import Detections
 from server.app import create_app
 from server.settings import Settings
 
@@ -88,6 +90,29 @@ def receive_until(ws, kind: str, limit: int = 50) -> tuple[dict, list[dict]]:
             return message, before
         before.append(message)
     raise AssertionError(f"no {kind!r} message in {limit} messages: {before}")
+
+
+def listed_detections(boxes: list[dict], label_names) -> Detections:
+    """A result message's boxes ([{"label", "score", "box"}], frame pixels) as Detections, labels as indices."""
+    names = list(label_names)
+    return Detections(torch.tensor([b["score"] for b in boxes], dtype=torch.float32),
+                      torch.tensor([names.index(b["label"]) for b in boxes], dtype=torch.long),
+                      torch.tensor([b["box"] for b in boxes], dtype=torch.float32).reshape(-1, 4))
+
+
+@pytest.fixture
+def audit_log(monkeypatch) -> list[tuple]:
+    """Every audit an adaptive stream records, as (the stream's frame index, the answer served, agreement, error),
+    in order."""
+    log: list[tuple] = []
+    record = AdaptiveSchedule._record_audit
+
+    def recording(self, served, dense):
+        record(self, served, dense)
+        log.append((self.frame, served, self.audit_agree[-1], self.audit_errors[-1]))
+
+    monkeypatch.setattr(AdaptiveSchedule, "_record_audit", recording)
+    return log
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ class _SimRunner:
     """The facts the planner needs of a runner, for a simulated frame model."""
 
     dense_first_frame = True
+    fidelity = None  # no adaptive streams in the simulation
     config = None
 
     def __init__(self, num_patches: int, plain_dense: bool):

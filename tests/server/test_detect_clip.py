@@ -1,4 +1,5 @@
-"""Detection (YOLOS) and clip (VideoMAE + RLT) models served end to end over the WebSocket (TestClient)."""
+"""Detection (YOLOS) and clip (VideoMAE + RLT) models served end to end over the WebSocket (TestClient), and YOLOS
+streams under the adaptive policy, audited by box F1 against the dense detections."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from bench.detect_bench import agreement
 from model.config import DetectorConfig, PreprocessConfig, VideoConfig
 from model.rlt import classify_clips
 from model.videomae import VideoMAE
@@ -18,7 +20,7 @@ from server.engine.clip_runner import ClipRunner, ClipWindow
 from server.engine.detect_runner import DetectRunner
 from server.engine.factory import build_runner
 from server.settings import Settings
-from tests.server.conftest import encode, frames
+from tests.server.conftest import encode, frames, listed_detections
 
 RESIZE = PreprocessConfig(resize_shortest=None, resize_to=(32, 32), crop_size=None, interpolation="bilinear")
 DETECTOR = DetectorConfig(
@@ -137,3 +139,92 @@ def test_clip_window_is_a_ring_buffer_and_rlt_drops_a_static_stream(clip_model):
     labelled = [m["outputs"] for m in messages if "action" in m["outputs"]]
     assert len(labelled) == 2
     assert all(o["tokens_kept"] == 16 for o in labelled)  # a still camera: only the first tubelet's 16 tokens
+
+
+def _stream(client, name: str, video) -> list[dict]:
+    out = []
+    with client.websocket_connect(f"/v1/streams/{name}") as ws:
+        for frame in video:  # one at a time: each frame is answered before the next is sent (nothing dropped)
+            ws.send_bytes(encode(frame))
+            out.append(ws.receive_json())
+    return out
+
+
+def test_an_adaptive_detector_stream_s_audits_are_box_f1_against_the_dense_model_on_that_frame(detector, audit_log):
+    """Each audit's recorded F1 and error equal matching the detections the stream was served on that frame against
+    the dense model's own detections of it (bench/detect_bench's agreement)."""
+    video = frames(60, height=48, width=64, seed=11)
+    body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5, "min_box_f1": 0.05}
+    with _client(detector, detect_threshold=0.0, max_boxes=5, stream_ttl_s=60) as client:
+        put = client.put("/v1/streams/det/policy", json=body)
+        assert put.status_code == 200, put.text
+        messages = _stream(client, "det", video)
+        view = client.get("/v1/streams/det/policy").json()
+        listed = client.get("/v1/streams").json()["streams"]
+        metrics = client.get("/metrics").text
+    assert [m["type"] for m in messages] == ["result"] * 60
+    runner = build_runner(Settings(model="unused", device="cpu"), detector)
+    audited_sparse = []
+    for t, served, f1, error in audit_log:
+        # what the audit compared is what the stream was served on that frame
+        listed_boxes = listed_detections(messages[t]["outputs"]["boxes"], DETECTOR.label_names)
+        assert torch.equal(served.labels, listed_boxes.labels)
+        assert torch.allclose(served.boxes, listed_boxes.boxes, atol=0.051)  # the message rounds to 0.1 px
+        logits, boxes = detector(runner.preprocessor(video[t]))
+        dense = postprocess_detections(logits, boxes, [(48, 64)], threshold=0.0, top_k=5)[0]
+        expected = agreement([dense], [served])
+        assert f1 == pytest.approx(1.0 if expected["f1"] is None else expected["f1"]), t
+        mean_iou = expected["mean_iou"] if expected["mean_iou"] is not None else float(expected["f1"] is None)
+        assert error == pytest.approx(1.0 - mean_iou, abs=1e-5), t
+        if not messages[t]["dense"]:
+            audited_sparse.append(error)
+    assert audited_sparse and max(audited_sparse) > 1e-3  # audits of frames not served densely, boxes that moved
+    fidelity = view["fidelity"]
+    assert set(fidelity) == {"audits", "source", "box_f1", "box_f1_interval", "mean_iou", "mean_iou_interval"}
+    assert fidelity["audits"] == len(audit_log) and 0 <= fidelity["box_f1"] <= 1 and 0 <= fidelity["mean_iou"] <= 1
+    assert view["setting"]["min_box_f1"] == 0.05 and view["floor_met"] is True
+    assert next(s for s in listed if s["stream_id"] == "det")["policy"]["fidelity"]["box_f1"] == fidelity["box_f1"]
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("eventful_")}
+    # the audits that ran the dense model (a dense frame's audit is free and not counted)
+    assert counts["eventful_audit_box_f1_count"] == counts["eventful_audits_total"] >= len(audited_sparse)
+    assert counts["eventful_audit_logit_rel_l2_count"] == 0
+
+
+def test_a_detector_stream_s_audits_leave_another_stream_s_results_as_they_are(detector):
+    """An adaptive stream's audits (dense steps of its own, reseeding its state) change nothing another stream is
+    served: its boxes equal those it gets alone."""
+    video = frames(12, height=48, width=64, seed=12)
+    with _client(detector, detect_threshold=0.0, max_boxes=5) as client:
+        alone = _stream(client, "plain", video)
+        body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5}
+        assert client.put("/v1/streams/audited/policy", json=body).status_code == 200
+        with client.websocket_connect("/v1/streams/plain2") as a, client.websocket_connect("/v1/streams/audited") as b:
+            together = []
+            for frame in video:
+                a.send_bytes(encode(frame))
+                b.send_bytes(encode(frame))
+                together.append(a.receive_json())
+                b.receive_json()
+    for got, want in zip(together, alone, strict=True):
+        assert got["dense"] == want["dense"] and got["budget"] == want["budget"]
+        assert [b["label"] for b in got["outputs"]["boxes"]] == [b["label"] for b in want["outputs"]["boxes"]]
+        for c, d in zip(got["outputs"]["boxes"], want["outputs"]["boxes"], strict=True):
+            assert c["box"] == pytest.approx(d["box"], abs=0.2) and c["score"] == pytest.approx(d["score"], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"policy": "adaptive", "ratio": 2, "min_box_f1": 1.5}, "min_box_f1"),
+        ({"policy": "adaptive", "ratio": 2, "min_box_f1": -0.1}, "min_box_f1"),
+        ({"policy": "adaptive", "ratio": 2, "min_top1_agreement": 0.9}, "min_top1_agreement"),  # a classifier's
+        ({"policy": "adaptive", "ratio": 2, "max_rel_l2": 0.5}, "max_rel_l2"),
+        ({"policy": "skip", "interval": 2, "min_box_f1": 0.5}, "min_box_f1"),  # a floor needs audits
+    ],
+)
+def test_bad_detector_floors_are_422_naming_the_field(detector, body, field):
+    with _client(detector) as client:
+        response = client.put("/v1/streams/det/policy", json=body)
+        assert response.status_code == 422, response.text
+        assert field in response.json()["message"]
+        assert client.get("/v1/streams/det/policy").json()["policy"] == "eventful"  # nothing changed

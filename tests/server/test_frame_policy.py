@@ -95,6 +95,8 @@ def test_adaptive_streams_are_audited_and_report_their_fidelity(make_client):
         ({"policy": "adaptive"}, "ratio"),
         ({"policy": "keyframe"}, "interval"),
         ({"policy": "skip", "interval": 2, "max_rel_l2": 0.1}, "max_rel_l2"),
+        ({"policy": "adaptive", "ratio": 2, "min_box_f1": 0.5}, "min_box_f1"),  # a detector's floor
+        ({"policy": "adaptive", "ratio": 2, "min_box_f1": 1.5}, "min_box_f1"),
         ({"policy": "skip", "interval": "2"}, "interval"),
     ],
 )

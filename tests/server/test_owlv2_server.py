@@ -10,14 +10,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from bench.detect_bench import agreement
 from model.config import CLIP_MEAN, CLIP_STD, Owlv2Config, PreprocessConfig
 from model.owlv2 import Owlv2Detector, Owlv2Preprocessor, load_tokenizer, postprocess_owlv2
+from model.yolos import Detections
 from server.app import create_app
 from server.engine.factory import build_runner
 from server.engine.owlv2_runner import Owlv2Runner
 from server.engine.queries import FallbackTokenizer, QueryError, check_query_texts
 from server.settings import Settings
-from tests.server.conftest import encode, frames
+from tests.server.conftest import encode, frames, listed_detections
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +75,8 @@ def _labels(message: dict) -> set[str]:
     return {b["label"] for b in message["outputs"]["boxes"]}
 
 
-def _direct(model: Owlv2Detector, tokenizer_dir: str, frame, queries: list[str], threshold=0.0, top_k=5) -> list:
+def _direct_detections(model: Owlv2Detector, tokenizer_dir: str, frame, queries: list[str], threshold=0.0,
+                       top_k=5) -> Detections:
     """The model's own detections for one frame: dense encoder, text encoder, heads, post-processing."""
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = tokenizer(queries, padding="max_length", max_length=CONFIG.max_text_tokens, return_tensors="pt")
@@ -81,13 +84,18 @@ def _direct(model: Owlv2Detector, tokenizer_dir: str, frame, queries: list[str],
     with torch.no_grad():
         logits, boxes = model(image, ids["input_ids"])
     height, width = frame.shape[:2]
-    return postprocess_owlv2(logits, boxes, [(height, width)], threshold, top_k)[0].to_list(queries)
+    return postprocess_owlv2(logits, boxes, [(height, width)], threshold, top_k)[0]
+
+
+def _direct(model: Owlv2Detector, tokenizer_dir: str, frame, queries: list[str], threshold=0.0, top_k=5) -> list:
+    """The same as a result message lists them, labelled with the queries."""
+    return _direct_detections(model, tokenizer_dir, frame, queries, threshold, top_k).to_list(queries)
 
 
 def test_the_factory_builds_an_owlv2_runner_with_the_default_queries(owlv2, tokenizer_dir):
     runner = build_runner(Settings(model="unused", device="cpu", tokenizer=tokenizer_dir,
                                    default_queries=" cat , a dog,"), owlv2)
-    assert type(runner) is Owlv2Runner and runner.task == "detect" and not runner.audits_supported
+    assert type(runner) is Owlv2Runner and runner.task == "detect" and runner.audits_supported
     assert runner.default_queries == ("cat", "a dog")
     assert runner.check_queries(["a cat", "dog"]).token_ids == ((14, 7, 11, 15), (14, 13, 15))
     with pytest.raises(ValueError, match="--tokenizer"):  # a model given in-process: no tokenizer to guess
@@ -192,6 +200,46 @@ def test_rest_queries_set_before_connect_apply_and_errors(owlv2, tokenizer_dir):
         assert client.delete("/v1/streams/later/queries").status_code == 204
         assert client.delete("/v1/streams/later/queries").status_code == 404
         assert client.get("/v1/streams/later/queries").json()["source"] == "default"
+
+
+def test_an_adaptive_stream_is_audited_with_its_own_queries_and_reports_box_f1(owlv2, tokenizer_dir, audit_log):
+    """Under `adaptive`, each audit's F1 and error equal matching what the stream was served against the model's own
+    dense detections of that frame for the stream's queries (in another order than the default's: an audit with the
+    default queries would label the boxes otherwise); GET /v1/streams shows box_f1 and mean_iou."""
+    queries = ["dog", "cat"]
+    video = frames(40, height=48, width=64, seed=13)
+    with _client(owlv2, tokenizer_dir, stream_ttl_s=60) as client:
+        assert client.put("/v1/streams/cam/queries", json=queries).status_code == 200
+        put = client.put("/v1/streams/cam/policy", json={"policy": "adaptive", "ratio": 2, "audit_share": 0.5,
+                                                          "min_box_f1": 0.1})
+        assert put.status_code == 200, put.text
+        messages = []
+        with client.websocket_connect("/v1/streams/cam") as ws:
+            for frame in video:
+                ws.send_bytes(encode(frame))
+                messages.append(ws.receive_json())
+        listed = client.get("/v1/streams").json()["streams"]
+        for body, field in [({"policy": "adaptive", "ratio": 2, "min_top1_agreement": 0.5}, "min_top1_agreement"),
+                            ({"policy": "adaptive", "ratio": 2, "min_box_f1": 2}, "min_box_f1")]:
+            response = client.put("/v1/streams/cam/policy", json=body)
+            assert response.status_code == 422 and field in response.json()["message"]
+    assert _labels(messages[0]) <= set(queries)
+    audited_sparse = []
+    for t, served, f1, error in audit_log:
+        listed_boxes = listed_detections(messages[t]["outputs"]["boxes"], queries)
+        assert torch.equal(served.labels, listed_boxes.labels)  # what the audit compared is what was served
+        assert torch.allclose(served.boxes, listed_boxes.boxes, atol=0.051)
+        expected = agreement([_direct_detections(owlv2, tokenizer_dir, video[t], queries)], [served])
+        assert f1 == pytest.approx(1.0 if expected["f1"] is None else expected["f1"]), t
+        mean_iou = expected["mean_iou"] if expected["mean_iou"] is not None else float(expected["f1"] is None)
+        assert error == pytest.approx(1.0 - mean_iou, abs=1e-4), t
+        if not messages[t]["dense"]:
+            audited_sparse.append(t)
+    assert audited_sparse, "no audit of a frame not served densely"
+    policy = next(s for s in listed if s["stream_id"] == "cam")["policy"]
+    assert policy["policy"] == "adaptive" and policy["fidelity"]["audits"] == len(audit_log)
+    assert 0 <= policy["fidelity"]["box_f1"] <= 1 and 0 <= policy["fidelity"]["mean_iou"] <= 1
+    assert "top1_agreement" not in policy["fidelity"] and "rel_l2" not in policy["fidelity"]
 
 
 def test_models_without_text_queries_say_so(tiny_model):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.config import ViTConfig
+from model.fidelity import LogitFidelity
 from server.engine.budget import BudgetPolicy, GlobalBudget, StreamOverride
 from server.engine.controller import Decision
 from server.engine.frame_policy import StreamPolicySpec
@@ -30,6 +31,7 @@ class FakeRunner:
     num_patches = CONFIG.num_patches  # 16
     dense_first_frame = True
     plain_dense = True
+    fidelity = LogitFidelity()
     config = CONFIG
 
     def new_state(self) -> FakeState:

@@ -55,8 +55,8 @@ def models(tiny_model) -> dict[type, torch.nn.Module]:
 
 def test_the_protocol_names_what_the_engine_and_the_api_need():
     assert MEMBERS == {
-        "num_patches", "dense_first_frame", "plain_dense", "config", "new_state",  # the planner's (RunnerFacts)
-        "task", "audits_supported", "device", "dtype", "refresh_interval", "execution", "pool_bytes", "graph_bytes",
+        "num_patches", "dense_first_frame", "plain_dense", "fidelity", "config", "new_state",  # RunnerFacts
+        "task", "device", "dtype", "refresh_interval", "execution", "pool_bytes", "graph_bytes",
         "prepare", "execute", "warmup", "default_queries", "check_queries",
     }  # fmt: skip
 
