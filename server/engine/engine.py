@@ -410,10 +410,15 @@ class Engine:
                 if stream_id not in self._stream_policies and len(self._stream_policies) >= MAX_STREAM_POLICIES:
                     raise PolicyError("stream_id", f"at most {MAX_STREAM_POLICIES} streams may have a frame policy")
                 self._stream_policies[stream_id] = spec
-            record = self._registry.records.get(stream_id)
-            if record is not None:
-                record.schedule = None  # rebuilt from the new spec on the next frame
-            return self._policy_view(stream_id, record)
+            self._restart_schedule(stream_id)
+            return self._policy_view(stream_id, self._registry.records.get(stream_id))
+
+    def _restart_schedule(self, stream_id: str) -> None:
+        """The stream's frame policy starts afresh on its next frame (a dense one): a new spec, or new queries that
+        make what it measured (answers to the old ones) meaningless. Called with the lock held."""
+        record = self._registry.records.get(stream_id)
+        if record is not None:
+            record.schedule = None
 
     def stream_policy(self, stream_id: str) -> dict:
         with self._cond:
@@ -434,6 +439,8 @@ class Engine:
         with self._cond:
             if stream_id not in self._stream_queries and len(self._stream_queries) >= MAX_STREAM_QUERIES:
                 raise QueryError("stream_id", f"at most {MAX_STREAM_QUERIES} streams may have queries of their own")
+            if self._stream_queries.get(stream_id) != checked:
+                self._restart_schedule(stream_id)
             self._stream_queries[stream_id] = checked
         return self.stream_queries(stream_id)
 
@@ -441,7 +448,10 @@ class Engine:
         """Back to the default queries; False when the stream had none of its own."""
         self._queries_supported()
         with self._cond:
-            return self._stream_queries.pop(stream_id, None) is not None
+            cleared = self._stream_queries.pop(stream_id, None) is not None
+            if cleared:
+                self._restart_schedule(stream_id)
+            return cleared
 
     def stream_queries(self, stream_id: str) -> dict:
         """{"stream_id", "queries", "source": "stream" | "default"}."""

@@ -278,3 +278,30 @@ def test_tokenizer_from_the_model_directory_or_the_fallback_only_for_random_weig
     assert isinstance(named, Owlv2Runner) and named.tokenizer.kind == "fallback"
     assert named.default_queries == ("person", "car")
     assert named.check_queries(["forklift"]).token_ids[0][-1] == 49407
+
+
+def test_new_queries_restart_an_adaptive_streams_measuring(owlv2, tokenizer_dir, audit_log):
+    """What an adaptive stream measured compares answers to its old queries: new ones (or clearing them) start its
+    schedule afresh, with a dense frame, while the same queries set again change nothing."""
+    video = frames(24, height=48, width=64, seed=5)
+    with _client(owlv2, tokenizer_dir, stream_ttl_s=60) as client:
+        assert client.put("/v1/streams/cam/queries", json=["dog", "cat"]).status_code == 200
+        assert client.put("/v1/streams/cam/policy", json={"policy": "adaptive", "ratio": 3,
+                                                           "audit_share": 0.5}).status_code == 200
+        with client.websocket_connect("/v1/streams/cam") as ws:
+            def serve(frame):
+                ws.send_bytes(encode(frame))
+                return ws.receive_json()
+
+            served = [serve(frame) for frame in video[:10]]
+            assert not all(m["dense"] for m in served[1:])  # frames are reused or sparse between keyframes
+            before = client.get("/v1/streams/cam/policy").json()
+            assert before["fidelity"] is not None  # the schedule runs and measures
+            assert client.put("/v1/streams/cam/queries", json=["dog", "cat"]).status_code == 200  # the same
+            assert client.get("/v1/streams/cam/policy").json()["fidelity"] is not None  # measuring goes on
+            for change in (lambda: client.put("/v1/streams/cam/queries", json=["a bird"]),
+                           lambda: client.delete("/v1/streams/cam/queries")):
+                assert change().status_code in (200, 204)
+                assert client.get("/v1/streams/cam/policy").json()["fidelity"] is None  # nothing measured yet
+                first = serve(video[10])
+                assert first["dense"]  # the new schedule's first frame is a keyframe
