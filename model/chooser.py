@@ -156,7 +156,9 @@ class AdaptiveSchedule:
         """This frame's action and budget. image: [3, H, W] (normalised), for the scene-cut test."""
         pooled = F.adaptive_avg_pool2d(image.float()[None], 16)[0]  # [3, 16, 16]
         change = float((pooled - self._prev_pooled).abs().mean()) if self._prev_pooled is not None else 0.0
-        cut = change > self.config.cut_threshold
+        # a forced keyframe borrows at most one dense frame ahead of the stream's credit: a fast pan (a large change
+        # frame after frame) forces one and is served by the schedule after, instead of a debt that starves it
+        cut = change > self.config.cut_threshold and self.earned - self.charged >= 0
         self._prev_pooled = pooled
         if cut:
             self.measures = _Measures()

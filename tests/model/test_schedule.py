@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -145,3 +146,15 @@ def test_skip_phases_scored_from_the_dense_reference_equal_frame_skipping_run_th
     phases = skip_phases(dense, moving_tokens(dense), ratio)
     assert phases["phases"] == periods[ratio]
     assert phases["rel_l2_range"][0] <= phases["rel_l2_mean"] <= phases["rel_l2_range"][1]
+
+
+def test_a_fast_pan_forces_one_keyframe_and_borrows_no_more_than_a_dense_frame(vit):
+    images = torch.randn(24, 3, 48, 64, generator=torch.Generator().manual_seed(4))  # every frame a new scene
+    schedule = AdaptiveSchedule(CONFIG, 4.0, AdaptiveConfig(audit_share=0.0))
+    served = run_schedule(vit, images, schedule)
+    dense = dense_macs(CONFIG)
+    for t in range(1, 25):  # at every frame, what was spent so far is within one dense frame of the credit
+        assert sum(served.macs[:t]) <= (1 + (t - 1) / 4.0 + 1) * dense
+    keyframes = [t for t, action in enumerate(served.actions) if action == "dense"]
+    assert keyframes[1] == 1  # the first large change is forced
+    assert max(b - a for a, b in itertools.pairwise(keyframes)) <= 5  # no frame waits long for a keyframe
