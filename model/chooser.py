@@ -53,8 +53,9 @@ class AdaptiveConfig:
     intervals: tuple[int, ...] = (2, 3, 4, 6, 8)  # keyframe intervals tried (those above the serving ratio)
     max_interval_over_ratio: float = 3.0  # keyframe candidates up to this multiple of the serving ratio
     explore_candidates: int = 2  # keyframe candidates: the smallest intervals above the serving ratio
-    shadows_per_candidate: int = 1  # q samples (probes) before a keyframe candidate counts as explored
+    shadows_per_candidate: int = 2  # q samples (probes) before a keyframe candidate counts as explored
     switch_margin: float = 0.95  # a keyframe candidate replaces skipping only if predicted below this share
+    switch_confidence: float = 0.8  # ... with its q taken at this one-sided upper bound of the samples' mean
     reexplore_every: int = 300  # frames between explorations
     cut_threshold: float = 0.3  # mean |change| of the 16x16-pooled normalised input that counts as a scene cut
     max_lag: int = 16  # reuse-curve ages kept
@@ -200,6 +201,11 @@ class AdaptiveSchedule:
         a dense frame is audited for free (its answer is the dense one), another one when the credit holds a
         dense frame."""
         return self._audit_draw and (action == "dense" or self._credit() >= self.dense_macs)
+
+    def skip_audit(self) -> None:
+        """This frame's audit is not run (the server found no time for it before a due frame): `after_frame` then
+        records the frame unaudited, and the credit stays for a later audit."""
+        self._audit_draw = False
 
     def shadow_budget(self) -> StreamBudget | None:
         """Before a keyframe's dense step: the sparse budget to run on this frame first (a shadow), or None."""
@@ -370,7 +376,10 @@ class AdaptiveSchedule:
         values = [self.reuse_curve(a) for a in ages]
         return None if any(v is None for v in values) else statistics.fmean(values)
 
-    def predictions(self) -> dict[str, float]:
+    def predictions(self, upper: bool = False) -> dict[str, float]:
+        """Each candidate's predicted mean error at the serving ratio. upper: a keyframe candidate's q at the upper
+        bound of its samples' mean (`switch_confidence`, one-sided; none with fewer than two samples), so one lucky
+        probe does not move the stream."""
         out = {}
         skip = self._cycle_mean(self.serving_ratio)  # at most the audit share goes to measuring: as the candidates
         if skip is not None:
@@ -378,7 +387,12 @@ class AdaptiveSchedule:
         for policy in self.keyframes:
             q = self.measures.q.get(policy.interval)
             cycle = self._cycle_mean(policy.interval)
-            if q and cycle is not None:
+            if not q or cycle is None or (upper and len(q) < 2):
+                continue
+            if upper:
+                t = _t_quantile(2 * self.config.switch_confidence - 1, len(q) - 1)
+                out[policy.name] = (statistics.fmean(q) + t * statistics.stdev(q) / math.sqrt(len(q))) * cycle
+            else:
                 out[policy.name] = statistics.median(q) * cycle
         return out
 
@@ -397,7 +411,9 @@ class AdaptiveSchedule:
             if self.exploring:
                 return
             self.last_explore = self.frame
-        predictions = self.predictions()
+        # a candidate takes over on evidence (its upper bound); the one serving keeps its place on its median
+        predictions = {**self.predictions(upper=True),
+                       **{k: v for k, v in self.predictions().items() if k == self._target().name}}
         if self.skip.name not in predictions:
             return
         best = min((p for p in self.keyframes if p.name in predictions), key=lambda p: predictions[p.name],

@@ -103,6 +103,10 @@ class Metrics:
                                            "Audits of classifier streams whose served top-1 class differed from "
                                            "the dense model's.",
                                            registry=registry)
+        self.audits_skipped = Counter(f"{p}_audits_skipped_total",
+                                      "Audits planned but not run: `late` (no idle time for them before a due frame "
+                                      "within the latency target), `gone` (the stream's state was freed first).",
+                                      ["reason"], registry=registry)
         self.audit_macs = Counter(f"{p}_audit_macs_total",
                                   "Multiply-accumulates spent on audits (share: against eventful_macs_total).",
                                   registry=registry)
@@ -126,6 +130,8 @@ class Metrics:
             self.decode_errors.labels(code=code)
         for reason in REFUSAL_REASONS:
             self.streams_refused.labels(reason=reason)
+        for reason in ("late", "gone"):
+            self.audits_skipped.labels(reason=reason)
 
     # ---- StatsSink ---------------------------------------------------------------------------
 
@@ -158,6 +164,9 @@ class Metrics:
 
     def refused(self, reason: str) -> None:
         self.streams_refused.labels(reason=reason).inc()
+
+    def audit_skipped(self, reason: str) -> None:
+        self.audits_skipped.labels(reason=reason).inc()
 
     def audit(self, stats: AuditStats) -> None:
         self.audits.inc()

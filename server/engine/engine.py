@@ -140,6 +140,10 @@ class Engine:
         self._shed_age: float | None = None  # ... or the age (s) past which a frame is dropped before a step
         self._ready = threading.Event()
         self._recent_step_s = 0.0  # moving average of model step time (batching window)
+        # audited frames whose policy bookkeeping (with the audit's dense step) waits for idle time, by stream: each
+        # settles before that stream's next frame is planned, run if it fits the latency target, else skipped
+        self._deferred_audits: dict[str, _DeferredAudit] = {}
+        self._audit_s = 0.0  # moving average of an audit's dense step (does one fit before a due batch?)
         self._last_arrival_at: float | None = None  # perf_counter() of the latest frame from any stream
         self._stream_policies: dict[str, StreamPolicySpec] = {}  # frame policies set over REST, by stream id
         self._stream_queries: dict[str, StreamQueries] = {}  # text queries set over REST or a control message
@@ -538,12 +542,23 @@ class Engine:
             pass
 
     def _step_once(self, runner: Runner) -> bool:
-        """Wait for a batch, plan it, run it, route the results. False when the engine stops."""
+        """Wait for a batch, plan it, run it, route the results (or, idle, run a deferred audit). False when the
+        engine stops."""
         with self._cond:
             offered = self._wait_for_batch()
             if offered is None:
                 return False
-            step = self._plan(offered)
+            # a stream's deferred audit settles before its next frame is planned (the audit reseeds its state and
+            # its policy counts the audited frame first); with nothing due, idle time runs the oldest one
+            ids = {p.stream_id for p in offered}
+            settle = ([self._deferred_audits.pop(i) for i in list(self._deferred_audits) if i in ids] if offered
+                      else [self._deferred_audits.pop(next(iter(self._deferred_audits)))])
+            fits = not offered or self._audit_fits(offered, len(settle))
+            step = None if settle else self._plan(offered)
+        if settle:
+            for deferred in settle:
+                self._settle(deferred, run=fits)
+            return True
         plan, batch, records, reused = step.plan, step.frames, step.records, step.reused
         result = None
         if batch:
@@ -558,9 +573,9 @@ class Engine:
                 except Exception:  # never let bookkeeping take the inference thread down
                     log.exception("routing the results of a step failed")
         try:  # after every served frame has gone out: reused answers, then the policies' measuring (audits)
-            self._serve_reused(reused)
+            self._serve_reused(reused, step.audited)
             if result is not None:
-                self._after_scheduled(batch, records, plan, result, runner)
+                self._after_scheduled(batch, records, plan, result, runner, step.audited)
         except Exception:
             log.exception("serving reused results or auditing failed")
         return True
@@ -581,6 +596,8 @@ class Engine:
                     return due
                 if due is not None:
                     timeout = due if timeout is None else min(timeout, due)
+                if self._deferred_audits:
+                    return []  # idle: time for a deferred audit
             self._cond.wait(timeout)
 
     def _shed_late_frames(self, now: float) -> None:
@@ -629,7 +646,7 @@ class Engine:
             return False
         return session.decoding or now - session.last_received_at < ACTIVE_STREAM_S
 
-    def _serve_reused(self, reused: list[tuple[PendingFrame, StreamRecord]]) -> None:
+    def _serve_reused(self, reused: list[tuple[PendingFrame, StreamRecord]], audited: set[str]) -> None:
         """Answer frames a policy reuses for: the stream's last result again, marked reused, at no model cost."""
         now = time.perf_counter()
         served = []
@@ -653,20 +670,65 @@ class Engine:
                 served.append((pending, record, record.schedule, answer, self._stream_queries.get(pending.stream_id)))
         for pending, record, schedule, answer, queries in served:
             if schedule is not None:
-                schedule.after("reuse", answer, self._audit_for(pending, record, answer, queries), None, 0, 0,
-                               _Probes(self.runner, pending, record, queries))
+                self._after(record, audited, lambda audit, s=schedule, p=pending, r=record, a=answer, q=queries:
+                            s.after("reuse", a, audit, None, 0, 0, _Probes(self.runner, p, r, q)),
+                            self._audit_for(pending, record, answer, queries))
 
     def _after_scheduled(self, batch: list[PendingFrame], records: list[StreamRecord], plan: StepPlan,
-                         result: StepResult, runner: Runner) -> None:
+                         result: StepResult, runner: Runner, audited: set[str]) -> None:
         """Keep each stream's last result (what a reuse serves); let the frame policies measure (shadows, audits)."""
         for pending, record, output, planned in zip(batch, records, result.outputs, plan.frames, strict=True):
             record.last_result = (output.outputs, output.answer)
             schedule = record.schedule
             if schedule is not None:
                 action = "dense" if output.dense else "sparse"
-                schedule.after(action, output.answer, self._audit_for(pending, record, output.answer, planned.queries),
-                               output.shadow_answer, output.macs, output.shadow_macs,
-                               _Probes(runner, pending, record, planned.queries))
+                # a dense frame's audit is free (its answer is the dense one): only a reused or sparse one defers
+                self._after(record, audited if action != "dense" else set(),
+                            lambda audit, s=schedule, a=action, o=output, p=pending, r=record, q=planned.queries:
+                            s.after(a, o.answer, audit, o.shadow_answer, o.macs, o.shadow_macs,
+                                    _Probes(runner, p, r, q)),
+                            self._audit_for(pending, record, output.answer, planned.queries))
+
+    def _after(self, record: StreamRecord, audited: set[str], after: Callable[[Callable[[], Any]], Any],
+               audit: Callable[[], Any]) -> None:
+        """A served frame's policy bookkeeping, `after(audit)`: now, or (the frame is audited) deferred to idle
+        time, as late as the stream's next frame."""
+        if record.stream_id not in audited:
+            after(audit)
+            return
+        with self._cond:
+            self._deferred_audits[record.stream_id] = _DeferredAudit(record, after, audit)
+            self._cond.notify_all()
+
+    def _audit_fits(self, offered: list[PendingFrame], audits: int) -> bool:
+        """Under the lock: whether `audits` dense audit steps before the due batch keep its oldest frame within the
+        latency target (auto mode; with a fixed budget there is none, and they run)."""
+        state = self._budget_view(time.perf_counter())
+        if state is None or state.budget.mode != "auto" or state.controller is None:
+            return True
+        oldest = min(p.queued_at for p in offered)
+        wait = time.perf_counter() - oldest + audits * self._audit_s + self._recent_step_s
+        return wait <= state.controller.target_s
+
+    def _settle(self, deferred: _DeferredAudit, run: bool) -> None:
+        """A deferred frame's policy bookkeeping, with its audit (run) or without (skipped: it would have made a
+        due frame late, or the stream is gone)."""
+        record = deferred.record
+        with self._cond:
+            live = self._registry.records.get(record.stream_id) is record and record.schedule is not None
+        if not live:
+            self.stats.audit_skipped("gone")
+            return
+        if not run:
+            record.schedule.skip_audit()
+            self.stats.audit_skipped("late")
+        started = time.perf_counter()
+        try:
+            deferred.after(deferred.audit)
+        except Exception:
+            log.exception("a deferred audit failed")
+        if run:
+            self._audit_s += 0.3 * (time.perf_counter() - started - self._audit_s)
 
     def _audit_for(self, pending: PendingFrame, record: StreamRecord, served: Any, queries: Any):
         """An audit of this frame: the dense model on it, with the stream's text queries if it has some (reseeding
@@ -751,6 +813,15 @@ class Engine:
                 record.frames_dropped += 1
             session.send(FrameDropped(frame))
         self.stats.frame(FrameEvent("dropped"))
+
+
+@dataclass
+class _DeferredAudit:
+    """An audited frame's policy bookkeeping, waiting for idle time: `after(audit)` runs it."""
+
+    record: StreamRecord
+    after: Callable[[Callable[[], Any]], Any]
+    audit: Callable[[], Any]
 
 
 class _Probes:

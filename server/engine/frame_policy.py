@@ -134,6 +134,11 @@ class StreamSchedule:
         audit = self.adaptive is not None and self.adaptive.will_audit(action)
         return FramePlan(action, budget if action == "sparse" else None, shadow, audit)
 
+    def skip_audit(self) -> None:
+        """The frame planned as audited is served and counted without its audit (no time for it)."""
+        if self.adaptive is not None:
+            self.adaptive.skip_audit()
+
     def after(self, action: FrameAction, served: Any, audit, shadow: Any, served_macs: int, shadow_macs: int,
               probes=None) -> int:
         """After the frame is served (adaptive: may run an audit through `audit()`, which returns the dense answer

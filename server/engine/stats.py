@@ -77,6 +77,8 @@ class StatsSink(Protocol):
 
     def audit(self, stats: AuditStats) -> None: ...
 
+    def audit_skipped(self, reason: str) -> None: ...
+
 
 class NullStats:
     """A StatsSink that records nothing."""
@@ -91,6 +93,9 @@ class NullStats:
         pass
 
     def audit(self, stats: AuditStats) -> None:
+        pass
+
+    def audit_skipped(self, reason: str) -> None:
         pass
 
     def refused(self, reason: str) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from model.preprocess import Preprocessor
+from server.engine.engine import _DeferredAudit
 from tests.server.conftest import encode, frames
 
 
@@ -117,3 +121,36 @@ def test_a_fidelity_floor_the_stream_misses_gets_it_more_compute(make_client):
     dense_share_late = sum(m["dense"] for m in messages[-30:]) / 30
     dense_share_early = sum(m["dense"] for m in messages[:30]) / 30
     assert dense_share_late > dense_share_early
+
+
+def test_an_audit_waits_for_idle_time_and_is_skipped_where_it_would_make_a_due_frame_late(make_client):
+    """Audits run when nothing is due (lockstep frames leave the device idle between them: every planned audit runs).
+    Before a due frame, an audit runs only if that frame stays within the latency target; otherwise the frame is
+    counted unaudited (`eventful_audits_skipped_total{reason="late"}`) and its stream's policy keeps the credit."""
+    client = make_client(stream_ttl_s=60)
+    engine = client.app.state.engine
+    assert client.put("/v1/streams/cam/policy", json={"policy": "adaptive", "ratio": 2,
+                                                       "audit_share": 0.5}).status_code == 200
+    _stream(client, "cam", frames(30, seed=8))
+    metrics = client.get("/metrics").text
+    assert 'eventful_audits_skipped_total{reason="late"} 0.0' in metrics
+    audits = client.get("/v1/streams/cam/policy").json()["fidelity"]["audits"]
+    assert audits >= 1
+
+    assert client.put("/v1/budget", json={"mode": "auto", "target_latency_ms": 100}).status_code == 200
+    now = time.perf_counter()
+    fresh, old = SimpleNamespace(queued_at=now), SimpleNamespace(queued_at=now - 0.099)
+    with engine._cond:
+        engine._audit_s, engine._recent_step_s = 0.01, 0.0
+        assert engine._audit_fits([fresh], 1) and not engine._audit_fits([fresh], 11)
+        assert not engine._audit_fits([fresh, old], 1)  # the oldest due frame decides
+
+    record = engine._registry.records["cam"]
+    schedule = record.schedule
+    schedule.adaptive._audit_draw = True  # the next frame's audit was drawn: it meets a due frame that is too late
+    ran = []
+    deferred = _DeferredAudit(record, lambda audit: schedule.after("reuse", record.last_result[1], audit, None, 0, 0),
+                              lambda: ran.append(1))
+    engine._settle(deferred, run=False)
+    assert not ran and schedule.adaptive.estimate()["audits"] == audits  # served and counted, not audited
+    assert 'eventful_audits_skipped_total{reason="late"} 1.0' in client.get("/metrics").text
