@@ -366,15 +366,46 @@ class AdaptiveSchedule:
         (a0, p0), (a1, p1) = below, above
         return p0 + (p1 - p0) * (age - a0) / (a1 - a0)
 
-    def _cycle_mean(self, interval: float) -> float | None:
-        """Mean e_reuse over the frames of a skip cycle of this interval (0 on its keyframes)."""
+    @staticmethod
+    def _cycle_ages(interval: float) -> list[int]:
+        """The age of the answer served on each frame of frame skipping at this interval (0 on its keyframes)."""
         policy = FramePolicy("skip", interval=interval)
         ages, age = [], 0
         for n in range(48):
             age = 0 if policy.is_keyframe(n) else age + 1
             ages.append(age)
-        values = [self.reuse_curve(a) for a in ages]
+        return ages
+
+    def _cycle_mean(self, interval: float) -> float | None:
+        """Mean e_reuse over the frames of a skip cycle of this interval (0 on its keyframes)."""
+        values = [self.reuse_curve(a) for a in self._cycle_ages(interval)]
         return None if any(v is None for v in values) else statistics.fmean(values)
+
+    def predicted_at(self, ratio: float) -> tuple[float | None, float | None]:
+        """(error, agreement) frame skipping is predicted to serve from now on at this compute ratio (its audit
+        share kept), from the measured reuse curves; None before they have samples."""
+        serving = max(1.0, ratio / (1.0 - self.config.audit_share))
+        ages = self._cycle_ages(serving)
+        error = self._cycle_mean(serving)
+        if error is None:
+            return None, None
+        return error, statistics.fmean(1.0 if a == 0 else self._agreement_at(a) for a in ages)
+
+    def ratio_for_floor(self, max_error: float | None, min_agreement: float | None, limit: float,
+                        margin: float = 0.1) -> float | None:
+        """The largest compute ratio, at most `limit`, whose predicted error and agreement meet the floor with a
+        margin (a tenth of the error floor, a tenth of the disagreement the agreement floor allows); 1 (every frame
+        dense, the dense answer) where none does; None before the curves have samples."""
+        ratio = limit
+        while ratio > 1.0:
+            error, agreement = self.predicted_at(ratio)
+            if error is None:
+                return None
+            if (max_error is None or error <= (1 - margin) * max_error) and (
+                    min_agreement is None or agreement >= min_agreement + margin * (1 - min_agreement)):
+                return ratio
+            ratio = max(1.0, ratio * 0.9)
+        return 1.0
 
     def predictions(self, upper: bool = False) -> dict[str, float]:
         """Each candidate's predicted mean error at the serving ratio. upper: a keyframe candidate's q at the upper

@@ -26,7 +26,7 @@ from server.engine.budget import BudgetError
 
 POLICIES = ("eventful", "skip", "keyframe", "adaptive")
 FLOOR_CHECK_FRAMES = 30  # frames between checks of a fidelity floor
-FLOOR_STEP = 0.8  # a missed floor multiplies the compute ratio by this (more compute); a comfortable one divides
+FLOOR_STEP = 0.8  # a floor that holds with room lets the compute ratio grow by 1 / this at most per check
 FLOORS = {"logits": ("min_top1_agreement", "max_rel_l2"), "boxes": ("min_box_f1",)}  # by fidelity measure
 
 
@@ -154,32 +154,25 @@ class StreamSchedule:
         return extra
 
     def _check_floor(self) -> None:
-        """Give the stream more compute while its estimate misses a floor; back towards its ratio once it holds
-        comfortably; say so when even dense frames would not do."""
+        """Hold the floor on what the stream is served from now on: the largest compute ratio (at most the one set)
+        whose predicted fidelity meets it, from the measured reuse curves (the estimate of the frames served so far
+        would answer for old frames, served at another ratio). More compute at once where it is needed; less a step
+        at a time where the floor holds with room. Say so where even every frame dense would not meet it."""
         spec, chooser = self.spec, self.adaptive
         max_error = spec.max_rel_l2  # the error floor (classifiers)
         min_agreement = spec.min_top1_agreement if spec.min_top1_agreement is not None else spec.min_box_f1
         if min_agreement is None and max_error is None:
             return
-        est = chooser.estimate()
-        error, agreement = est[chooser.fidelity.error_name], est[chooser.fidelity.agreement_name]
-        if error is None:
+        need = chooser.ratio_for_floor(max_error, min_agreement, spec.ratio)
+        if need is None:  # nothing measured yet
             return
-        missed = (max_error is not None and error > max_error) or (
-            min_agreement is not None and agreement < min_agreement)
-        comfortable = (max_error is None or error < 0.7 * max_error) and (
-            min_agreement is None or agreement > min_agreement + 0.5 * (1 - min_agreement))
-        if missed:
-            if chooser.ratio <= 1.0:
-                self.floor_error = "the fidelity floor is not met even at ratio 1 (every frame dense)"
-            else:
-                chooser.set_ratio(max(1.0, chooser.ratio * FLOOR_STEP))
-                self.floor_error = None
-        elif comfortable and chooser.ratio < spec.ratio:
-            chooser.set_ratio(min(spec.ratio, chooser.ratio / FLOOR_STEP))
-            self.floor_error = None
-        else:
-            self.floor_error = None
+        if need < chooser.ratio:
+            chooser.set_ratio(need)
+        elif need > chooser.ratio:
+            chooser.set_ratio(min(need, chooser.ratio / FLOOR_STEP))
+        error, agreement = chooser.predicted_at(chooser.ratio)
+        met = (max_error is None or error <= max_error) and (min_agreement is None or agreement >= min_agreement)
+        self.floor_error = None if met else "the fidelity floor is not met even at ratio 1 (every frame dense)"
 
     def view(self) -> dict:
         """What GET /v1/streams shows: the policy, what it serves now, and (adaptive) the fidelity estimate."""

@@ -31,13 +31,17 @@ import numpy as np
 import torch
 
 from bench.controller_bench import Sample, first_dwell, recovery_time
+from model.config import ViTConfig
+from model.fidelity import LogitFidelity, rel_l2
+from model.macs import dense_macs
 from server.engine.budget import BudgetPolicy, GlobalBudget, StreamOverride
 from server.engine.controller import BudgetController, ControllerConfig, Decision, StreamDemand
-from server.engine.planner import Planner
+from server.engine.frame_policy import StreamPolicySpec
+from server.engine.planner import FULL, Planner
 from server.engine.registry import StreamRecord
 from server.engine.scheduler import PendingFrame
 
-_NO_IMAGE = torch.empty(0)
+_STILL = torch.zeros(3, 16, 16)  # every frame's image (a fixed scene: no cut for an adaptive stream to see)
 
 
 @dataclass
@@ -50,15 +54,17 @@ class _SimState:
 
 
 class _SimRunner:
-    """The facts the planner needs of a runner, for a simulated frame model."""
+    """The facts the planner needs of a runner, for a simulated frame model (a classifier: adaptive streams' audits
+    compare logits; its MACs are those of a ViT with this many patches)."""
 
     dense_first_frame = True
-    fidelity = None  # no adaptive streams in the simulation
-    config = None
+    fidelity = LogitFidelity()
 
     def __init__(self, num_patches: int, plain_dense: bool):
         self.num_patches = num_patches
         self.plain_dense = plain_dense  # the simulated device has a plain dense step (SimConfig.dense_per_frame)
+        side = math.isqrt(num_patches)
+        self.config = ViTConfig(image_size=(16 * side, 16 * (num_patches // side)), patch_size=16)
 
     def new_state(self) -> _SimState:
         return _SimState()
@@ -119,6 +125,9 @@ class SimTrace:
     completed: list[Completed] = field(default_factory=list)
     dropped: list[tuple[float, int]] = field(default_factory=list)
     decisions: list[tuple[float, Decision]] = field(default_factory=list)
+    # streams with a frame policy: (time, stream, frame, rel L2 of the answer served against the dense one) per frame
+    served_error: list[tuple[float, int, int, float]] = field(default_factory=list)
+    records: dict[int, StreamRecord] = field(default_factory=dict)
 
     def window(self, start: float, end: float) -> list[Completed]:
         return [c for c in self.completed if start <= c.time < end]
@@ -181,6 +190,24 @@ class SimTrace:
         return counts
 
 
+class Scene:
+    """What a simulated classifier answers on each stream's frames: logits [K] that wander (a stationary AR(1) walk: a
+    reused answer d frames old is off by sqrt(2 (1 - rho^d)) in relative L2, about step * sqrt(d) for small d, at any
+    time). Deterministic per stream."""
+
+    def __init__(self, step: float = 0.1, classes: int = 64, seed: int = 0):
+        self.rho = 1.0 - step * step / 2
+        self.classes, self.seed = classes, seed
+        self._walks: dict[int, tuple[torch.Generator, list[torch.Tensor]]] = {}
+
+    def answer(self, stream: int, frame: int) -> torch.Tensor:
+        gen, walk = self._walks.setdefault(stream, (torch.Generator().manual_seed(1000 * self.seed + stream), []))
+        while len(walk) <= frame:
+            noise = torch.randn(self.classes, generator=gen)
+            walk.append(self.rho * walk[-1] + math.sqrt(1 - self.rho**2) * noise if walk else noise)
+        return walk[frame]
+
+
 Decider = Callable[[float, list[StreamDemand]], Decision]
 
 
@@ -203,8 +230,13 @@ def controller_decider(controller: BudgetController) -> Observers:
 def simulate(
     phases: list[Phase], duration_s: float, decider: Observers,
     sim: SimConfig = SimConfig(), demand: Callable[[int], StreamDemand] = lambda s: StreamDemand(f"s{s}"),
+    policies: dict[int, StreamPolicySpec] | None = None, scene: Scene | None = None,
 ) -> SimTrace:
-    """Run the phases for duration_s simulated seconds. demand(i): stream i's demand (overrides, caps)."""
+    """Run the phases for duration_s simulated seconds. demand(i): stream i's demand (overrides, caps).
+
+    policies: frame policies by stream (as set over REST), their answers from `scene`: the planner's reused frames are
+    answered at once at no device cost, and after each frame the stream's policy measures as in the engine (an
+    audit is a dense frame of that stream on the device, before the next step)."""
     decide, observe_step, observe_latency, observe_arrival = decider
     rng = np.random.default_rng(sim.seed)
     trace = SimTrace()
@@ -221,7 +253,7 @@ def simulate(
         events = [(scheduled[i] + abs(float(rng.normal(0, sim.jitter_s))), i) for i in range(max_streams)]
     heapq.heapify(events)
     pending: dict[int, float] = {}  # stream -> arrival time of its waiting frame (decoded)
-    decoding: list[tuple[float, int, float]] = []  # (ready, stream, arrival) of frames being decoded
+    decoding: list[tuple[float, int, float, int]] = []  # (ready, stream, arrival, frame number) being decoded
     decoders = [0.0] * sim.decode_threads  # when each decode thread is free
     served_at: dict[int, float] = {}
     policy = BudgetPolicy(sim.num_patches, GlobalBudget("auto", target_latency_ms=100.0))
@@ -235,11 +267,34 @@ def simulate(
             demands = [replace(d, seeding=False) for d in demands]
         return decide(now, demands)
 
-    planner = Planner(_SimRunner(sim.num_patches, sim.dense_per_frame is not None), policy,
-                      sim.seeds_per_step or sim.max_batch, decide=told)
-    records: dict[int, StreamRecord] = {}
+    policies = policies or {}
+    scene = scene or Scene()
+    runner = _SimRunner(sim.num_patches, sim.dense_per_frame is not None)
+    planner = Planner(runner, policy, sim.seeds_per_step or sim.max_batch, decide=told,
+                      stream_policy=lambda stream_id: policies.get(int(stream_id[1:])))
+    records = trace.records
     record_of = lambda s: records.setdefault(s, StreamRecord(f"s{s}"))  # noqa: E731
-    frame_of = lambda s: PendingFrame(f"s{s}", 0, 0, _NO_IMAGE, (1, 1), pending[s], pending[s], 0.0)  # noqa: E731
+    arrived: dict[int, int] = {}  # stream -> frames it sent
+    frame_no: dict[int, int] = {}  # stream -> number of its waiting frame
+    frame_of = lambda s: PendingFrame(f"s{s}", frame_no[s], 0, _STILL, (1, 1), pending[s], pending[s],  # noqa: E731
+                                      0.0)
+    dense_frame_s = eventful_step_s(sim, 1, sim.seed_factor * sim.num_patches)
+
+    def measure(t: float, s: int, record: StreamRecord, action: str, answer: torch.Tensor, macs: int) -> float:
+        """A policy stream's frame served: its error against the dense answer, then its policy's bookkeeping (an
+        audit reseeds the stream: its dense answer becomes the last result). Returns the device time audits took."""
+        n = frame_no[s]
+        dense = scene.answer(s, n)
+        trace.served_error.append((t, s, n, rel_l2(answer, dense)))
+        audits = []
+
+        def audit() -> torch.Tensor:
+            audits.append(dense_frame_s)
+            record.last_result = ({}, dense)
+            return dense
+
+        record.schedule.after(action, answer, audit, None, macs, 0)
+        return sum(audits)
     now, busy_until = 0.0, 0.0
     stall_rng = np.random.default_rng(sim.seed + 7919)  # its own stream: stalls leave the other draws as they were
     stalls: list[tuple[float, float]] = []  # (start, seconds)
@@ -272,7 +327,18 @@ def simulate(
                 trace.dropped.append((t, s))
         ready = sorted(pending, key=order)
         limit = min(sim.max_batch, decision.max_batch or sim.max_batch)
-        step_plan = planner.plan([(frame_of(s), record_of(s)) for s in ready[:limit]]).plan
+        planned = planner.plan([(frame_of(s), record_of(s)) for s in ready[:limit]])
+        step_plan = planned.plan
+        audit_s = 0.0
+        for frame, record in planned.reused:  # answered with the stream's last result at once, at no device cost
+            s = int(frame.stream_id[1:])
+            latency = t - pending.pop(s) + sim.overhead_s
+            served_at[s] = t
+            trace.completed.append(Completed(t, s, latency, 0))
+            observe_latency(t, latency)
+            audit_s += measure(t, s, record, "reuse", record.last_result[1], 0)
+        if not step_plan.frames:
+            return t + audit_s * phase.speed
         batch = [int(f.stream_id[1:]) for f in step_plan.frames]
         plain, seeding = step_plan.plain_dense, [f.seed for f in step_plan.frames]
         tokens = [sim.num_patches if f.seed or plain else min(f.budget.tokens, sim.num_patches)
@@ -302,14 +368,22 @@ def simulate(
             served_at[s] = end
             trace.completed.append(Completed(end, s, latency, r))
             observe_latency(end, latency)
-        return end
+        for f, record in zip(step_plan.frames, planned.records, strict=True):
+            s = int(f.stream_id[1:])
+            if record.schedule is not None:  # a policy stream's keyframe: the dense answer (it never probes: no sparse)
+                answer = scene.answer(s, frame_no[s])
+                record.last_result = ({}, answer)
+                dense = f.seed or plain or f.budget == FULL
+                audit_s += measure(end, s, record, "dense" if dense else "sparse", answer,
+                                   dense_macs(runner.config) if dense else 0)
+        return end + audit_s * phase.speed
 
     while now < duration_s:
         if decoding and decoding[0][0] <= min(events[0][0], max(busy_until, now)):
-            now, stream, arrived = heapq.heappop(decoding)
+            now, stream, arrival, number = heapq.heappop(decoding)
             if stream in pending:
                 trace.dropped.append((now, stream))
-            pending[stream] = arrived
+            pending[stream], frame_no[stream] = arrival, number
             continue
         next_arrival = min(events[0][0], decoding[0][0]) if decoding else events[0][0]
         start = max(busy_until, min(pending.values(), default=now) + sim.batch_window_s)
@@ -327,14 +401,15 @@ def simulate(
             pending.pop(stream, None)
             continue
         observe_arrival(now, f"s{stream}")
+        arrived[stream] = arrived.get(stream, -1) + 1
         if sim.decode_s > 0:
             thread = min(range(len(decoders)), key=decoders.__getitem__)
             decoders[thread] = max(now, decoders[thread]) + sim.decode_s
-            heapq.heappush(decoding, (decoders[thread], stream, now))
+            heapq.heappush(decoding, (decoders[thread], stream, now, arrived[stream]))
             continue
         if stream in pending:
             trace.dropped.append((now, stream))
-        pending[stream] = now
+        pending[stream], frame_no[stream] = now, arrived[stream]
     return trace
 
 
