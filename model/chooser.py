@@ -115,7 +115,8 @@ class AdaptiveSchedule:
         self.audit_errors: list[float] = []
         self.audit_agree: list[float] = []  # per audit: 1/0 top-1 equal (classifier), box F1 (detector)
         self.choices: dict[str, int] = {}
-        # frames served, counted by (action, age of what they served, keyframe interval): bounded however long
+        # frames served, counted by (action, age of what they served, keyframe interval): bounded however long (ages
+        # are frames since the last dense result, whichever served it: a keyframe or an audit)
         self.served_log: Counter[tuple[str, int, float | None]] = Counter()
         self.exploring = list(self.keyframes)
         self.last_explore = 0
@@ -226,6 +227,7 @@ class AdaptiveSchedule:
         extra = shadow_macs
         reseeded = False
         dense = None
+        age = 0 if action == "dense" else self._age(t)  # of the answer served (sparse: frames since its keyframe)
         if action == "dense":
             dense = served
             if shadow is not None:
@@ -246,7 +248,7 @@ class AdaptiveSchedule:
         if probes is not None:
             extra += self._probe(t, dense, probes)
         interval = self.policy.interval if self.policy.kind == "keyframe" else None
-        self.served_log[(action, self.phase if action != "dense" else 0, interval)] += 1
+        self.served_log[(action, age, interval)] += 1
         self.spent += served_macs + extra
         self.measured += extra
         served_cost = self.dense_macs if action == "dense" else served_macs if action == "sparse" else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -158,3 +159,14 @@ def test_a_fast_pan_forces_one_keyframe_and_borrows_no_more_than_a_dense_frame(v
     keyframes = [t for t, action in enumerate(served.actions) if action == "dense"]
     assert keyframes[1] == 1  # the first large change is forced
     assert max(b - a for a, b in itertools.pairwise(keyframes)) <= 5  # no frame waits long for a keyframe
+
+
+def test_the_estimate_counts_each_served_frame_at_the_age_of_the_answer_it_served(vit):
+    images = video(30)
+    schedule = AdaptiveSchedule(CONFIG, 3.0, AdaptiveConfig(audit_share=0.0))
+    served = run_schedule(vit, images, schedule)
+    ages, age = Counter(), 0
+    for action in served.actions:  # the age of what each frame served: frames since the last dense one
+        age = 0 if action == "dense" else age + 1
+        ages[(action, age, None)] += 1
+    assert schedule.served_log == ages and max(a for _, a, _ in ages) == 2
