@@ -183,6 +183,12 @@ class StreamsOut(BaseModel):
     total_state_bytes: int
 
 
+class TokenizerOut(BaseModel):
+    kind: Literal["clip", "fallback"] = Field(
+        description="clip: a CLIP tokenizer from local files; fallback: built-in hashed words (random weights only)")
+    source: str = Field(description="the tokenizer's directory, or what the fallback is")
+
+
 class ModelOut(BaseModel):
     """The loaded model: what it is and where its weights come from."""
 
@@ -208,6 +214,10 @@ class ModelOut(BaseModel):
     state_pool_bytes: int | None = Field(
         None, description="bytes of the state pool on the device: every stream slot and the scratch slot, allocated "
         "at start-up for --max-streams (null for clip models, whose windows are per stream)")
+    default_queries: list[str] | None = Field(
+        None, description="open-vocabulary detectors: the queries of streams that set none (null: no text queries)")
+    tokenizer: TokenizerOut | None = Field(None, description="open-vocabulary detectors: what tokenizes the queries")
+
 
 
 class Health(BaseModel):

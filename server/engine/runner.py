@@ -106,6 +106,10 @@ class Runner(RunnerFacts, Protocol):
     def default_queries(self) -> tuple[str, ...] | None:
         """The text queries of streams that set none; None: the model takes no text queries."""
 
+    @property
+    def tokenizer(self) -> Any:
+        """What turns text queries into tokens (`kind`: clip | fallback, `source`); None: no text queries."""
+
     def check_queries(self, queries: Any) -> StreamQueries:
         """Queries as a stream sets them (a JSON list of strings), checked and tokenized (any thread). Raises
         QueriesUnsupported, or QueryError (server/engine/queries.py) naming the query out of the limits."""
@@ -145,6 +149,7 @@ class FrameRunner:
         return self.fidelity is not None
 
     default_queries = None  # no text queries (open-vocabulary detectors have them)
+    tokenizer = None
 
     def check_queries(self, queries: Any) -> StreamQueries:
         raise QueriesUnsupported()

@@ -242,10 +242,19 @@ def test_an_adaptive_stream_is_audited_with_its_own_queries_and_reports_box_f1(o
     assert "top1_agreement" not in policy["fidelity"] and "rel_l2" not in policy["fidelity"]
 
 
+def test_the_model_view_names_the_default_queries_and_the_tokenizer(owlv2, tokenizer_dir):
+    with _client(owlv2, tokenizer_dir) as client:
+        model = client.get("/v1/model").json()
+    assert model["default_queries"] == ["cat", "dog"]
+    assert model["tokenizer"] == {"kind": "clip", "source": str(tokenizer_dir)}
+
+
 def test_models_without_text_queries_say_so(tiny_model):
     app = create_app(Settings(model="unused", device="cpu"), model=tiny_model)
     with TestClient(app) as client:
         assert app.state.engine.wait_ready(30)
+        model = client.get("/v1/model").json()
+        assert model["default_queries"] is None and model["tokenizer"] is None
         for response in (client.get("/v1/streams/cam/queries"), client.put("/v1/streams/cam/queries", json=["cat"]),
                          client.delete("/v1/streams/cam/queries")):
             assert response.status_code == 409 and "no text queries" in response.json()["detail"]

@@ -57,7 +57,7 @@ def test_the_protocol_names_what_the_engine_and_the_api_need():
     assert MEMBERS == {
         "num_patches", "dense_first_frame", "plain_dense", "fidelity", "config", "new_state",  # RunnerFacts
         "task", "device", "dtype", "refresh_interval", "execution", "pool_bytes", "graph_bytes",
-        "prepare", "execute", "warmup", "default_queries", "check_queries",
+        "prepare", "execute", "warmup", "default_queries", "tokenizer", "check_queries",
     }  # fmt: skip
 
 
