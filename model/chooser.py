@@ -98,7 +98,8 @@ class AdaptiveSchedule:
         self.dense_macs = dense_macs(config)
         self._set_candidates(ratio)
         self.rng = random.Random(self.config.seed)
-        self.measures = _Measures()
+        self.measures = _Measures()  # since the last scene cut: what predictions rest on
+        self.lifetime = _Measures()  # never forgotten at a cut (its latest samples): what the estimate rests on
         self.policy: FramePolicy = self.skip
         self.pending: FramePolicy | None = None  # takes over at the current policy's next keyframe
         self.shadowed: FramePolicy | None = None  # this keyframe ends a cycle of this keyframe policy
@@ -318,8 +319,10 @@ class AdaptiveSchedule:
         for s, old in self.dense_history:
             age = t - s
             if 0 < age <= self.config.max_lag:
-                self.measures.reuse.setdefault(age, _samples()).append(self.fidelity.error(old, dense))
-                self.measures.reuse_agree.setdefault(age, _samples()).append(self.fidelity.agreement(old, dense))
+                error, agreement = self.fidelity.error(old, dense), self.fidelity.agreement(old, dense)
+                for measures in (self.measures, self.lifetime):
+                    measures.reuse.setdefault(age, _samples()).append(error)
+                    measures.reuse_agree.setdefault(age, _samples()).append(agreement)
         self.dense_history.append((t, dense.detach() if isinstance(dense, torch.Tensor) else dense))
         self.dense_history = [(s, d) for s, d in self.dense_history if t - s < self.config.max_lag]
 
@@ -332,41 +335,22 @@ class AdaptiveSchedule:
 
     # ---- predicting and choosing -----------------------------------------------------------------
 
-    def reuse_curve(self, age: int) -> float | None:
-        """e_reuse(age): measured where there are samples, else a power law fitted to the ages that have them."""
+    def reuse_curve(self, age: int, measures: _Measures | None = None) -> float | None:
+        """e_reuse(age): measured where there are samples, else a power law fitted to the ages that have them.
+        measures: the scene's since its last cut (default: what predictions use), or the stream's lifetime ones."""
         if age <= 0:
             return 0.0
-        means = {a: statistics.fmean(v) for a, v in self.measures.reuse.items() if v}
-        if age in means:
-            return means[age]
-        points = [(math.log(a), math.log(max(m, 1e-6))) for a, m in means.items()]
-        if not points:
-            return None
-        if len(points) == 1:
-            alpha = 0.7
-            (x0, y0), = points
-        else:
-            xs, ys = zip(*points, strict=True)
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            var = sum((x - mx) ** 2 for x in xs)
-            alpha = min(1.5, max(0.2, sum((x - mx) * (y - my) for x, y in points) / var)) if var > 0 else 0.7
-            x0, y0 = mx, my
-        return math.exp(y0 + alpha * (math.log(age) - x0))
+        measures = measures or self.measures
+        return _power_law({a: (statistics.fmean(v), len(v)) for a, v in measures.reuse.items() if v}, age)
 
-    def _agreement_at(self, age: int) -> float:
-        """Agreement (top-1, box F1) of a result `age` frames old where that age has no samples: interpolated between
-        age 0 (1.0) and the measured ages around it; beyond the oldest measured, its value."""
-        measured = sorted((a, statistics.fmean(v)) for a, v in self.measures.reuse_agree.items() if v)
-        below, above = (0, 1.0), None
-        for a, p in measured:
-            if a < age:
-                below = (a, p)
-            elif above is None:
-                above = (a, p)
-        if above is None:
-            return below[1]
-        (a0, p0), (a1, p1) = below, above
-        return p0 + (p1 - p0) * (age - a0) / (a1 - a0)
+    def _agreement_at(self, age: int, measures: _Measures | None = None) -> float:
+        """Agreement (top-1, box F1) of a result `age` frames old: measured where that age has samples, else 1 less
+        a power law of the disagreement fitted to the ages that have them (it rises fastest over the first frames);
+        1 before anything is measured."""
+        measures = measures or self.measures
+        disagreement = _power_law({a: (1.0 - statistics.fmean(v), len(v)) for a, v in measures.reuse_agree.items()
+                                   if v}, age)
+        return 1.0 if disagreement is None else max(0.0, 1.0 - disagreement)
 
     @staticmethod
     def _cycle_ages(interval: float) -> list[int]:
@@ -490,13 +474,13 @@ class AdaptiveSchedule:
                 agreement.append(1.0)
                 counts.append(math.inf)
                 continue
-            e = self.reuse_curve(age)
-            samples = self.measures.reuse.get(age, [])
-            agree = self.measures.reuse_agree.get(age)
+            e = self.reuse_curve(age, self.lifetime)
+            samples = self.lifetime.reuse.get(age, [])
+            agree = self.lifetime.reuse_agree.get(age)
             if e is None:
                 return self._named(audits, "none", None, (0.0, math.inf), None, (0.0, 1.0))
             rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)) if len(samples) >= 2 else 0.5
-            p_agree = statistics.fmean(agree) if agree else self._agreement_at(age)
+            p_agree = statistics.fmean(agree) if agree else self._agreement_at(age, self.lifetime)
             counts.append(len(agree) if agree else 1)
             if action == "sparse" and interval is not None and self.measures.q.get(interval):
                 qs = self.measures.q[interval]
@@ -512,8 +496,9 @@ class AdaptiveSchedule:
         mean = sum(w * e for w, e in zip(weights, errors, strict=True)) / n
         agreed = sum(w * p for w, p in zip(weights, agreement, strict=True)) / n
         rse = max(spreads, default=0.0) + self.config.model_error
-        # each frame's agreement is a share measured on `count` pairs of that age: binomial spread, frames weighted
-        variance = sum(w * max(p * (1 - p), 0.05) / c
+        # each age's agreement is a share measured on `count` pairs of that age (binomial spread); the mean over the
+        # frames weights it by its frames: Var = sum((w / n)^2 p (1 - p) / c)
+        variance = sum(w * w * max(p * (1 - p), 0.05) / c
                        for w, p, c in zip(weights, agreement, counts, strict=True) if c != math.inf)
         # plus the curves' model error: half the disagreement rate either way (ages are interpolated), and a point
         half = z * math.sqrt(variance) / n + 0.5 * (1 - agreed) + 0.01
@@ -522,6 +507,23 @@ class AdaptiveSchedule:
 
     def choice_counts(self) -> dict[str, int]:
         return dict(self.choices)
+
+
+def _power_law(means: dict[int, tuple[float, int]], age: int) -> float | None:
+    """means[age] = (mean, samples). The mean where measured, else a power law in the age fitted to the measured ages
+    (log-log least squares weighted by their samples: an age seen once, e.g. two identical frames, weighs once;
+    exponent 0.2-1.5, 0.7 from a single age); None with nothing measured."""
+    if age in means:
+        return means[age][0]
+    points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in means.items()]
+    if not points:
+        return None
+    total = sum(n for _, _, n in points)
+    mx = sum(n * x for x, _, n in points) / total
+    my = sum(n * y for _, y, n in points) / total
+    var = sum(n * (x - mx) ** 2 for x, _, n in points)
+    alpha = min(1.5, max(0.2, sum(n * (x - mx) * (y - my) for x, y, n in points) / var)) if var > 0 else 0.7
+    return math.exp(my + alpha * (math.log(age) - mx))
 
 
 def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
