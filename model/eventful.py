@@ -56,6 +56,7 @@ class EventfulConfig:
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+COUNT_RANK_MAX_TOKENS = 1024  # compiled gates rank up to this many tokens by counting (see _rank_by_count)
 
 
 def batch_bucket(batch: int) -> int:
@@ -243,7 +244,8 @@ class EventfulViT:
             else:
                 state.frames_since_dense += 1
         order = [j for members, *_ in parts for j in members]
-        x, logits = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        x, logits = (parts[0][1], parts[0][2]) if len(parts) == 1 else (torch.cat([p[1] for p in parts]),
+                                                                         torch.cat([p[2] for p in parts]))
         if order != list(range(b)):
             inverse = _device_ints(sorted(range(b), key=order.__getitem__), x.device)
             x, logits = x.index_select(0, inverse), logits.index_select(0, inverse)
@@ -418,7 +420,8 @@ class EventfulViT:
         b, n, c = g.shape
         change = torch.linalg.vector_norm(g - _rows(reference, ctx.slots), dim=-1)  # [B, N]: sqrt(C) x RMS
         keys = torch.add(self._tiebreak, change.float().view(torch.int32).to(torch.int64), alpha=n)  # [B, N]
-        top, index = keys.topk(ctx.width, dim=1)  # [B, W], prefix tokens first
+        top, index = _counted_topk(keys, ctx.width) if self._rank_by_count() else keys.topk(ctx.width, dim=1)
+        # top, index: [B, W], prefix tokens first
         # rows of the batch's [B * N] view (one row: the token indices themselves)
         batch_rows = index.flatten() if b == 1 else (index + ctx.batch_rows).flatten()
         if ctx.limits is None and isinstance(ctx.slots, range):  # every rank counts, the slots are one view
@@ -433,6 +436,12 @@ class EventfulViT:
             gate = _Gate(index, valid, torch.where(valid, index + ctx.slot_rows, ctx.scratch_row).flatten(), batch_rows)
         gate.write(reference, gate.take(g))
         return gate
+
+    def _rank_by_count(self) -> bool:
+        """Compiled steps rank a gate's keys by counting (pointwise work and a reduction, fused into the gate's
+        kernel) instead of topk (an extern kernel that splits the gate in three), up to COUNT_RANK_MAX_TOKENS tokens:
+        counting costs N comparisons per token."""
+        return torch.compiler.is_compiling() and self.vit.num_tokens <= COUNT_RANK_MAX_TOKENS
 
     # ---- one block -----------------------------------------------------------------------------
 
@@ -610,6 +619,16 @@ class _Context:
     batch_rows: torch.Tensor  # [B, 1] b * N: first row of each batch row in a [B * N] view
     scratch_row: int  # first row of the scratch slot
     width: int
+
+
+def _counted_topk(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys.topk(width, dim=1) of distinct keys [B, N] -> (top, index) [B, W]: a key's rank is the number of larger
+    keys in its row (a permutation of 0..N-1), and the token of rank k is the one scattered to position k."""
+    n = keys.shape[1]
+    rank = (keys[:, None, :] > keys[:, :, None]).sum(dim=-1)  # [B, N]
+    tokens = torch.arange(n, device=keys.device).expand_as(rank)
+    index = torch.empty_like(rank).scatter_(1, rank, tokens)[:, :width]  # [B, W] tokens by descending key
+    return keys.gather(1, index), index
 
 
 def _rows(buffer: torch.Tensor, slots: torch.Tensor | range) -> torch.Tensor:

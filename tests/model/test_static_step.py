@@ -11,6 +11,7 @@ from model.eventful import (
     EventfulConfig,
     EventfulViT,
     StepShape,
+    _counted_topk,
     batch_bucket,
     token_bucket,
 )
@@ -151,6 +152,20 @@ def test_every_step_kind_compiles_into_one_graph(vit, level, rows):
         for a, b in zip(eager_layers, traced_layers, strict=True):
             for name in a:
                 assert (a[name] - b[name]).abs().max() <= 1e-5, (kind, name)
+
+
+@pytest.mark.parametrize("width", [1, 7, 17])
+def test_counted_ranks_are_topk(width):
+    """The compiled gates' ranking by counting picks topk's tokens in topk's order, ties in the change included
+    (the keys' tie-break makes them distinct: lower token first, the prefix token above every patch)."""
+    runner = EventfulViT(VisionTransformer(CONFIG).eval())
+    n = CONFIG.num_tokens
+    change_bits = torch.tensor([[0] * n, [5] * n, list(range(n)), [3, 1, 1, 2, 2, 9] * (n // 6) + [1] * (n % 6)])
+    keys = runner._tiebreak + change_bits * n  # noqa: SLF001  [4, N]
+    top, index = _counted_topk(keys, width)
+    expected_top, expected_index = keys.topk(width, dim=1)
+    assert torch.equal(index, expected_index) and torch.equal(top, expected_top)
+    assert (index[:, 0] == 0).all()  # the prefix token first
 
 
 def test_compiled_execution_equals_eager():
