@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
     m.add_argument("--policy", choices=["topr", "threshold"], default="topr")
     m.add_argument("--gate-position", choices=["residual", "normed"], default="residual")
+    m.add_argument("--gate-rank", choices=["auto", "topk", "count"], default="auto",
+                   help="how compiled gates rank tokens: topk, count (fused: fewer kernels), auto (count on CUDA)")
     m.add_argument("--refresh", type=int, default=None, help="force a dense frame every K frames")
     m.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 432x768")
     m.add_argument("--num-heads", type=int, default=None, help="attention heads (timm files do not record it)")
@@ -299,7 +301,7 @@ def run_model(args: argparse.Namespace) -> int:
         return 2
     images = Preprocessor(model.config.preprocess)(frames).to(device=device, dtype=dtype)
     eventful = EventfulConfig(level=args.level, gate_position=args.gate_position, refresh_interval=args.refresh,
-                              execution=args.execution)
+                              execution=args.execution, gate_rank=args.gate_rank)
     dense_forward, dense_execution = dense_baseline(model, args.execution, device)
 
     def progress(done: int, total: int) -> None:

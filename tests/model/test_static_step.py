@@ -125,12 +125,13 @@ def _trace(fn, *args):
     return torch.compile(fn, fullgraph=True, dynamic=False, backend="eager")(*args)
 
 
+@pytest.mark.parametrize("gate_rank", ["topk", "count"])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("rows", [1, 2, 4])
-def test_every_step_kind_compiles_into_one_graph(vit, level, rows):
+def test_every_step_kind_compiles_into_one_graph(vit, level, rows, gate_rank):
     """No graph break in any bucket of the sparse, seeding and plain steps, and the traced step computes what the
-    eager one does (on copies of the same pool)."""
-    runner = EventfulViT(vit, EventfulConfig(level=level), slots=rows)
+    eager one does (on copies of the same pool), whichever way its gates rank."""
+    runner = EventfulViT(vit, EventfulConfig(level=level, gate_rank=gate_rank), slots=rows)
     pool = runner.pool
     states = [runner.new_state() for _ in range(rows)]
     images = torch.stack([video(seed=40 + j)[0] for j in range(rows)])
@@ -168,13 +169,17 @@ def test_counted_ranks_are_topk(width):
     assert (index[:, 0] == 0).all()  # the prefix token first
 
 
-def test_compiled_execution_equals_eager():
+@pytest.mark.parametrize("gate_rank", ["topk", "count"])
+def test_compiled_execution_equals_eager(gate_rank):
     """execution="compile" (inductor, dynamic sizes: one graph per step kind for every batch and width) gives the
-    eager results on a real sequence of steps: a joiner, mixed budgets, a threshold, batches of 3, 2 and 1."""
+    eager results on a real sequence of steps: a joiner, mixed budgets, a threshold, batches of 3, 2 and 1; its
+    gates ranking by topk or by counting."""
     config = ViTConfig(image_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                        num_classes=10)
     vit = VisionTransformer(config).eval()
-    eager, compiled = EventfulViT(vit), EventfulViT(vit, EventfulConfig(execution="compile"))
+    eager = EventfulViT(vit)
+    compiled = EventfulViT(vit, EventfulConfig(execution="compile", gate_rank=gate_rank))
+    assert compiled._count_ranks == (gate_rank == "count")  # noqa: SLF001  (auto on the CPU: topk)
     assert compiled.shape_for([StreamBudget(tokens=5)] * 3) == StepShape(3, 6, "sparse")  # exact shapes
     budgets = [StreamBudget(tokens=5), StreamBudget(tokens=9), StreamBudget(threshold=0.3, tokens=12)]
     frames = torch.rand(7, 3, 3, 32, 32)
