@@ -76,6 +76,7 @@ class ModelBenchReport:
     dtype: str = "float32"
     execution: str = "eager"  # the eventful step's
     dense_execution: str = "eager"  # the dense baseline's: eager, torch.compile or cuda graph
+    gate_rank: str = "auto"  # how compiled gates rank tokens: topk, count, or auto (count on CUDA)
     dense_kernel_ops_per_step: int | None = None
     dense_host_syncs_per_step: int | None = None
     dense_device_kernels_per_step: int | None = None
@@ -332,6 +333,7 @@ def run_model_bench(
         dense_gmacs=dense_macs / 1e9, dense_consecutive_top1_stability=stability, threads=torch.get_num_threads(),
         device=str(device), streams=streams, stream_offsets=stream_offsets(t_frames, streams),
         dtype=str(images.dtype).removeprefix("torch."), execution=eventful.execution, dense_execution=dense_execution,
+        gate_rank=eventful.gate_rank,
         dense_kernel_ops_per_step=dense_counts.kernel_ops, dense_host_syncs_per_step=dense_counts.host_syncs,
         dense_device_kernels_per_step=dense_counts.device_kernels,
     )
@@ -369,7 +371,7 @@ def print_table(report: ModelBenchReport) -> str:
         f"gate {report.gate_position}  refresh {report.refresh_interval}  threads {report.threads}  "
         f"device {report.device}",
         f"streams {report.streams} (offsets {','.join(map(str, report.stream_offsets))})  dtype {report.dtype}  "
-        f"execution {report.execution} (dense: {report.dense_execution})",
+        f"execution {report.execution} (dense: {report.dense_execution}, gate rank {report.gate_rank})",
         f"dense: {report.dense_ms:.1f} ms/step median ({report.streams} stream{'s' if report.streams > 1 else ''}), "
         f"{report.dense_gmacs:.2f} GMAC/frame, {_count(report.dense_kernel_ops_per_step)} kernel ops and "
         f"{_count(report.dense_host_syncs_per_step)} host syncs per step"
