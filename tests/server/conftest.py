@@ -45,6 +45,29 @@ def encode(frame: np.ndarray, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
+def stream_frames(client, name: str, video) -> list[dict]:
+    """Send a stream's frames over its WebSocket one at a time (each answered before the next is sent: nothing
+    dropped); the messages answering them."""
+    out = []
+    with client.websocket_connect(f"/v1/streams/{name}") as ws:
+        for frame in video:
+            ws.send_bytes(encode(frame))
+            out.append(ws.receive_json())
+    return out
+
+
+def stream_beside(client, name: str, other: str, video) -> list[dict]:
+    """Send `video` on two streams at once, frame by frame; the messages answering stream `name`."""
+    with client.websocket_connect(f"/v1/streams/{name}") as a, client.websocket_connect(f"/v1/streams/{other}") as b:
+        out = []
+        for frame in video:
+            a.send_bytes(encode(frame))
+            b.send_bytes(encode(frame))
+            out.append(a.receive_json())
+            b.receive_json()
+    return out
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG whose IHDR declares width x height (no pixel data to speak of)."""
 

@@ -20,7 +20,7 @@ from server.engine.clip_runner import ClipRunner, ClipWindow
 from server.engine.detect_runner import DetectRunner
 from server.engine.factory import build_runner
 from server.settings import Settings
-from tests.server.conftest import encode, frames, listed_detections
+from tests.server.conftest import encode, frames, listed_detections, stream_beside, stream_frames
 
 RESIZE = PreprocessConfig(resize_shortest=None, resize_to=(32, 32), crop_size=None, interpolation="bilinear")
 DETECTOR = DetectorConfig(
@@ -141,15 +141,6 @@ def test_clip_window_is_a_ring_buffer_and_rlt_drops_a_static_stream(clip_model):
     assert all(o["tokens_kept"] == 16 for o in labelled)  # a still camera: only the first tubelet's 16 tokens
 
 
-def _stream(client, name: str, video) -> list[dict]:
-    out = []
-    with client.websocket_connect(f"/v1/streams/{name}") as ws:
-        for frame in video:  # one at a time: each frame is answered before the next is sent (nothing dropped)
-            ws.send_bytes(encode(frame))
-            out.append(ws.receive_json())
-    return out
-
-
 def test_an_adaptive_detector_stream_s_audits_are_box_f1_against_the_dense_model_on_that_frame(detector, audit_log):
     """Each audit's recorded F1 and error equal matching the detections the stream was served on that frame against
     the dense model's own detections of it (bench/detect_bench's agreement)."""
@@ -158,7 +149,7 @@ def test_an_adaptive_detector_stream_s_audits_are_box_f1_against_the_dense_model
     with _client(detector, detect_threshold=0.0, max_boxes=5, stream_ttl_s=60) as client:
         put = client.put("/v1/streams/det/policy", json=body)
         assert put.status_code == 200, put.text
-        messages = _stream(client, "det", video)
+        messages = stream_frames(client, "det", video)
         view = client.get("/v1/streams/det/policy").json()
         listed = client.get("/v1/streams").json()["streams"]
         metrics = client.get("/metrics").text
@@ -195,16 +186,10 @@ def test_a_detector_stream_s_audits_leave_another_stream_s_results_as_they_are(d
     served: its boxes equal those it gets alone."""
     video = frames(12, height=48, width=64, seed=12)
     with _client(detector, detect_threshold=0.0, max_boxes=5) as client:
-        alone = _stream(client, "plain", video)
+        alone = stream_frames(client, "plain", video)
         body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5}
         assert client.put("/v1/streams/audited/policy", json=body).status_code == 200
-        with client.websocket_connect("/v1/streams/plain2") as a, client.websocket_connect("/v1/streams/audited") as b:
-            together = []
-            for frame in video:
-                a.send_bytes(encode(frame))
-                b.send_bytes(encode(frame))
-                together.append(a.receive_json())
-                b.receive_json()
+        together = stream_beside(client, "plain2", "audited", video)
     for got, want in zip(together, alone, strict=True):
         assert got["dense"] == want["dense"] and got["budget"] == want["budget"]
         assert [b["label"] for b in got["outputs"]["boxes"]] == [b["label"] for b in want["outputs"]["boxes"]]

@@ -10,16 +10,7 @@ import torch
 
 from model.preprocess import Preprocessor
 from server.engine.engine import _DeferredAudit
-from tests.server.conftest import encode, frames
-
-
-def _stream(client, name: str, video) -> list[dict]:
-    out = []
-    with client.websocket_connect(f"/v1/streams/{name}") as ws:
-        for frame in video:  # one at a time: each frame is answered before the next is sent (nothing dropped)
-            ws.send_bytes(encode(frame))
-            out.append(ws.receive_json())
-    return out
+from tests.server.conftest import frames, stream_beside, stream_frames
 
 
 def _dense_top(client, tiny_model, frame) -> list[int]:
@@ -34,7 +25,7 @@ def test_skip_serves_the_dense_result_of_its_last_keyframe_again(make_client, ti
     put = client.put("/v1/streams/cam/policy", json={"policy": "skip", "interval": 3})
     assert put.status_code == 200 and put.json()["policy"] == "skip"
     video = frames(7, seed=3)
-    messages = _stream(client, "cam", video)
+    messages = stream_frames(client, "cam", video)
     assert [m["type"] for m in messages] == ["result"] * 7
     assert [m["reused"] for m in messages] == [False, True, True, False, True, True, False]
     for t, m in enumerate(messages):
@@ -47,7 +38,7 @@ def test_skip_serves_the_dense_result_of_its_last_keyframe_again(make_client, ti
 
 def test_keyframe_policy_runs_dense_every_interval_and_the_budget_between(client):
     assert client.put("/v1/streams/cam/policy", json={"policy": "keyframe", "interval": 2}).status_code == 200
-    messages = _stream(client, "cam", frames(6, seed=4))
+    messages = stream_frames(client, "cam", frames(6, seed=4))
     assert [m["dense"] for m in messages] == [True, False] * 3
     assert [m["budget"] for m in messages] == [16, 4] * 3  # the stream's token budget on the frames between
     assert not any(m["reused"] for m in messages)
@@ -56,15 +47,9 @@ def test_keyframe_policy_runs_dense_every_interval_and_the_budget_between(client
 def test_a_stream_without_a_policy_is_served_as_before_beside_a_skipping_one(client):
     """A policy changes only its own stream: the other's answers equal those it gets alone."""
     video = frames(5, seed=5)
-    alone = _stream(client, "other", video)
+    alone = stream_frames(client, "other", video)
     client.put("/v1/streams/skipper/policy", json={"policy": "skip", "interval": 2})
-    with client.websocket_connect("/v1/streams/other2") as a, client.websocket_connect("/v1/streams/skipper") as b:
-        together = []
-        for frame in video:
-            a.send_bytes(encode(frame))
-            b.send_bytes(encode(frame))
-            together.append(a.receive_json())
-            b.receive_json()
+    together = stream_beside(client, "other2", "skipper", video)
     for got, want in zip(together, alone, strict=True):  # the same classes; scores as a batch of 2 computes them
         assert [c["index"] for c in got["outputs"]["top"]] == [c["index"] for c in want["outputs"]["top"]]
         for c, d in zip(got["outputs"]["top"], want["outputs"]["top"], strict=True):
@@ -76,7 +61,7 @@ def test_adaptive_streams_are_audited_and_report_their_fidelity(make_client):
     body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5, "max_rel_l2": 5.0}
     put = client.put("/v1/streams/cam/policy", json=body)
     assert put.status_code == 200, put.text
-    messages = _stream(client, "cam", frames(40, seed=6))
+    messages = stream_frames(client, "cam", frames(40, seed=6))
     assert all(m["type"] == "result" for m in messages)
     view = client.get("/v1/streams/cam/policy").json()
     assert view["policy"] == "adaptive" and view["effective_ratio"] >= 1
@@ -115,7 +100,7 @@ def test_a_fidelity_floor_the_stream_misses_gets_it_more_compute(make_client):
     client = make_client(stream_ttl_s=60)
     body = {"policy": "adaptive", "ratio": 4, "audit_share": 0.2, "max_rel_l2": 1e-6}  # only dense frames meet it
     assert client.put("/v1/streams/cam/policy", json=body).status_code == 200
-    messages = _stream(client, "cam", frames(95, seed=7))
+    messages = stream_frames(client, "cam", frames(95, seed=7))
     view = client.get("/v1/streams/cam/policy").json()
     assert view["effective_ratio"] < 4  # lowered at each missed check (every 30 frames): more compute
     dense_share_late = sum(m["dense"] for m in messages[-30:]) / 30
@@ -131,7 +116,7 @@ def test_an_audit_waits_for_idle_time_and_is_skipped_where_it_would_make_a_due_f
     engine = client.app.state.engine
     assert client.put("/v1/streams/cam/policy", json={"policy": "adaptive", "ratio": 2,
                                                        "audit_share": 0.5}).status_code == 200
-    _stream(client, "cam", frames(30, seed=8))
+    stream_frames(client, "cam", frames(30, seed=8))
     metrics = client.get("/metrics").text
     assert 'eventful_audits_skipped_total{reason="late"} 0.0' in metrics
     audits = client.get("/v1/streams/cam/policy").json()["fidelity"]["audits"]
