@@ -82,6 +82,9 @@ class _Measures:
     reuse: dict[int, deque[float]] = field(default_factory=dict)  # age -> errors of a result that old
     reuse_agree: dict[int, deque[float]] = field(default_factory=dict)  # age -> agreement (top-1 kept) at that age
     q: dict[float, deque[float]] = field(default_factory=dict)  # keyframe interval -> shadow / probe ratios
+    # (keyframe interval, age) -> the same ratios by the age of the sparse answer (a probe meets dense results at
+    # ages below its interval too: the ages a served keyframe policy's sparse frames have)
+    q_age: dict[tuple[float, int], deque[float]] = field(default_factory=dict)
 
 
 class AdaptiveSchedule:
@@ -121,6 +124,7 @@ class AdaptiveSchedule:
         self.served_log: Counter[tuple[str, int, float | None]] = Counter()
         self.exploring = list(self.keyframes)
         self.last_explore = 0
+        self.explore_gap = self.config.reexplore_every  # doubles while explorations find nothing better (to 8x)
         self._prev_pooled: torch.Tensor | None = None
         self._forced = False
         self._audit_draw = False
@@ -150,6 +154,7 @@ class AdaptiveSchedule:
             return
         self._set_candidates(ratio)
         self.measures.q.clear()
+        self.measures.q_age.clear()
         self.exploring = list(self.keyframes)
         self._start(self.skip)
 
@@ -167,12 +172,14 @@ class AdaptiveSchedule:
             self.measures = _Measures()
             self.dense_history.clear()
             self.exploring = list(self.keyframes)
+            self.explore_gap = self.config.reexplore_every
             self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
             self.probe = None  # its copy of the state is of the old scene (the caller drops it on the next start)
-        elif self.frame - self.last_explore >= self.config.reexplore_every and not self.exploring:
+        elif self.frame - self.last_explore >= self.explore_gap and not self.exploring:
             self.exploring = [p for p in self.keyframes if p != self.policy] + (
                 [self.policy] if self.policy in self.keyframes else [])
             self.measures.q.clear()
+            self.measures.q_age.clear()
             self.last_explore = self.frame
 
         self._forced = cut
@@ -235,8 +242,7 @@ class AdaptiveSchedule:
                 age = self._age(t)
                 reuse = self._reuse_error(age, dense)
                 if reuse is not None and reuse > 1e-6:
-                    ratio = self.fidelity.error(shadow, dense) / reuse
-                    self.measures.q.setdefault(self.shadowed.interval, _samples()).append(ratio)
+                    self._record_q(self.shadowed.interval, age, self.fidelity.error(shadow, dense) / reuse, True)
             self._record_dense(t, dense)
             if self._audit_draw:
                 self._record_audit(served, dense)
@@ -271,12 +277,13 @@ class AdaptiveSchedule:
         if self.probe is not None:
             answer, spent = probes.step(self.probe.budget)
             age = t - self.probe_start
-            if dense is not None and age >= self.probe.interval:
+            if dense is not None:  # a dense result meets the probe's sparse chain `age` frames after its start
                 reuse = self.fidelity.error(self.probe_base, dense)
+                done = age >= self.probe.interval
                 if reuse > 1e-6:
-                    q = self.fidelity.error(answer, dense) / reuse
-                    self.measures.q.setdefault(self.probe.interval, _samples()).append(q)
-                self.probe = None
+                    self._record_q(self.probe.interval, age, self.fidelity.error(answer, dense) / reuse, done)
+                if done:
+                    self.probe = None
             elif age > 4 * self.probe.interval:  # no dense result came: give up (a cut, a policy change)
                 self.probe = None
             if self.probe is None:
@@ -329,6 +336,26 @@ class AdaptiveSchedule:
     def _record_audit(self, served: Any, dense: Any) -> None:
         self.audit_errors.append(self.fidelity.error(served, dense))
         self.audit_agree.append(self.fidelity.agreement(served, dense))
+
+    def _record_q(self, interval: float, age: int, q: float, pooled: bool) -> None:
+        """A sample of a keyframe candidate's q at this age; pooled: it also counts for the candidate as a whole
+        (a probe's end or a shadow: the samples exploring counts)."""
+        self.measures.q_age.setdefault((interval, age), _samples()).append(q)
+        if pooled:
+            self.measures.q.setdefault(interval, _samples()).append(q)
+
+    def _q_at(self, interval: float, age: int, upper: bool = False) -> float | None:
+        """q of a keyframe candidate's sparse answer `age` frames after its keyframe: from the samples at that age
+        (two or more), else from all of the candidate's; the median, or (upper) the one-sided upper bound of the
+        mean at `switch_confidence`; None without two samples to bound."""
+        at = self.measures.q_age.get((interval, age), ())
+        samples = at if len(at) >= 2 else self.measures.q.get(interval, ())
+        if not samples or (upper and len(samples) < 2):
+            return None
+        if not upper:
+            return statistics.median(samples)
+        t = _t_quantile(2 * self.config.switch_confidence - 1, len(samples) - 1)
+        return statistics.fmean(samples) + t * statistics.stdev(samples) / math.sqrt(len(samples))
 
     def _sparse_fraction(self, policy: FramePolicy) -> float:
         return sparse_frame_macs(self.vit, policy.tokens, self.level) / self.dense_macs
@@ -401,16 +428,16 @@ class AdaptiveSchedule:
         skip = self._cycle_mean(self.serving_ratio)  # at most the audit share goes to measuring: as the candidates
         if skip is not None:
             out[self.skip.name] = skip
-        for policy in self.keyframes:
-            q = self.measures.q.get(policy.interval)
-            cycle = self._cycle_mean(policy.interval)
-            if not q or cycle is None or (upper and len(q) < 2):
-                continue
-            if upper:
-                t = _t_quantile(2 * self.config.switch_confidence - 1, len(q) - 1)
-                out[policy.name] = (statistics.fmean(q) + t * statistics.stdev(q) / math.sqrt(len(q))) * cycle
+        for policy in self.keyframes:  # a cycle: the keyframe (no error), then sparse answers of ages 1 .. k - 1
+            errors = []
+            for age in self._cycle_ages(policy.interval):
+                q = 0.0 if age == 0 else self._q_at(policy.interval, age, upper)
+                e = self.reuse_curve(age)
+                if q is None or e is None:
+                    break
+                errors.append(q * e)
             else:
-                out[policy.name] = statistics.median(q) * cycle
+                out[policy.name] = statistics.fmean(errors)
         return out
 
     def _start(self, policy: FramePolicy) -> None:
@@ -428,6 +455,9 @@ class AdaptiveSchedule:
             if self.exploring:
                 return
             self.last_explore = self.frame
+            explored = True
+        else:
+            explored = False
         # a candidate takes over on evidence (its upper bound); the one serving keeps its place on its median
         predictions = {**self.predictions(upper=True),
                        **{k: v for k, v in self.predictions().items() if k == self._target().name}}
@@ -438,6 +468,9 @@ class AdaptiveSchedule:
         choice = self.skip
         if best is not None and predictions[best.name] < self.config.switch_margin * predictions[self.skip.name]:
             choice = best
+        if explored:  # probing spends the measuring share: the less it finds, the less often it is done again
+            self.explore_gap = (self.config.reexplore_every if choice != self.skip
+                                else min(8 * self.config.reexplore_every, 2 * self.explore_gap))
         if choice != self._target():
             self._start(choice)
 
@@ -483,7 +516,7 @@ class AdaptiveSchedule:
             p_agree = statistics.fmean(agree) if agree else self._agreement_at(age, self.lifetime)
             counts.append(len(agree) if agree else 1)
             if action == "sparse" and interval is not None and self.measures.q.get(interval):
-                qs = self.measures.q[interval]
+                qs = self.measures.q_age.get((interval, age)) or self.measures.q[interval]
                 q = statistics.median(qs)
                 e, p_agree = q * e, 1.0 - min(1.0, q) * (1.0 - p_agree)
                 rse = math.hypot(rse, 0.5 if len(qs) < 2 else statistics.stdev(qs) / math.sqrt(len(qs)) / max(q, 1e-9))
