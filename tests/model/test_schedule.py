@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 import torch
@@ -170,3 +170,18 @@ def test_the_estimate_counts_each_served_frame_at_the_age_of_the_answer_it_serve
         age = 0 if action == "dense" else age + 1
         ages[(action, age, None)] += 1
     assert schedule.served_log == ages and max(a for _, a, _ in ages) == 2
+
+
+def test_a_keyframe_candidate_is_predicted_from_q_at_the_ages_its_sparse_frames_serve():
+    """keyframe(k)'s predicted error: over its cycle, 0 on the keyframe, then q at each age (the samples there, else
+    the candidate's pooled ones) times the reuse error at that age."""
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig())
+    candidate = next(p for p in schedule.keyframes if p.interval == 3)
+    for age, error in ((1, 0.1), (2, 0.2), (3, 0.3)):
+        schedule.measures.reuse[age] = deque([error] * 3)
+    schedule.measures.q[3] = deque([0.9, 0.9])  # at age 3 (probe ends, shadows)
+    schedule.measures.q_age[(3, 1)] = deque([0.5, 0.5])
+    assert schedule.predictions()[candidate.name] == pytest.approx((0.5 * 0.1 + 0.9 * 0.2) / 3)  # age 2: pooled
+    schedule.measures.q_age[(3, 2)] = deque([0.8, 0.8])
+    assert schedule.predictions()[candidate.name] == pytest.approx((0.5 * 0.1 + 0.8 * 0.2) / 3)
+    assert schedule.predictions(upper=True)[candidate.name] == pytest.approx((0.5 * 0.1 + 0.8 * 0.2) / 3)  # no spread
