@@ -30,7 +30,7 @@ from model.eventful import EventfulConfig, EventfulViT
 from model.kernels import linear
 from model.macs import dense_macs, embed_macs
 from model.preprocess import Frame, Preprocessor, _as_list, _to_uint8_chw
-from model.vit import Block, PatchEmbed, init_random_weights
+from model.vit import Block, PatchEmbed, TokenEncoder
 from model.yolos import Detections, boxes_to_corners
 
 # --------------------------------------------------------------------------- blocks
@@ -153,7 +153,7 @@ class Owlv2TextEncoder(nn.Module):
 # --------------------------------------------------------------------------- the detector
 
 
-class Owlv2Detector(nn.Module):
+class Owlv2Detector(TokenEncoder):
     """OWLv2 weights: the vision encoder EventfulViT runs (embed / blocks / after_block / forward_head), the box,
     objectness and class heads, and the text encoder for queries."""
 
@@ -174,9 +174,6 @@ class Owlv2Detector(nn.Module):
         self.text = Owlv2TextEncoder(config)
         self.init_random_weights()
 
-    def init_random_weights(self, seed: int = 0) -> None:
-        init_random_weights(self, seed)
-
     # ---- the vision encoder, as EventfulViT calls it
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,15 +181,6 @@ class Owlv2Detector(nn.Module):
         patches = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
         return self.pre_norm(x)
-
-    def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        return x
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return x
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """The image feature map: post-LayerNorm, every patch times the class token, LayerNorm.

@@ -93,7 +93,28 @@ def init_random_weights(module: nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
 
 
-class VisionTransformer(nn.Module):
+class TokenEncoder(nn.Module):
+    """What EventfulViT calls of a transformer encoder: embed(images) -> tokens, then each of `blocks` followed by
+    after_block, then forward_head(tokens). Subclasses hold the weights and define embed and forward_head."""
+
+    def init_random_weights(self, seed: int = 0) -> None:
+        init_random_weights(self, seed)
+
+    def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """What happens to the residual stream between blocks (nothing here; YOLOS adds mid-position embeddings)."""
+        return x
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for i, block in enumerate(self.blocks):
+            x = self.after_block(block(x), i)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+class VisionTransformer(TokenEncoder):
     """ViT/DeiT classifier. Holds weights only; per-stream state lives in model.state."""
 
     def __init__(self, config: ViTConfig):
@@ -114,9 +135,6 @@ class VisionTransformer(nn.Module):
         )
         self.init_random_weights()
 
-    def init_random_weights(self, seed: int = 0) -> None:
-        init_random_weights(self, seed)
-
     def prefix_tokens(self) -> list[torch.Tensor]:
         """The learned tokens before the patches, each [1, n, C] (class, then distillation when present)."""
         return [t for t in (self.cls_token, self.dist_token) if t is not None]
@@ -128,16 +146,6 @@ class VisionTransformer(nn.Module):
         prefix = [t.expand(b, -1, -1) for t in self.prefix_tokens()]
         return torch.cat([*prefix, patches], dim=1) + self.pos_embed
 
-    def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """What happens to the residual stream between blocks (nothing here; YOLOS adds mid-position embeddings)."""
-        return x
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(images)
-        for i, block in enumerate(self.blocks):
-            x = self.after_block(block(x), i)
-        return x
-
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits from the final prefix tokens. tokens: [B, P or N, C] -> [B, num_classes]."""
         prefix = self.norm(tokens[:, : self.config.num_prefix_tokens])
@@ -146,6 +154,3 @@ class VisionTransformer(nn.Module):
             # DeiT distilled inference: average of the class and distillation heads.
             logits = (logits + self.head_dist(prefix[:, 1])) / 2
         return logits
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))

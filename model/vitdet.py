@@ -28,7 +28,7 @@ from model.config import ViTDetConfig
 from model.eventful import EventfulConfig, EventfulViT, _Context, _Gate, _heads, _merge, _rows, _write_rows
 from model.kernels import linear
 from model.macs import embed_macs, gate_macs
-from model.vit import Mlp, PatchEmbed, init_random_weights
+from model.vit import Mlp, PatchEmbed, TokenEncoder
 
 # --------------------------------------------------------------------------- layout helpers
 
@@ -142,7 +142,7 @@ class ViTDetBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViTDetBackbone(nn.Module):
+class ViTDetBackbone(TokenEncoder):
     """ViTDet backbone weights. forward(images [B, 3, H, W]) -> feature map [B, C, H/p, W/p]."""
 
     def __init__(self, config: ViTDetConfig):
@@ -154,30 +154,15 @@ class ViTDetBackbone(nn.Module):
         self.blocks = nn.ModuleList(ViTDetBlock(config, i) for i in range(config.depth))
         self.init_random_weights()
 
-    def init_random_weights(self, seed: int = 0) -> None:
-        init_random_weights(self, seed)
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens: [B, N, C] (raster order, no prefix tokens)
         patches = self.patch_embed(images)  # [B, N, C]
         return patches if self.pos_embed is None else patches + self.pos_embed
 
-    def after_block(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        return x
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """The feature map: tokens [B, N, C] -> [B, C, H/p, W/p] (no norm, as transformers' VitDetModel)."""
         b, _, c = tokens.shape
         return tokens.transpose(1, 2).reshape(b, c, *self.config.grid_size)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
 
 
 # --------------------------------------------------------------------------- MACs
