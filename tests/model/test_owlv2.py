@@ -25,7 +25,7 @@ from model.owlv2 import (
 )
 from model.policy import StreamBudget
 from model.preprocess import Preprocessor
-from tests.model.test_eventful import video
+from tests.model.test_eventful import assert_alone_equals_batched, video
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,17 +174,23 @@ CONFIG = Owlv2Config(
 LEVELS = ["tokenwise", "qk", "full"]
 
 
-@pytest.fixture(scope="module")
-def owlv2() -> Owlv2Detector:
+def visible_owlv2(config: Owlv2Config) -> Owlv2Detector:
+    """An OWLv2 with larger-than-init random weights (seeded), so that frames and queries change its outputs
+    visibly."""
     torch.manual_seed(0)
-    model = Owlv2Detector(CONFIG).eval()
-    with torch.no_grad():  # larger-than-init weights so changes propagate visibly
+    model = Owlv2Detector(config).eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.3))
     return model.requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def owlv2() -> Owlv2Detector:
+    return visible_owlv2(CONFIG)
 
 
 def dense(model: Owlv2Detector, frames: torch.Tensor, queries: torch.Tensor):
@@ -233,22 +239,8 @@ def test_sparse_frames_drift_and_a_seed_restores_exactness(owlv2):
 
 def test_a_stream_alone_equals_the_same_stream_in_a_batch(owlv2):
     runner = EventfulOwlv2(owlv2, EventfulConfig(level="tokenwise"))
-    budgets = [StreamBudget(tokens=5), StreamBudget(tokens=20), StreamBudget(threshold=0.3, tokens=12)]
-    batched = [runner.new_state() for _ in budgets]
-    alone = [runner.new_state() for _ in budgets]
-    streams = [video(seed=s) for s in range(len(budgets))]
-    for t in range(6):
-        images = torch.stack([s[t] for s in streams])
-        out = runner.step(images, batched, budgets)
-        for j, budget in enumerate(budgets):
-            one = runner.step(images[j : j + 1], [alone[j]], [budget])
-            assert (out.logits[j] - one.logits[0]).abs().max() <= 1e-5
-            assert torch.equal(out.updated_tokens[j], one.updated_tokens[0])
-            assert out.macs[j] == one.macs[0]
-    for a, b in zip(batched, alone, strict=True):
-        for layer in runner.pool.layers:
-            for name, tensor in layer.items():
-                assert (tensor[a.slot] - tensor[b.slot]).abs().max() <= 1e-5, name
+    assert_alone_equals_batched(
+        runner, [StreamBudget(tokens=5), StreamBudget(tokens=20), StreamBudget(threshold=0.3, tokens=12)], 6)
 
 
 @pytest.mark.parametrize("level", LEVELS)

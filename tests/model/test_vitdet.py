@@ -12,7 +12,7 @@ from model.loaders import CheckpointError, load_model, vitdet_hf_to_model_state_
 from model.policy import StreamBudget
 from model.pool import StatePool
 from model.vitdet import EventfulViTDet, ViTDetBackbone, vitdet_dense_macs, window_rows
-from tests.model.test_eventful import video
+from tests.model.test_eventful import assert_alone_equals_batched, video
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,22 +180,8 @@ def test_sparse_budget_after_a_full_budget_frame_is_exact(vitdet):
 
 def test_a_stream_alone_equals_the_same_stream_in_a_batch_of_three(vitdet):
     runner = EventfulViTDet(vitdet)
-    budgets = [StreamBudget(tokens=5), StreamBudget(tokens=20), StreamBudget(threshold=0.3, tokens=12)]
-    batched = [runner.new_state() for _ in budgets]
-    alone = [runner.new_state() for _ in budgets]
-    streams = [video(seed=s) for s in range(len(budgets))]
-    for t in range(6):
-        images = torch.stack([s[t] for s in streams])
-        out = runner.step(images, batched, budgets)
-        for j, budget in enumerate(budgets):
-            one = runner.step(images[j : j + 1], [alone[j]], [budget])
-            assert (out.logits[j] - one.logits[0]).abs().max() <= 1e-5
-            assert torch.equal(out.updated_tokens[j], one.updated_tokens[0])
-            assert out.macs[j] == one.macs[0]
-    for a, b in zip(batched, alone, strict=True):
-        for layer in runner.pool.layers:
-            for name, tensor in layer.items():
-                assert (tensor[a.slot] - tensor[b.slot]).abs().max() <= 1e-5, name
+    assert_alone_equals_batched(
+        runner, [StreamBudget(tokens=5), StreamBudget(tokens=20), StreamBudget(threshold=0.3, tokens=12)], 6)
 
 
 def test_selected_tokens_per_gate_follow_the_budget(vitdet):

@@ -19,6 +19,7 @@ from server.engine.factory import build_runner
 from server.engine.owlv2_runner import Owlv2Runner
 from server.engine.queries import FallbackTokenizer, QueryError, check_query_texts
 from server.settings import Settings
+from tests.model.test_owlv2 import visible_owlv2
 from tests.server.conftest import encode, frames, listed_detections
 
 transformers = pytest.importorskip("transformers")
@@ -44,15 +45,7 @@ def write_tokenizer(directory) -> str:
 
 @pytest.fixture(scope="module")
 def owlv2() -> Owlv2Detector:
-    torch.manual_seed(0)
-    model = Owlv2Detector(CONFIG).eval()
-    with torch.no_grad():  # larger-than-init weights so that frames and queries change the outputs visibly
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.3))
-    return model.requires_grad_(False)
+    return visible_owlv2(CONFIG)
 
 
 @pytest.fixture(scope="module")
