@@ -30,6 +30,7 @@ candidate is measured better; candidates are probed in turn at the start, after 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
@@ -85,6 +86,18 @@ class _Measures:
     # (keyframe interval, age) -> the same ratios by the age of the sparse answer (a probe meets dense results at
     # ages below its interval too: the ages a served keyframe policy's sparse frames have)
     q_age: dict[tuple[float, int], deque[float]] = field(default_factory=dict)
+    # the power laws fitted to reuse / reuse_agree (by name), until a sample is added: predictions and estimates ask
+    # for them at every age of every candidate's cycle, after each dense result
+    curves: dict[str, _PowerLaw] = field(default_factory=dict)
+
+    def curve(self, name: str) -> _PowerLaw:
+        """`reuse` (errors) or `disagreement` (1 - agreement), by age."""
+        if name not in self.curves:
+            samples = self.reuse if name == "reuse" else self.reuse_agree
+            flip = name != "reuse"
+            self.curves[name] = _PowerLaw({a: ((1.0 - statistics.fmean(v)) if flip else statistics.fmean(v), len(v))
+                                           for a, v in samples.items() if v})
+        return self.curves[name]
 
 
 class AdaptiveSchedule:
@@ -330,6 +343,7 @@ class AdaptiveSchedule:
                 for measures in (self.measures, self.lifetime):
                     measures.reuse.setdefault(age, _samples()).append(error)
                     measures.reuse_agree.setdefault(age, _samples()).append(agreement)
+                    measures.curves.clear()
         self.dense_history.append((t, dense.detach() if isinstance(dense, torch.Tensor) else dense))
         self.dense_history = [(s, d) for s, d in self.dense_history if t - s < self.config.max_lag]
 
@@ -367,27 +381,25 @@ class AdaptiveSchedule:
         measures: the scene's since its last cut (default: what predictions use), or the stream's lifetime ones."""
         if age <= 0:
             return 0.0
-        measures = measures or self.measures
-        return _power_law({a: (statistics.fmean(v), len(v)) for a, v in measures.reuse.items() if v}, age)
+        return (measures or self.measures).curve("reuse")(age)
 
     def _agreement_at(self, age: int, measures: _Measures | None = None) -> float:
         """Agreement (top-1, box F1) of a result `age` frames old: measured where that age has samples, else 1 less
         a power law of the disagreement fitted to the ages that have them (it rises fastest over the first frames);
         1 before anything is measured."""
-        measures = measures or self.measures
-        disagreement = _power_law({a: (1.0 - statistics.fmean(v), len(v)) for a, v in measures.reuse_agree.items()
-                                   if v}, age)
+        disagreement = (measures or self.measures).curve("disagreement")(age)
         return 1.0 if disagreement is None else max(0.0, 1.0 - disagreement)
 
     @staticmethod
-    def _cycle_ages(interval: float) -> list[int]:
+    @functools.cache
+    def _cycle_ages(interval: float) -> tuple[int, ...]:
         """The age of the answer served on each frame of frame skipping at this interval (0 on its keyframes)."""
         policy = FramePolicy("skip", interval=interval)
         ages, age = [], 0
         for n in range(48):
             age = 0 if policy.is_keyframe(n) else age + 1
             ages.append(age)
-        return ages
+        return tuple(ages)
 
     def _cycle_mean(self, interval: float) -> float | None:
         """Mean e_reuse over the frames of a skip cycle of this interval (0 on its keyframes)."""
@@ -542,21 +554,29 @@ class AdaptiveSchedule:
         return dict(self.choices)
 
 
-def _power_law(means: dict[int, tuple[float, int]], age: int) -> float | None:
-    """means[age] = (mean, samples). The mean where measured, else a power law in the age fitted to the measured ages
-    (log-log least squares weighted by their samples: an age seen once, e.g. two identical frames, weighs once;
-    exponent 0.2-1.5, 0.7 from a single age); None with nothing measured."""
-    if age in means:
-        return means[age][0]
-    points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in means.items()]
-    if not points:
-        return None
-    total = sum(n for _, _, n in points)
-    mx = sum(n * x for x, _, n in points) / total
-    my = sum(n * y for _, y, n in points) / total
-    var = sum(n * (x - mx) ** 2 for x, _, n in points)
-    alpha = min(1.5, max(0.2, sum(n * (x - mx) * (y - my) for x, y, n in points) / var)) if var > 0 else 0.7
-    return math.exp(my + alpha * (math.log(age) - mx))
+class _PowerLaw:
+    """Fitted to means[age] = (mean, samples): the mean where measured, else a power law in the age fitted to the
+    measured ages (log-log least squares weighted by their samples: an age seen once, e.g. two identical frames,
+    weighs once; exponent 0.2-1.5, 0.7 from a single age); None with nothing measured."""
+
+    def __init__(self, means: dict[int, tuple[float, int]]):
+        self.means = means
+        points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in means.items()]
+        if not points:
+            return
+        total = sum(n for _, _, n in points)
+        self.mx = sum(n * x for x, _, n in points) / total
+        self.my = sum(n * y for _, y, n in points) / total
+        var = sum(n * (x - self.mx) ** 2 for x, _, n in points)
+        self.alpha = (min(1.5, max(0.2, sum(n * (x - self.mx) * (y - self.my) for x, y, n in points) / var))
+                      if var > 0 else 0.7)
+
+    def __call__(self, age: int) -> float | None:
+        if age in self.means:
+            return self.means[age][0]
+        if not self.means:
+            return None
+        return math.exp(self.my + self.alpha * (math.log(age) - self.mx))
 
 
 def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
