@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ViTConfig
-from model.fidelity import Fidelity, LogitFidelity
+from model.fidelity import Fidelity, LogitFidelity, audit_estimate, t_quantile
 from model.macs import dense_macs
 from model.policy import StreamBudget
 from model.schedule import FrameAction, FramePolicy, policy_for_ratio, sparse_frame_macs
@@ -368,7 +368,7 @@ class AdaptiveSchedule:
             return None
         if not upper:
             return statistics.median(samples)
-        t = _t_quantile(2 * self.config.switch_confidence - 1, len(samples) - 1)
+        t = t_quantile(2 * self.config.switch_confidence - 1, len(samples) - 1)
         return statistics.fmean(samples) + t * statistics.stdev(samples) / math.sqrt(len(samples))
 
     def _sparse_fraction(self, policy: FramePolicy) -> float:
@@ -495,14 +495,10 @@ class AdaptiveSchedule:
         conservative for a box F1 in [0, 1]); before that, from the measured curves applied to the frames served (a
         reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d))."""
         n = len(self.audit_errors)
-        z = statistics.NormalDist().inv_cdf(0.5 + self.config.confidence / 2)
         if n >= self.config.audits_for_estimate:
-            mean = statistics.fmean(self.audit_errors)
-            half = _t_quantile(self.config.confidence, n - 1) * statistics.stdev(self.audit_errors) / math.sqrt(n)
-            agree = sum(self.audit_agree)
-            return self._named(n, "audits", mean, (max(0.0, mean - half), mean + half), agree / n,
-                               _wilson(agree, n, z))
-        return self._modelled_estimate(n, z)
+            estimate = audit_estimate(self.audit_errors, self.audit_agree, self.config.confidence)
+            return self._named(n, "audits", *estimate)
+        return self._modelled_estimate(n, statistics.NormalDist().inv_cdf(0.5 + self.config.confidence / 2))
 
     def _named(self, audits: int, source: str, error: float | None, error_interval: tuple[float, float],
                agreement: float | None, agreement_interval: tuple[float, float]) -> dict:
@@ -577,24 +573,6 @@ class _PowerLaw:
         if not self.means:
             return None
         return math.exp(self.my + self.alpha * (math.log(age) - self.mx))
-
-
-def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _t_quantile(confidence: float, dof: int) -> float:
-    """Two-sided Student t quantile (Cornish-Fisher expansion of the normal quantile; exact enough for dof >= 1
-    at the confidences used here, and never below the normal quantile)."""
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    return z + g1 / dof + g2 / dof**2 + g3 / dof**3
 
 
 __all__ = ["AdaptiveConfig", "AdaptiveSchedule"]

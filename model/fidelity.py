@@ -11,6 +11,9 @@ A measure gives two numbers per pair (served, dense): an error (0 when the answe
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -105,4 +108,42 @@ class BoxFidelity:
         return 1.0 if f1 is None else f1
 
 
-__all__ = ["MATCH_IOU", "BoxFidelity", "Fidelity", "LogitFidelity", "box_f1", "match_boxes", "rel_l2"]
+def wilson(successes: float, n: int, z: float) -> tuple[float, float]:
+    """Wilson's score interval of a share (successes of n trials; a sum of values in [0, 1] is conservative)."""
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student t quantile (Cornish-Fisher expansion of the normal quantile; exact enough for dof >= 1
+    at the confidences used here, and never below the normal quantile)."""
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / dof + g2 / dof**2 + g3 / dof**3
+
+
+def audit_estimate(errors: Sequence[float], agreements: Sequence[float], confidence: float
+                   ) -> tuple[float, tuple[float, float], float, tuple[float, float]]:
+    """What a stream's audits say of the answers it is served: the mean error with its two-sided `confidence`
+    interval (Student t; unbounded above from a single audit) and the mean agreement with Wilson's interval.
+    errors, agreements: one per audit (at least one)."""
+    n = len(errors)
+    mean = statistics.fmean(errors)
+    if n >= 2:
+        half = t_quantile(confidence, n - 1) * statistics.stdev(errors) / math.sqrt(n)
+        interval = (max(0.0, mean - half), mean + half)
+    else:
+        interval = (0.0, math.inf)
+    agree = sum(agreements)
+    return mean, interval, agree / n, wilson(agree, n, statistics.NormalDist().inv_cdf(0.5 + confidence / 2))
+
+
+__all__ = [
+    "MATCH_IOU", "BoxFidelity", "Fidelity", "LogitFidelity", "audit_estimate", "box_f1", "match_boxes", "rel_l2",
+    "t_quantile", "wilson",
+]

@@ -121,13 +121,15 @@ class StreamPolicyIn(_Strict):
     policy: Literal["eventful", "skip", "keyframe", "adaptive"] = Field(
         description="eventful: every frame at the token budget (default); skip: dense every k-th frame, the last "
         "result reused between; keyframe: dense every `interval` frames, the token budget between; adaptive: "
-        "chosen per stream from dense audits at a compute `ratio`")
+        "chosen per stream from dense audits at a compute `ratio` (clip models: no ratio, their clips audited "
+        "against the plain model and a floor held by keeping more tubelets)")
     ratio: float | None = Field(None, ge=1.0, le=64.0, description="skip / adaptive: dense MACs over the stream's")
     interval: int | None = Field(None, ge=1, le=256, description="keyframe (or skip): frames per dense frame")
     audit_share: float = Field(0.02, ge=0.0, le=0.5, description="adaptive: share of its compute spent on audits")
-    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0, description="adaptive, classifiers: fidelity floor")
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0,
+                                             description="adaptive, classifiers and clip models: fidelity floor")
     max_rel_l2: float | None = Field(None, gt=0.0, le=10.0,
-                                     description="adaptive, classifiers: fidelity floor (logits)")
+                                     description="adaptive, classifiers and clip models: fidelity floor (logits)")
     min_box_f1: float | None = Field(None, ge=0.0, le=1.0, description="adaptive, detectors: fidelity floor (box F1 "
                                      "against the dense detections at IoU 0.5)")
 
@@ -138,8 +140,11 @@ class StreamPolicyOut(BaseModel):
     setting: dict[str, Any]
     serving: str | None = Field(None, description="the policy serving now (adaptive: its current choice)")
     effective_ratio: float | None = Field(None, description="adaptive: the compute ratio now (a floor may lower it)")
-    fidelity: dict[str, Any] | None = Field(None, description="adaptive: the audited fidelity estimate (classifiers: "
-                                            "top1_agreement, rel_l2; detectors: box_f1, mean_iou; with intervals)")
+    tau: float | None = Field(None, description="adaptive on a clip model: the stream's RLT tau now (a floor may "
+                              "lower it)")
+    fidelity: dict[str, Any] | None = Field(None, description="adaptive: the audited fidelity estimate (classifiers "
+                                            "and clip models: top1_agreement, rel_l2; detectors: box_f1, mean_iou; "
+                                            "with intervals)")
     floor_met: bool | None = None
     floor_error: str | None = None
 

@@ -2,8 +2,11 @@
 
 Each stream's state is a sliding window of its last num_frames preprocessed frames (a fixed ring buffer). Every
 frame goes into the window; once the window is full, every `stride`-th frame classifies it: the due clips of all
-streams in a step run as one packed batch (RLT drops repeated tubelets, clips keep different token counts, no
-padding). Other frames answer with the window fill.
+streams in a step run as one packed batch per tau (RLT drops repeated tubelets, clips keep different token counts,
+no padding). Other frames answer with the window fill. A stream's tau is the server's (`rlt_tau`) unless its
+budget's threshold sets its own (an adaptive stream holding a fidelity floor, model/clip_audit.py); an audit frame
+(PlannedFrame.audit) classifies the window as it stands with every tubelet (tau 0, the plain model) and pushes
+nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.fidelity import LogitFidelity
 from model.rlt import DEFAULT_TAU, classify_clips, clip_macs
 from model.videomae import VideoMAE
 from server.engine.decode import FrameLimits
@@ -65,6 +69,7 @@ class ClipRunner(FrameRunner):
     dense_first_frame = False  # a window fills frame by frame; RLT decides what each clip computes
     plain_dense = False  # budgets do not apply: a step whose budgets are all full is a clip step like any other
     refresh_interval = None  # a window has no reference tokens to reseed
+    fidelity = LogitFidelity()  # audits compare a served clip's logits with the plain model's (top-1, rel-L2)
     execution = None  # no eventful step: one packed forward pass per step
     pool_bytes = None  # windows are allocated per stream (ClipWindow.nbytes), not from a pool
     graph_bytes = None  # nothing is captured
@@ -76,7 +81,7 @@ class ClipRunner(FrameRunner):
         if stride < 1:
             raise ValueError("stride must be >= 1")
         super().__init__(model, top_k, limits)  # per-frame decode and preprocessing, as for single frames
-        self.tau = tau
+        self.rlt_tau = tau
         self.stride = stride
         self._dense_macs = clip_macs(self.config, self.config.num_patches)
 
@@ -89,23 +94,28 @@ class ClipRunner(FrameRunner):
         return window.seen >= window.capacity and (window.seen - window.capacity) % self.stride == 0
 
     def execute(self, plan: StepPlan) -> StepResult:
-        """Push every planned frame into its stream's window; classify the full windows that are due, packed."""
+        """Push every planned frame into its stream's window; classify the full windows that are due, packed (one
+        pass per tau); an audit frame's window as it stands, at tau 0."""
         start = time.perf_counter()
-        due = []
+        due: dict[float, list[int]] = {}  # tau -> plan positions
         for j, planned in enumerate(plan.frames):
             window: ClipWindow = planned.state
+            if planned.audit:
+                due.setdefault(0.0, []).append(j)
+                continue
             if planned.flush:
                 window.flush()
             window.push(planned.image.to(self.device, self.dtype))
             if self._due(window):
-                due.append(j)
+                tau = planned.budget.threshold
+                due.setdefault(self.rlt_tau if tau is None else tau, []).append(j)
         predictions = {}
-        if due:
-            clips = torch.stack([plan.frames[j].state.clip() for j in due])  # [b, T, 3, H, W]
-            out = classify_clips(self.model, clips, self.tau)
-            probs = out.logits.float().softmax(dim=-1)
-            scores, indices = probs.topk(self.top_k, dim=-1)
-            for row, j in enumerate(due):
+        for tau, rows in due.items():
+            clips = torch.stack([plan.frames[j].state.clip() for j in rows])  # [b, T, 3, H, W]
+            out = classify_clips(self.model, clips, tau)
+            logits = out.logits.float()  # [b, classes]
+            scores, indices = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
+            for row, j in enumerate(rows):
                 top = [
                     {"label": self.labels[i], "index": i, "score": s}
                     for s, i in zip(scores[row].tolist(), indices[row].tolist(), strict=True)
@@ -114,12 +124,12 @@ class ClipRunner(FrameRunner):
                     "action": {"label": top[0]["label"], "score": top[0]["score"]}, "top": top,
                     "tokens_kept": out.tokens_kept[row], "tokens": out.num_tokens,
                 }  # fmt: skip
-                predictions[j] = (result, out.kept_fraction[row], out.macs[row])
+                predictions[j] = (result, out.kept_fraction[row], out.macs[row], logits[row].cpu())
         outputs = []
         for j, planned in enumerate(plan.frames):
             if j in predictions:
-                result, kept, macs = predictions[j]
-                outputs.append(FrameOutput(self.num_patches, False, kept, macs, result))
+                result, kept, macs, answer = predictions[j]
+                outputs.append(FrameOutput(self.num_patches, False, kept, macs, result, answer))
             else:
                 window = planned.state
                 outputs.append(FrameOutput(0, False, 0.0, 0, {"window": window.filled, "of": window.capacity}))

@@ -406,7 +406,7 @@ class Engine:
 
     def set_stream_policy(self, stream_id: str, spec: StreamPolicySpec) -> dict:
         """Set a stream's frame policy (it takes effect on its next frame; a changed policy starts afresh)."""
-        spec.check_fidelity(self.runner.fidelity)
+        spec.check_fidelity(self.runner.fidelity, self.runner.rlt_tau)
         with self._cond:
             if spec.policy == "eventful":
                 self._stream_policies.pop(stream_id, None)
@@ -723,11 +723,12 @@ class Engine:
             record.schedule.skip_audit()
             self.stats.audit_skipped("late")
         started = time.perf_counter()
+        spent = 0
         try:
-            deferred.after(deferred.audit)
+            spent = deferred.after(deferred.audit)  # MACs measuring took (0: nothing ran, e.g. no clip was due)
         except Exception:
             log.exception("a deferred audit failed")
-        if run:
+        if run and spent:
             self._audit_s += 0.3 * (time.perf_counter() - started - self._audit_s)
 
     def _audit_for(self, pending: PendingFrame, record: StreamRecord, served: Any, queries: Any):
@@ -739,7 +740,7 @@ class Engine:
             runner = self.runner
             out = runner.execute(StepPlan([PlannedFrame(
                 pending.stream_id, pending.frame, pending.image, record.state, FULL, False, pending.frame_size,
-                seed=True, queries=queries)])).outputs[0]
+                seed=runner.dense_first_frame, queries=queries, audit=True)])).outputs[0]
             record.last_result = (out.outputs, out.answer)
             fidelity = runner.fidelity
             self.stats.audit(AuditStats(fidelity.kind, error=fidelity.error(served, out.answer),

@@ -6,7 +6,9 @@ dense frame every k-th frame and the stream's token budget between; `adaptive` c
 skipping and keyframe + sparse at a compute ratio, from online dense audits (model/chooser.py), and honours a
 fidelity floor by lowering its compute ratio (more compute) until the floor holds, or says it cannot. What an audit
 compares is the runner's fidelity measure (model/fidelity.py): a classifier's logits (top-1 agreement, rel-L2) or a
-detector's detections (box F1, mean IoU of the matched boxes); each has its own floors (FLOORS).
+detector's detections (box F1, mean IoU of the matched boxes); each has its own floors (FLOORS). A clip model's
+compute follows its content (RLT), so it takes no ratio and no frame policy: `adaptive` there audits the stream's
+clips against the plain model and holds a floor by lowering the stream's own tau (model/clip_audit.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 import torch
 
 from model.chooser import AdaptiveConfig, AdaptiveSchedule
+from model.clip_audit import ClipAuditConfig, ClipAudits
 from model.config import ViTConfig
 from model.fidelity import Fidelity
 from model.policy import StreamBudget
+from model.rlt import clip_macs
 from model.schedule import FrameAction, FramePolicy
 from server.engine.budget import BudgetError
 
@@ -65,8 +69,6 @@ class StreamPolicySpec:
             raise PolicyError("ratio", "skip takes exactly one of ratio and interval")
         if self.policy == "keyframe" and self.interval is None:
             raise PolicyError("interval", "keyframe needs an interval (frames per dense frame)")
-        if self.policy == "adaptive" and self.ratio is None:
-            raise PolicyError("ratio", "adaptive needs a compute ratio")
         floors = self.floors
         if floors and self.policy != "adaptive":
             raise PolicyError(floors[0], "a fidelity floor needs the adaptive policy (its audits measure fidelity)")
@@ -76,11 +78,21 @@ class StreamPolicySpec:
         """The fidelity floors set, by field name."""
         return [name for names in FLOORS.values() for name in names if getattr(self, name) is not None]
 
-    def check_fidelity(self, fidelity: Fidelity | None) -> None:
+    def check_fidelity(self, fidelity: Fidelity | None, rlt_tau: float | None = None) -> None:
         """Raises PolicyError where the model cannot serve this setting: adaptive without a fidelity measure (no
-        audits), or a floor of another measure (a top-1 floor for a detector, a box F1 floor for a classifier)."""
+        audits) or (frame models) without a ratio, a floor of another measure (a top-1 floor for a detector, a box
+        F1 floor for a classifier), and on a clip model (rlt_tau set) a frame policy or a ratio."""
+        if rlt_tau is not None:
+            if self.policy in ("skip", "keyframe"):
+                raise PolicyError("policy", f"a clip model takes no {self.policy} policy: RLT decides what each "
+                                  "clip computes (adaptive audits it and holds a fidelity floor)")
+            if self.ratio is not None:
+                raise PolicyError("ratio", "a clip model takes no compute ratio: its compute follows its content "
+                                  "(RLT); a fidelity floor keeps more tubelets where it needs them")
         if self.policy != "adaptive":
             return
+        if self.ratio is None and rlt_tau is None:
+            raise PolicyError("ratio", "adaptive needs a compute ratio")
         if fidelity is None:
             raise PolicyError("policy", "the adaptive policy's audits need a classifier or a detector model")
         for name in self.floors:
@@ -104,14 +116,20 @@ class FramePlan:
 class StreamSchedule:
     """One stream's frame policy at run time (owned by its record; the inference thread drives it)."""
 
-    def __init__(self, spec: StreamPolicySpec, config: ViTConfig, fidelity: Fidelity | None = None):
+    def __init__(self, spec: StreamPolicySpec, config: ViTConfig, fidelity: Fidelity | None = None,
+                 rlt_tau: float | None = None):
         self.spec = spec
         self.phase = 0
         self.floor_error: str | None = None
         self.frames = 0
         self.adaptive: AdaptiveSchedule | None = None
+        self.clip: ClipAudits | None = None  # a clip model's adaptive stream: audits, and its own tau
         self.fixed: FramePolicy | None = None
-        if spec.policy == "adaptive":
+        if spec.policy == "adaptive" and rlt_tau is not None:
+            self.clip = ClipAudits(rlt_tau, clip_macs(config, config.num_patches),
+                                   ClipAuditConfig(audit_share=spec.audit_share), spec.max_rel_l2,
+                                   spec.min_top1_agreement)
+        elif spec.policy == "adaptive":
             self.adaptive = AdaptiveSchedule(config, spec.ratio, AdaptiveConfig(audit_share=spec.audit_share),
                                              fidelity=fidelity)
         elif spec.policy == "skip":
@@ -122,6 +140,8 @@ class StreamSchedule:
     def plan(self, image: torch.Tensor, tokens: int, has_result: bool) -> FramePlan:
         """This frame's plan. tokens: the stream's token budget now (keyframe policy's sparse frames);
         has_result: a result exists to serve again (else a reuse becomes a dense frame)."""
+        if self.clip is not None:  # every frame enters the window; a due clip runs at the stream's tau
+            return FramePlan("sparse", StreamBudget(threshold=self.clip.tau), None, self.clip.will_audit())
         if self.adaptive is not None:
             action, budget = self.adaptive.next_action(image)
             shadow = self.adaptive.shadow_budget() if action == "dense" else None
@@ -138,12 +158,21 @@ class StreamSchedule:
         """The frame planned as audited is served and counted without its audit (no time for it)."""
         if self.adaptive is not None:
             self.adaptive.skip_audit()
+        if self.clip is not None:
+            self.clip.skip_audit()
 
     def after(self, action: FrameAction, served: Any, audit, shadow: Any, served_macs: int, shadow_macs: int,
               probes=None) -> int:
         """After the frame is served (adaptive: may run an audit through `audit()`, which returns the dense answer
         of the frame and reseeds the stream). served, shadow: answers as the fidelity measure compares them (class
-        logits, Detections). Returns the MACs spent measuring."""
+        logits, Detections; None: a clip stream's frame that classified nothing). Returns the MACs spent measuring."""
+        if self.clip is not None:
+            if served is None:
+                self.clip.skip_audit()  # no clip was due: a drawn audit waits for one
+                return 0
+            extra = self.clip.after_clip(served, served_macs, audit)
+            self.floor_error = None if self.clip.floor_met else "the fidelity floor is not met at this tau yet"
+            return extra
         if self.adaptive is None or served is None:
             return 0
         extra, _ = self.adaptive.after_frame(self.frames, action, served, audit, shadow, shadow_macs, served_macs,
@@ -179,6 +208,12 @@ class StreamSchedule:
         out = {"policy": self.spec.policy, "setting": asdict(self.spec)}
         if self.fixed is not None:
             out["serving"] = self.fixed.name
+        if self.clip is not None:
+            out["serving"] = f"rlt(tau={self.clip.tau:g})"
+            out["tau"] = self.clip.tau
+            out["fidelity"] = _fidelity_view(self.clip.estimate(), self.clip.fidelity)
+            out["floor_met"] = self.floor_error is None
+            out["floor_error"] = self.floor_error
         if self.adaptive is not None:
             est = self.adaptive.estimate()
             out["serving"] = self.adaptive.policy.name

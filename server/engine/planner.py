@@ -54,6 +54,7 @@ class PlannedFrame:
     shadow: StreamBudget | None = None  # a keyframe of an adaptive stream: a sparse step first, measured, not served
     seed: bool = False  # every token, writing every buffer of the state (a keyframe); the model obeys
     queries: Any = None  # the stream's text queries (queries.StreamQueries; open-vocabulary models); None: default
+    audit: bool = False  # the frame was served already: the dense answer of it (a clip window takes no frame again)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class RunnerFacts(Protocol):
     dense_first_frame: bool  # a stream's first frame seeds its state (clip windows fill instead)
     plain_dense: bool  # steps whose budgets are all full run the plain dense model
     fidelity: Fidelity | None  # what an adaptive stream's audits compare (model/fidelity.py); None: no audits
+    rlt_tau: float | None  # clip models: RLT's threshold on tubelet change (an adaptive stream lowers its own)
 
     @property
     def num_patches(self) -> int: ...
@@ -226,7 +228,7 @@ class Planner:
         if spec is None:
             record.schedule = None
         elif record.schedule is None or record.schedule.spec != spec:
-            record.schedule = StreamSchedule(spec, self.runner.config, self.runner.fidelity)
+            record.schedule = StreamSchedule(spec, self.runner.config, self.runner.fidelity, self.runner.rlt_tau)
         return record.schedule
 
     @staticmethod

@@ -122,6 +122,7 @@ class FrameRunner:
     dense_first_frame = True  # a stream's first frame computes every token (it seeds the stream's state)
     plain_dense = True  # a step whose budgets are all full runs the plain dense model
     fidelity: ClassVar[Fidelity | None] = None  # how an audit compares a served answer with the dense one
+    rlt_tau: float | None = None  # clip models only (Run-Length Tokenization)
     config: Any  # the model's config (model.config.ViTConfig or a subclass)
     device: torch.device
     dtype: torch.dtype

@@ -1,5 +1,6 @@
-"""Detection (YOLOS) and clip (VideoMAE + RLT) models served end to end over the WebSocket (TestClient), and YOLOS
-streams under the adaptive policy, audited by box F1 against the dense detections."""
+"""Detection (YOLOS) and clip (VideoMAE + RLT) models served end to end over the WebSocket (TestClient); YOLOS
+streams under the adaptive policy, audited by box F1 against the dense detections, and clip streams audited against
+the plain model (every tubelet), a floor lowering their own tau."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from bench.detect_bench import agreement
+from model.clip_audit import ClipAudits
 from model.config import DetectorConfig, PreprocessConfig, VideoConfig
 from model.rlt import classify_clips
 from model.videomae import VideoMAE
@@ -213,3 +215,97 @@ def test_bad_detector_floors_are_422_naming_the_field(detector, body, field):
         assert response.status_code == 422, response.text
         assert field in response.json()["message"]
         assert client.get("/v1/streams/det/policy").json()["policy"] == "eventful"  # nothing changed
+
+
+@pytest.fixture
+def clip_audit_log(monkeypatch) -> list[tuple]:
+    """Every clip audit, as (the stream's clip index, its tau then, the logits served, the audit's dense logits)."""
+    log: list[tuple] = []
+    after = ClipAudits.after_clip
+
+    def recording(self, served, macs, dense_fn):
+        clip, tau, seen = self.clips, self.tau, []
+
+        def dense():
+            seen.append(dense_fn())
+            return seen[-1]
+
+        spent = after(self, served, macs, dense)
+        if seen:
+            log.append((clip, tau, served, seen[0]))
+        return spent
+
+    monkeypatch.setattr(ClipAudits, "after_clip", recording)
+    return log
+
+
+def test_an_adaptive_clip_stream_s_audits_compare_its_clip_with_the_plain_model_on_that_window(clip_model,
+                                                                                              clip_audit_log):
+    """Each audit compares the logits the stream was served for a clip (RLT at the stream's tau) with the plain
+    model's (every tubelet) on the same window; the view and the metrics count them."""
+    video = frames(100, height=48, width=64, seed=21)
+    with _client(clip_model, clip_stride=1, rlt_tau=0.1) as client:
+        put = client.put("/v1/streams/clip/policy", json={"policy": "adaptive", "audit_share": 0.5})
+        assert put.status_code == 200, put.text
+        messages = stream_frames(client, "clip", video)
+        view = client.get("/v1/streams/clip/policy").json()
+        metrics = client.get("/metrics").text
+    runner = build_runner(Settings(model="unused", device="cpu"), clip_model)
+    images = runner.preprocessor(video)  # [100, 3, 32, 32]
+    assert len(clip_audit_log) >= 3
+    for clip, tau, served, dense in clip_audit_log:
+        t = clip + 3  # stride 1: the first clip is due on frame 3 (a 4-frame window)
+        window = images[t - 3 : t + 1][None]
+        assert tau == 0.1  # no floor: the server's tau throughout
+        assert torch.allclose(served, classify_clips(clip_model, window, tau).logits[0], atol=1e-5)
+        assert torch.allclose(dense, classify_clips(clip_model, window, 0.0).logits[0], atol=1e-5)
+        assert messages[t]["outputs"]["action"]["score"] == pytest.approx(float(served.softmax(-1).max()), abs=1e-5)
+    assert any(not torch.allclose(s, d, atol=1e-4) for _, _, s, d in clip_audit_log)  # RLT dropped something
+    errors = [float((s - d).norm() / d.norm()) for _, _, s, d in clip_audit_log]
+    fidelity = view["fidelity"]
+    assert view["policy"] == "adaptive" and view["serving"] == "rlt(tau=0.1)" and view["floor_met"] is True
+    assert fidelity["audits"] == len(clip_audit_log) and fidelity["source"] == "audits"
+    assert fidelity["rel_l2"] == pytest.approx(sum(errors) / len(errors), rel=1e-5)
+    low, high = fidelity["rel_l2_interval"]
+    assert low <= fidelity["rel_l2"] <= high and fidelity["top1_interval"][0] <= fidelity["top1_agreement"] <= 1
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("eventful_")}
+    assert counts["eventful_audits_total"] == counts["eventful_audit_logit_rel_l2_count"] == len(clip_audit_log)
+
+
+def test_a_clip_stream_s_floor_lowers_its_own_tau_and_leaves_another_stream_s_clips_as_they_are(clip_model):
+    """A floor the server's tau misses walks the stream's tau down its ladder (its audits measure each rung),
+    while a plain stream beside it is served exactly what it is served alone."""
+    video = frames(150, height=48, width=64, seed=22)
+    body = {"policy": "adaptive", "audit_share": 0.5, "max_rel_l2": 1e-6}
+    with _client(clip_model, clip_stride=1, rlt_tau=0.1) as client:
+        alone = stream_frames(client, "plain", video)
+        assert client.put("/v1/streams/audited/policy", json=body).status_code == 200
+        together = stream_beside(client, "plain2", "audited", video)
+        view = client.get("/v1/streams/audited/policy").json()
+    for got, want in zip(together, alone, strict=True):  # packed with another clip: equal to float rounding
+        got, want = got["outputs"], want["outputs"]
+        assert set(got) == set(want) and got.get("window") == want.get("window")
+        assert got.get("tokens_kept") == want.get("tokens_kept")
+        assert [c["label"] for c in got.get("top", [])] == [c["label"] for c in want.get("top", [])]
+        assert [c["score"] for c in got.get("top", [])] == pytest.approx([c["score"] for c in want.get("top", [])])
+    assert view["tau"] < 0.1 and view["serving"] == f"rlt(tau={view['tau']:g})"
+    assert view["setting"]["max_rel_l2"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"policy": "skip", "interval": 2}, "policy"),
+        ({"policy": "keyframe", "interval": 4}, "policy"),
+        ({"policy": "adaptive", "ratio": 2}, "ratio"),
+        ({"policy": "adaptive", "min_box_f1": 0.5}, "min_box_f1"),
+        ({"policy": "adaptive", "audit_share": 0.6}, "audit_share"),
+        ({"policy": "adaptive", "min_top1_agreement": 1.5}, "min_top1_agreement"),
+    ],
+)
+def test_bad_clip_policies_are_422_naming_the_field(clip_model, body, field):
+    with _client(clip_model) as client:
+        response = client.put("/v1/streams/clip/policy", json=body)
+        assert response.status_code == 422, response.text
+        assert field in response.json()["message"]
+        assert client.get("/v1/streams/clip/policy").json()["policy"] == "eventful"  # nothing changed

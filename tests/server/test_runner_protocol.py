@@ -55,7 +55,7 @@ def models(tiny_model) -> dict[type, torch.nn.Module]:
 
 def test_the_protocol_names_what_the_engine_and_the_api_need():
     assert MEMBERS == {
-        "num_patches", "dense_first_frame", "plain_dense", "fidelity", "config", "new_state",  # RunnerFacts
+        "num_patches", "dense_first_frame", "plain_dense", "fidelity", "rlt_tau", "config", "new_state",  # RunnerFacts
         "task", "device", "dtype", "refresh_interval", "execution", "pool_bytes", "graph_bytes",
         "prepare", "execute", "warmup", "default_queries", "tokenizer", "check_queries",
     }  # fmt: skip
