@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 352x640")
     f.add_argument("--labels", default=None, help="class names file for timm checkpoints")
     f.add_argument("--level", choices=["tokenwise", "qk", "full"], default="tokenwise")
+    f.add_argument("--gate-position", choices=["residual", "normed"], default="residual",
+                   help="what the gates compare: the residual stream, or the block's LayerNorm output")
     f.add_argument("--policies", default="skip,keyframe,topr,adaptive",
                    help="policy families to run, comma-separated (skip always runs: it is the yardstick)")
     f.add_argument("--audit-share", type=float, default=0.02, help="adaptive: share of compute spent measuring")
@@ -259,7 +261,8 @@ def run_fidelity(args: argparse.Namespace) -> int:
         return 2
     _torch_threads(args.threads)
     model = load_model(args.model, image_size=args.image_size, labels_path=args.labels).eval()
-    report = {"model": args.model, "level": args.level, "image_size": list(model.config.image_size),
+    report = {"model": args.model, "level": args.level, "gate_position": args.gate_position,
+              "image_size": list(model.config.image_size),
               "tokens": model.config.num_tokens, "ratios": args.ratios, "audit_share": args.audit_share,
               "videos": []}
     for path in args.videos:
@@ -269,7 +272,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
             return 2
         images = Preprocessor(model.config.preprocess)(frames)
         report["videos"].append(run_video(model, images, args.ratios, video=path, level=args.level,
-                                          adaptive=adaptive, families=families,
+                                          adaptive=adaptive, families=families, gate_position=args.gate_position,
                                           progress=lambda v, r, p: print(f"  {v} x{r:g} {p}", file=sys.stderr)))
     report["coverage"] = coverage(report)
     return _finish(print_table(report), report, args.json_path)

@@ -58,10 +58,11 @@ def dense_reference(model: VisionTransformer, images: torch.Tensor) -> Served:
 
 
 @torch.inference_mode()
-def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level: str = "tokenwise") -> Served:
+def run_schedule(model: VisionTransformer, images: torch.Tensor, schedule, level: str = "tokenwise",
+                 gate_position: str = "residual") -> Served:
     """Serve every frame as `schedule` says: a FramePolicy, or an AdaptiveSchedule (which also measures: a shadow
     sparse step before a keyframe, and audits that run the dense model after a frame is served and reseed)."""
-    runner = EventfulViT(model, EventfulConfig(level=level))
+    runner = EventfulViT(model, EventfulConfig(level=level, gate_position=gate_position))
     state = runner.new_state()
     logits, features, macs, actions = [], [], [], []
     adaptive = isinstance(schedule, AdaptiveSchedule)
@@ -203,7 +204,7 @@ POLICY_FAMILIES = ("skip", "keyframe", "topr", "adaptive")
 
 def run_video(model: VisionTransformer, images: torch.Tensor, ratios: list[float], *, video: str,
               level: str = "tokenwise", adaptive: AdaptiveConfig | None = None, progress=None,
-              families: tuple[str, ...] = POLICY_FAMILIES) -> dict:
+              families: tuple[str, ...] = POLICY_FAMILIES, gate_position: str = "residual") -> dict:
     """One video's rows: every fixed policy family and `adaptive` at every ratio (`skip` always: it is the
     yardstick)."""
     dense = dense_reference(model, images)
@@ -216,7 +217,7 @@ def run_video(model: VisionTransformer, images: torch.Tensor, ratios: list[float
         for family, policy in fixed_policies(model, ratio, level):
             if family != "skip" and family.rstrip("0123456789") not in families:
                 continue
-            served = run_schedule(model, images, policy, level)
+            served = run_schedule(model, images, policy, level, gate_position)
             results.append(_row(ratio, family, policy.name, served, dense, moving, dense_frame_macs))
             if family == "skip":
                 results[-1]["phases"] = skip_phases(dense, moving, ratio)
@@ -225,7 +226,7 @@ def run_video(model: VisionTransformer, images: torch.Tensor, ratios: list[float
         if "adaptive" not in families:
             continue
         schedule = AdaptiveSchedule(model.config, ratio, adaptive or AdaptiveConfig(), level=level)
-        served = run_schedule(model, images, schedule, level)
+        served = run_schedule(model, images, schedule, level, gate_position)
         row = _row(ratio, "adaptive", "adaptive", served, dense, moving, dense_frame_macs)
         row.update(_audit_report(served, dense))
         row["choices"] = schedule.choice_counts()

@@ -171,7 +171,8 @@ class StreamSchedule:
                 self.clip.skip_audit()  # no clip was due: a drawn audit waits for one
                 return 0
             extra = self.clip.after_clip(served, served_macs, audit)
-            self.floor_error = None if self.clip.floor_met else "the fidelity floor is not met at this tau yet"
+            # a missed floor moves the tau down at once: it stays missed only at tau 0, where nothing is dropped
+            self.floor_error = None if self.clip.floor_met else "the fidelity floor is not met even at tau 0"
             return extra
         if self.adaptive is None or served is None:
             return 0
