@@ -62,6 +62,8 @@ def encode(message: StreamMessage | dict[str, Any], latency_s: float | None = No
             },
             "outputs": message.outputs,
         }
+        if message.fidelity is not None:
+            payload["fidelity"] = message.fidelity
     elif isinstance(message, FrameDropped):
         payload = {"type": "dropped", "frame": message.frame}
     elif isinstance(message, FrameError):

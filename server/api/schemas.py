@@ -132,6 +132,8 @@ class StreamPolicyIn(_Strict):
                                      description="adaptive, classifiers and clip models: fidelity floor (logits)")
     min_box_f1: float | None = Field(None, ge=0.0, le=1.0, description="adaptive, detectors: fidelity floor (box F1 "
                                      "against the dense detections at IoU 0.5)")
+    report_fidelity: bool = Field(False, description="adaptive: each result message of the stream carries its "
+                                  "fidelity estimate (`fidelity`, as in the policy view; refreshed every 10 frames)")
 
 
 class StreamPolicyOut(BaseModel):

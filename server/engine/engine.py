@@ -663,7 +663,7 @@ class Engine:
                         frame=pending.frame, budget_tokens=0, dense=False, updated_fraction=0.0, outputs=outputs,
                         received_at=pending.received_at,
                         timing=FrameTiming(pending.decode_seconds, max(0.0, now - pending.queued_at), 0.0),
-                        batch_size=0, reused=True,
+                        batch_size=0, reused=True, fidelity=_message_fidelity(record),
                     )
                 )
                 self.stats.frame(FrameEvent("processed"))
@@ -769,7 +769,7 @@ class Engine:
                         updated_fraction=output.updated_fraction, outputs=output.outputs,
                         received_at=pending.received_at,
                         timing=FrameTiming(pending.decode_seconds, queued, result.step_seconds),
-                        batch_size=plan.batch_size,
+                        batch_size=plan.batch_size, fidelity=_message_fidelity(record),
                     )
                 )
         for _ in batch:
@@ -814,6 +814,11 @@ class Engine:
                 record.frames_dropped += 1
             session.send(FrameDropped(frame))
         self.stats.frame(FrameEvent("dropped"))
+
+
+def _message_fidelity(record: StreamRecord) -> dict | None:
+    """The fidelity estimate a result message of this stream carries (its policy's report_fidelity), or None."""
+    return record.schedule.message_fidelity() if record.schedule is not None else None
 
 
 @dataclass

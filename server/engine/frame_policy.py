@@ -32,6 +32,7 @@ POLICIES = ("eventful", "skip", "keyframe", "adaptive")
 FLOOR_CHECK_FRAMES = 30  # frames between checks of a fidelity floor
 FLOOR_STEP = 0.8  # a floor that holds with room lets the compute ratio grow by 1 / this at most per check
 FLOORS = {"logits": ("min_top1_agreement", "max_rel_l2"), "boxes": ("min_box_f1",)}  # by fidelity measure
+REPORT_EVERY = 10  # frames between refreshes of the estimate result messages carry (report_fidelity)
 
 
 class PolicyError(BudgetError):
@@ -49,6 +50,7 @@ class StreamPolicySpec:
     min_top1_agreement: float | None = None  # adaptive (classifier): fidelity floor on top-1 agreement with dense
     max_rel_l2: float | None = None  # adaptive (classifier): fidelity floor on the logits' relative L2 error
     min_box_f1: float | None = None  # adaptive (detector): fidelity floor on box F1 against the dense detections
+    report_fidelity: bool = False  # adaptive: each result message carries the stream's fidelity estimate
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -72,6 +74,8 @@ class StreamPolicySpec:
         floors = self.floors
         if floors and self.policy != "adaptive":
             raise PolicyError(floors[0], "a fidelity floor needs the adaptive policy (its audits measure fidelity)")
+        if self.report_fidelity and self.policy != "adaptive":
+            raise PolicyError("report_fidelity", "report_fidelity needs the adaptive policy (its audits measure it)")
 
     @property
     def floors(self) -> list[str]:
@@ -124,6 +128,8 @@ class StreamSchedule:
         self.frames = 0
         self.adaptive: AdaptiveSchedule | None = None
         self.clip: ClipAudits | None = None  # a clip model's adaptive stream: audits, and its own tau
+        self._reported: dict | None = None  # the estimate result messages carry (report_fidelity), and its frame
+        self._reported_at = -REPORT_EVERY
         self.fixed: FramePolicy | None = None
         if spec.policy == "adaptive" and rlt_tau is not None:
             self.clip = ClipAudits(rlt_tau, clip_macs(config, config.num_patches),
@@ -167,6 +173,7 @@ class StreamSchedule:
         of the frame and reseeds the stream). served, shadow: answers as the fidelity measure compares them (class
         logits, Detections; None: a clip stream's frame that classified nothing). Returns the MACs spent measuring."""
         if self.clip is not None:
+            self.frames += 1
             if served is None:
                 self.clip.skip_audit()  # no clip was due: a drawn audit waits for one
                 return 0
@@ -203,6 +210,16 @@ class StreamSchedule:
         error, agreement = chooser.predicted_at(chooser.ratio)
         met = (max_error is None or error <= max_error) and (min_agreement is None or agreement >= min_agreement)
         self.floor_error = None if met else "the fidelity floor is not met even at ratio 1 (every frame dense)"
+
+    def message_fidelity(self) -> dict | None:
+        """What a result message of this stream carries under `fidelity` (report_fidelity set): the estimate as the
+        policy view shows it, computed again every REPORT_EVERY frames (not on every frame); None otherwise."""
+        if not self.spec.report_fidelity or (self.adaptive is None and self.clip is None):
+            return None
+        if self.frames - self._reported_at >= REPORT_EVERY or self._reported is None:
+            self._reported = self.view()["fidelity"]
+            self._reported_at = self.frames
+        return self._reported
 
     def view(self) -> dict:
         """What GET /v1/streams shows: the policy, what it serves now, and (adaptive) the fidelity estimate."""

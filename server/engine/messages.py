@@ -31,6 +31,7 @@ class FrameResult:
     timing: FrameTiming
     batch_size: int
     reused: bool = False  # the stream's last result served again (frame policy skip / adaptive): no model step
+    fidelity: dict[str, Any] | None = None  # the stream's fidelity estimate (adaptive, report_fidelity set)
 
 
 @dataclass(frozen=True)

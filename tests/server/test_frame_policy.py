@@ -10,7 +10,7 @@ import torch
 
 from model.preprocess import Preprocessor
 from server.engine.engine import _DeferredAudit
-from tests.server.conftest import frames, stream_beside, stream_frames
+from tests.server.conftest import encode, frames, stream_beside, stream_frames
 
 
 def _dense_top(client, tiny_model, frame) -> list[int]:
@@ -73,6 +73,29 @@ def test_adaptive_streams_are_audited_and_report_their_fidelity(make_client):
     assert audits and float(audits[0].split()[-1]) >= 1
 
 
+def test_with_report_fidelity_each_result_carries_the_estimate_and_other_streams_results_do_not(make_client):
+    client = make_client(stream_ttl_s=60)
+    body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5, "report_fidelity": True}
+    assert client.put("/v1/streams/cam/policy", json=body).status_code == 200
+    video = frames(41, seed=7)
+    together, plain = [], []
+    with client.websocket_connect("/v1/streams/cam") as a, client.websocket_connect("/v1/streams/plain") as b:
+        for frame in video:
+            a.send_bytes(encode(frame))
+            b.send_bytes(encode(frame))
+            together.append(a.receive_json())
+            plain.append(b.receive_json())
+    view = client.get("/v1/streams/cam/policy").json()
+    assert view["setting"]["report_fidelity"] is True
+    reported = [m["fidelity"] for m in together]
+    assert all(set(r) == set(view["fidelity"]) for r in reported)  # the policy view's fields (rel_l2, top1, ...)
+    # refreshed every 10 frames: the estimate as of frames 0, 10, 20, 30, 40 (the audits it counts grow)
+    assert all(reported[t] == reported[10 * (t // 10)] for t in range(41))
+    assert [r["audits"] for r in reported[::10]] == sorted(r["audits"] for r in reported[::10])
+    assert reported[40]["audits"] >= 1 and reported[40]["audits"] <= view["fidelity"]["audits"]
+    assert all(m["type"] == "result" and "fidelity" not in m for m in plain)
+
+
 @pytest.mark.parametrize(
     "body,field",
     [
@@ -87,6 +110,8 @@ def test_adaptive_streams_are_audited_and_report_their_fidelity(make_client):
         ({"policy": "adaptive", "ratio": 2, "min_box_f1": 0.5}, "min_box_f1"),  # a detector's floor
         ({"policy": "adaptive", "ratio": 2, "min_box_f1": 1.5}, "min_box_f1"),
         ({"policy": "skip", "interval": "2"}, "interval"),
+        ({"policy": "skip", "interval": 2, "report_fidelity": True}, "report_fidelity"),
+        ({"policy": "adaptive", "ratio": 2, "report_fidelity": "yes"}, "report_fidelity"),
     ],
 )
 def test_bad_policies_are_422_naming_the_field(client, body, field):
