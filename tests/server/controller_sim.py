@@ -59,6 +59,7 @@ class _SimRunner:
 
     dense_first_frame = True
     fidelity = LogitFidelity()
+    rlt_tau = None  # not a clip model
 
     def __init__(self, num_patches: int, plain_dense: bool):
         self.num_patches = num_patches

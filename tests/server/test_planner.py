@@ -32,6 +32,7 @@ class FakeRunner:
     dense_first_frame = True
     plain_dense = True
     fidelity = LogitFidelity()
+    rlt_tau = None
     config = CONFIG
 
     def new_state(self) -> FakeState:
