@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ViTConfig
-from model.fidelity import Fidelity, LogitFidelity, audit_estimate, t_quantile
+from model.fidelity import MAX_AUDITS, Fidelity, LogitFidelity, audit_estimate, t_quantile
 from model.macs import dense_macs
 from model.policy import StreamBudget
 from model.schedule import FrameAction, FramePolicy, policy_for_ratio, sparse_frame_macs
@@ -129,8 +129,9 @@ class AdaptiveSchedule:
         self.charged = 0.0
         self.measured = 0.0  # MACs of audits and shadows
         self.dense_history: list[tuple[int, Any]] = []  # (frame, dense answer), recent
-        self.audit_errors: list[float] = []
-        self.audit_agree: list[float] = []  # per audit: 1/0 top-1 equal (classifier), box F1 (detector)
+        self.audits = 0  # audits run, all of them
+        self.audit_errors: deque[float] = deque(maxlen=MAX_AUDITS)  # the latest audits' errors
+        self.audit_agree: deque[float] = deque(maxlen=MAX_AUDITS)  # ... 1/0 top-1 equal (classifier), box F1 (detector)
         self.choices: dict[str, int] = {}
         # frames served, counted by (action, age of what they served, keyframe interval): bounded however long (ages
         # are frames since the last dense result, whichever served it: a keyframe or an audit)
@@ -348,6 +349,7 @@ class AdaptiveSchedule:
         self.dense_history = [(s, d) for s, d in self.dense_history if t - s < self.config.max_lag]
 
     def _record_audit(self, served: Any, dense: Any) -> None:
+        self.audits += 1
         self.audit_errors.append(self.fidelity.error(served, dense))
         self.audit_agree.append(self.fidelity.agreement(served, dense))
 
@@ -507,11 +509,11 @@ class AdaptiveSchedule:
         intervals. With enough audits, from the audits alone (the agreement's interval is Wilson's, exact for top-1,
         conservative for a box F1 in [0, 1]); before that, from the measured curves applied to the frames served (a
         reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d))."""
-        n = len(self.audit_errors)
-        if n >= self.config.audits_for_estimate:
+        if len(self.audit_errors) >= self.config.audits_for_estimate:  # the latest MAX_AUDITS of them
             estimate = audit_estimate(self.audit_errors, self.audit_agree, self.config.confidence)
-            return self._named(n, "audits", *estimate)
-        return self._modelled_estimate(n, statistics.NormalDist().inv_cdf(0.5 + self.config.confidence / 2))
+            return self._named(self.audits, "audits", *estimate)
+        return self._modelled_estimate(self.audits,
+                                       statistics.NormalDist().inv_cdf(0.5 + self.config.confidence / 2))
 
     def _named(self, audits: int, source: str, error: float | None, error_interval: tuple[float, float],
                agreement: float | None, agreement_interval: tuple[float, float]) -> dict:

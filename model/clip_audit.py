@@ -19,11 +19,12 @@ there is no compute ratio to choose. What the stream is served can still be meas
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from model.fidelity import LogitFidelity, audit_estimate
+from model.fidelity import MAX_AUDITS, LogitFidelity, audit_estimate
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ class ClipAudits:
         self.served_macs = 0  # of every clip served
         self.measured = 0  # MACs of the audits
         self.clips = 0
-        self.errors: list[float] = []  # per audit, since the stream started
-        self.agreements: list[float] = []
-        self.rung_errors: list[float] = []  # per audit at the current rung: what the floor is judged on
-        self.rung_agreements: list[float] = []
+        self.audits = 0  # audits run, all of them
+        self.errors: deque[float] = deque(maxlen=MAX_AUDITS)  # per audit, the latest: what the estimate rests on
+        self.agreements: deque[float] = deque(maxlen=MAX_AUDITS)
+        self.rung_errors: deque[float] = deque(maxlen=MAX_AUDITS)  # per audit at the current rung: the floor's
+        self.rung_agreements: deque[float] = deque(maxlen=MAX_AUDITS)
         self.floor_missed = False  # the current rung's audits miss the floor (until it moves)
         self.raise_after = self.config.audits_to_raise  # audits that meet the floor before trying a rung up
         self._raised = False  # the current rung was reached by a rung up (a miss there backs off the next try)
@@ -98,6 +100,7 @@ class ClipAudits:
         dense = dense_fn()
         error, agreement = self.fidelity.error(served, dense), self.fidelity.agreement(served, dense)
         self.measured += self.dense_macs
+        self.audits += 1
         for errors, agreements in ((self.errors, self.agreements), (self.rung_errors, self.rung_agreements)):
             errors.append(error)
             agreements.append(agreement)
@@ -126,7 +129,8 @@ class ClipAudits:
             self.raise_after = min(16 * self.config.audits_to_raise, 2 * self.raise_after)
         self._raised = step < 0
         self.rung += step
-        self.rung_errors, self.rung_agreements = [], []
+        self.rung_errors.clear()
+        self.rung_agreements.clear()
         self.floor_missed = False
 
     @property
@@ -135,11 +139,10 @@ class ClipAudits:
         return not self.floor_missed
 
     def estimate(self) -> dict:
-        """The stream's fidelity so far, from its audits (all of them: what it was served, at whichever tau):
+        """The stream's fidelity so far, from its latest MAX_AUDITS audits (what it was served, at whichever tau):
         `rel_l2` and `top1` with their intervals; None before the first audit."""
-        n = len(self.errors)
-        base = {"audits": n, "source": "audits" if n else "none"}
-        if not n:
+        base = {"audits": self.audits, "source": "audits" if self.audits else "none"}
+        if not self.errors:
             return {**base, "rel_l2": None, "rel_l2_interval": (0.0, float("inf")), "top1": None,
                     "top1_interval": (0.0, 1.0)}
         error, error_interval, agreement, agreement_interval = audit_estimate(

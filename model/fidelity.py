@@ -22,6 +22,7 @@ import torch
 from model.yolos import Detections, box_iou
 
 MATCH_IOU = 0.5  # a served box answers a dense one at this IoU or more (and the same label)
+MAX_AUDITS = 1024  # the latest audits a stream's estimate rests on (a long-running stream's memory stays bounded)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,6 +145,6 @@ def audit_estimate(errors: Sequence[float], agreements: Sequence[float], confide
 
 
 __all__ = [
-    "MATCH_IOU", "BoxFidelity", "Fidelity", "LogitFidelity", "audit_estimate", "box_f1", "match_boxes", "rel_l2",
-    "t_quantile", "wilson",
+    "MATCH_IOU", "MAX_AUDITS", "BoxFidelity", "Fidelity", "LogitFidelity", "audit_estimate", "box_f1", "match_boxes",
+    "rel_l2", "t_quantile", "wilson",
 ]

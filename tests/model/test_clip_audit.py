@@ -83,3 +83,13 @@ def test_bad_settings_are_refused():
         ClipAudits(-0.1, dense_macs=100)
     assert ClipAudits(0.0, dense_macs=100).taus == [0.0]  # RLT off: one rung
     assert math.isinf(ClipAudits(0.1, dense_macs=100).estimate()["rel_l2_interval"][1])
+
+
+def test_the_estimate_rests_on_the_latest_audits_and_counts_them_all(monkeypatch):
+    monkeypatch.setattr("model.clip_audit.MAX_AUDITS", 16)
+    audits = ClipAudits(0.1, dense_macs=100, config=ClipAuditConfig(audit_share=0.5))
+    clip = iter(range(400))
+    log = _serve(audits, 400, lambda tau: DENSE * (1.5 if next(clip) < 200 else 1.01))  # far off, then close
+    assert len(log) > 32 and len(audits.errors) == 16 and audits.estimate()["audits"] == len(log)
+    assert [e for _, e in log[-16:]] == pytest.approx([0.01] * 16, rel=1e-5)
+    assert audits.estimate()["rel_l2"] == pytest.approx(0.01, rel=1e-5)
