@@ -464,8 +464,7 @@ class AdaptiveSchedule:
     def _maybe_choose(self) -> None:
         if self.exploring:
             current = self.exploring[0]
-            if len(self.measures.q.get(current.interval, [])) >= self.config.shadows_per_candidate or \
-                    self._rejected(current):
+            if len(self.measures.q.get(current.interval, [])) >= self.config.shadows_per_candidate:
                 self.exploring.pop(0)
             if self.exploring:
                 return
@@ -488,18 +487,6 @@ class AdaptiveSchedule:
                                 else min(8 * self.config.reexplore_every, 2 * self.explore_gap))
         if choice != self._target():
             self._start(choice)
-
-    def _rejected(self, candidate: FramePolicy) -> bool:
-        """Whether one probe already rules the candidate out: its prediction from that probe's q is no better than
-        the switch margin. With two samples the switch test's upper bound of their mean is at least the first
-        (mean + t sd / sqrt(2) with t >= 1 at switch_confidence 0.8), so a second probe passes it only if the reuse
-        curves move meanwhile; the probe it would cost delays a keyframe (at a low ratio, frames served stale)."""
-        if not self.measures.q.get(candidate.interval):
-            return False
-        predictions = self.predictions()
-        skip = predictions.get(self.skip.name)
-        mine = predictions.get(candidate.name)
-        return skip is not None and mine is not None and mine >= self.config.switch_margin * skip
 
     # ---- what the stream reports -----------------------------------------------------------------
 
