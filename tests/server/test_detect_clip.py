@@ -200,21 +200,27 @@ def test_a_detector_stream_s_audits_leave_another_stream_s_results_as_they_are(d
 
 
 @pytest.mark.parametrize(
-    "body,field",
+    "model,body,field",
     [
-        ({"policy": "adaptive", "ratio": 2, "min_box_f1": 1.5}, "min_box_f1"),
-        ({"policy": "adaptive", "ratio": 2, "min_box_f1": -0.1}, "min_box_f1"),
-        ({"policy": "adaptive", "ratio": 2, "min_top1_agreement": 0.9}, "min_top1_agreement"),  # a classifier's
-        ({"policy": "adaptive", "ratio": 2, "max_rel_l2": 0.5}, "max_rel_l2"),
-        ({"policy": "skip", "interval": 2, "min_box_f1": 0.5}, "min_box_f1"),  # a floor needs audits
+        ("detector", {"policy": "adaptive", "ratio": 2, "min_box_f1": 1.5}, "min_box_f1"),
+        ("detector", {"policy": "adaptive", "ratio": 2, "min_box_f1": -0.1}, "min_box_f1"),
+        ("detector", {"policy": "adaptive", "ratio": 2, "min_top1_agreement": 0.9}, "min_top1_agreement"),
+        ("detector", {"policy": "adaptive", "ratio": 2, "max_rel_l2": 0.5}, "max_rel_l2"),  # a classifier's
+        ("detector", {"policy": "skip", "interval": 2, "min_box_f1": 0.5}, "min_box_f1"),  # a floor needs audits
+        ("clip_model", {"policy": "skip", "interval": 2}, "policy"),  # RLT decides what a clip computes
+        ("clip_model", {"policy": "keyframe", "interval": 4}, "policy"),
+        ("clip_model", {"policy": "adaptive", "ratio": 2}, "ratio"),
+        ("clip_model", {"policy": "adaptive", "min_box_f1": 0.5}, "min_box_f1"),
+        ("clip_model", {"policy": "adaptive", "audit_share": 0.6}, "audit_share"),
+        ("clip_model", {"policy": "adaptive", "min_top1_agreement": 1.5}, "min_top1_agreement"),
     ],
 )
-def test_bad_detector_floors_are_422_naming_the_field(detector, body, field):
-    with _client(detector) as client:
-        response = client.put("/v1/streams/det/policy", json=body)
+def test_bad_detector_and_clip_policies_are_422_naming_the_field(request, model, body, field):
+    with _client(request.getfixturevalue(model)) as client:
+        response = client.put("/v1/streams/s/policy", json=body)
         assert response.status_code == 422, response.text
         assert field in response.json()["message"]
-        assert client.get("/v1/streams/det/policy").json()["policy"] == "eventful"  # nothing changed
+        assert client.get("/v1/streams/s/policy").json()["policy"] == "eventful"  # nothing changed
 
 
 @pytest.fixture
@@ -290,22 +296,3 @@ def test_a_clip_stream_s_floor_lowers_its_own_tau_and_leaves_another_stream_s_cl
         assert [c["score"] for c in got.get("top", [])] == pytest.approx([c["score"] for c in want.get("top", [])])
     assert view["tau"] < 0.1 and view["serving"] == f"rlt(tau={view['tau']:g})"
     assert view["setting"]["max_rel_l2"] == 1e-6
-
-
-@pytest.mark.parametrize(
-    "body,field",
-    [
-        ({"policy": "skip", "interval": 2}, "policy"),
-        ({"policy": "keyframe", "interval": 4}, "policy"),
-        ({"policy": "adaptive", "ratio": 2}, "ratio"),
-        ({"policy": "adaptive", "min_box_f1": 0.5}, "min_box_f1"),
-        ({"policy": "adaptive", "audit_share": 0.6}, "audit_share"),
-        ({"policy": "adaptive", "min_top1_agreement": 1.5}, "min_top1_agreement"),
-    ],
-)
-def test_bad_clip_policies_are_422_naming_the_field(clip_model, body, field):
-    with _client(clip_model) as client:
-        response = client.put("/v1/streams/clip/policy", json=body)
-        assert response.status_code == 422, response.text
-        assert field in response.json()["message"]
-        assert client.get("/v1/streams/clip/policy").json()["policy"] == "eventful"  # nothing changed
