@@ -256,7 +256,7 @@ class AdaptiveSchedule:
                 age = self._age(t)
                 reuse = self._reuse_error(age, dense)
                 if reuse is not None and reuse > 1e-6:
-                    self._record_q(self.shadowed.interval, age, self.fidelity.error(shadow, dense) / reuse, True)
+                    self._record_q(self.shadowed, age, self.fidelity.error(shadow, dense) / reuse, True)
             self._record_dense(t, dense)
             if self._audit_draw:
                 self._record_audit(served, dense)
@@ -295,7 +295,7 @@ class AdaptiveSchedule:
                 reuse = self.fidelity.error(self.probe_base, dense)
                 done = age >= self.probe.interval
                 if reuse > 1e-6:
-                    self._record_q(self.probe.interval, age, self.fidelity.error(answer, dense) / reuse, done)
+                    self._record_q(self.probe, age, self.fidelity.error(answer, dense) / reuse, done)
                 if done:
                     self.probe = None
             elif age > 4 * self.probe.interval:  # no dense result came: give up (a cut, a policy change)
@@ -353,12 +353,15 @@ class AdaptiveSchedule:
         self.audit_errors.append(self.fidelity.error(served, dense))
         self.audit_agree.append(self.fidelity.agreement(served, dense))
 
-    def _record_q(self, interval: float, age: int, q: float, pooled: bool) -> None:
+    def _record_q(self, policy: FramePolicy, age: int, q: float, pooled: bool) -> None:
         """A sample of a keyframe candidate's q at this age; pooled: it also counts for the candidate as a whole
-        (a probe's end or a shadow: the samples exploring counts)."""
-        self.measures.q_age.setdefault((interval, age), _samples()).append(q)
-        if pooled:
-            self.measures.q.setdefault(interval, _samples()).append(q)
+        (a probe's end or a shadow: the samples exploring counts). Predictions read those since the last
+        exploration; the estimate the stream's lifetime ones (their latest MAX_SAMPLES), since the frames served
+        before an exploration or a scene cut still count in it."""
+        for measures in (self.measures, self.lifetime):
+            measures.q_age.setdefault((policy.interval, age), _samples()).append(q)
+            if pooled:
+                measures.q.setdefault(policy.interval, _samples()).append(q)
 
     def _q_at(self, interval: float, age: int, upper: bool = False) -> float | None:
         """q of a keyframe candidate's sparse answer `age` frames after its keyframe: from the samples at that age
@@ -525,8 +528,8 @@ class AdaptiveSchedule:
             rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)) if len(samples) >= 2 else 0.5
             p_agree = statistics.fmean(agree) if agree else self._agreement_at(age, self.lifetime)
             counts.append(len(agree) if agree else 1)
-            if action == "sparse" and interval is not None and self.measures.q.get(interval):
-                qs = self.measures.q_age.get((interval, age)) or self.measures.q[interval]
+            if action == "sparse" and interval is not None and self.lifetime.q.get(interval):
+                qs = self.lifetime.q_age.get((interval, age)) or self.lifetime.q[interval]
                 q = statistics.median(qs)
                 e, p_agree = q * e, 1.0 - min(1.0, q) * (1.0 - p_agree)
                 rse = math.hypot(rse, 0.5 if len(qs) < 2 else statistics.stdev(qs) / math.sqrt(len(qs)) / max(q, 1e-9))

@@ -185,3 +185,21 @@ def test_a_keyframe_candidate_is_predicted_from_q_at_the_ages_its_sparse_frames_
     schedule.measures.q_age[(3, 2)] = deque([0.8, 0.8])
     assert schedule.predictions()[candidate.name] == pytest.approx((0.5 * 0.1 + 0.8 * 0.2) / 3)
     assert schedule.predictions(upper=True)[candidate.name] == pytest.approx((0.5 * 0.1 + 0.8 * 0.2) / 3)  # no spread
+
+
+def test_the_estimate_keeps_the_q_of_sparse_frames_served_before_an_exploration_cleared_it():
+    """A re-exploration forgets the q samples predictions rest on; the frames a keyframe policy served before still
+    count at the q measured for them (before, they counted at the whole reuse error: a pessimistic estimate)."""
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig())
+    candidate = next(p for p in schedule.keyframes if p.interval == 3)
+    for age, error in ((1, 0.1), (2, 0.2)):
+        schedule.lifetime.reuse[age] = deque([error] * 4)
+        schedule.lifetime.reuse_agree[age] = deque([1.0] * 4)
+    for age, q in ((1, 0.3), (2, 0.4), (3, 0.5), (3, 0.5)):
+        schedule._record_q(candidate, age, q, pooled=age == 3)
+    schedule.served_log.update({("dense", 0, 3.0): 10, ("sparse", 1, 3.0): 10, ("sparse", 2, 3.0): 10})
+    expected = (10 * 0.3 * 0.1 + 10 * 0.4 * 0.2) / 30
+    assert schedule.estimate()["rel_l2"] == pytest.approx(expected)
+    schedule.measures.q.clear()  # what a re-exploration does
+    schedule.measures.q_age.clear()
+    assert schedule.estimate()["rel_l2"] == pytest.approx(expected)
