@@ -115,6 +115,7 @@ class ClipRunner(FrameRunner):
             out = classify_clips(self.model, clips, tau)
             logits = out.logits.float()  # [b, classes]
             scores, indices = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
+            answers = logits.cpu()  # what audits compare, one copy for the group
             for row, j in enumerate(rows):
                 top = [
                     {"label": self.labels[i], "index": i, "score": s}
@@ -124,7 +125,7 @@ class ClipRunner(FrameRunner):
                     "action": {"label": top[0]["label"], "score": top[0]["score"]}, "top": top,
                     "tokens_kept": out.tokens_kept[row], "tokens": out.num_tokens,
                 }  # fmt: skip
-                predictions[j] = (result, out.kept_fraction[row], out.macs[row], logits[row].cpu())
+                predictions[j] = (result, out.kept_fraction[row], out.macs[row], answers[row])
         outputs = []
         for j, planned in enumerate(plan.frames):
             if j in predictions:

@@ -129,7 +129,7 @@ class StreamSchedule:
         self.adaptive: AdaptiveSchedule | None = None
         self.clip: ClipAudits | None = None  # a clip model's adaptive stream: audits, and its own tau
         self._reported: dict | None = None  # the estimate result messages carry (report_fidelity), and its frame
-        self._reported_at = -REPORT_EVERY
+        self._reported_at = -REPORT_EVERY  # the first message computes it
         self.fixed: FramePolicy | None = None
         if spec.policy == "adaptive" and rlt_tau is not None:
             self.clip = ClipAudits(rlt_tau, clip_macs(config, config.num_patches),
@@ -214,9 +214,9 @@ class StreamSchedule:
     def message_fidelity(self) -> dict | None:
         """What a result message of this stream carries under `fidelity` (report_fidelity set): the estimate as the
         policy view shows it, computed again every REPORT_EVERY frames (not on every frame); None otherwise."""
-        if not self.spec.report_fidelity or (self.adaptive is None and self.clip is None):
+        if not self.spec.report_fidelity:  # set only with adaptive (a frame or a clip schedule)
             return None
-        if self.frames - self._reported_at >= REPORT_EVERY or self._reported is None:
+        if self.frames - self._reported_at >= REPORT_EVERY:
             self._reported = self.view()["fidelity"]
             self._reported_at = self.frames
         return self._reported
