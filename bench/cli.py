@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy families to run, comma-separated (skip always runs: it is the yardstick)")
     f.add_argument("--audit-share", type=float, default=0.02, help="adaptive: share of compute spent measuring")
     f.add_argument("--seed", type=int, default=0, help="adaptive: the audit draw's seed")
+    f.add_argument("--explore", choices=("trial", "probe"), default="probe",
+                   help="adaptive: serve a keyframe candidate for a few cycles (trial) or run it unserved (probe)")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     f.add_argument("--json", dest="json_path", default=None, help="write the report here")
     s = sub.add_parser("server", help="the live server under N streams of real video: eventful vs dense")
@@ -249,7 +251,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
         print("error: --ratios must each be >= 1", file=sys.stderr)
         return 2
     try:
-        adaptive = AdaptiveConfig(audit_share=args.audit_share, seed=args.seed)
+        adaptive = AdaptiveConfig(audit_share=args.audit_share, seed=args.seed, explore=args.explore)
     except ValueError as err:
         print(f"error: --audit-share: {err}", file=sys.stderr)
         return 2
@@ -264,6 +266,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     report = {"model": args.model, "level": args.level, "gate_position": args.gate_position,
               "image_size": list(model.config.image_size),
               "tokens": model.config.num_tokens, "ratios": args.ratios, "audit_share": args.audit_share,
+              "explore": args.explore,
               "videos": []}
     for path in args.videos:
         frames = read_video_frames(path, max_frames=args.frames)

@@ -23,9 +23,16 @@ detector):
     on each keyframe, before the state is reseeded) keeps measuring q_k at age k.
 Prediction: skip at the serving ratio costs the mean of e_reuse over its cycle; keyframe(k) costs q_k times the
 mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction, frame skipping until a
-candidate is measured better; candidates are probed in turn at the start, after a scene cut and every
-`reexplore_every` frames; probing never changes what is served. A scene cut
-(a large global change of the input) forces a keyframe and forgets what was measured.
+candidate is measured better; candidates are explored in turn at the start, after a scene cut and every
+`reexplore_every` frames. A scene cut (a large global change of the input) forces a keyframe and forgets what was
+measured. Two ways to explore (`explore`):
+  - probe (the default): as above; probing never changes what is served. A probe's sparse chain costs a sparse step
+    a frame, so the 2 % share pays for the first one after 100-200 frames;
+  - trial: the candidate is served from the next keyframe, and its shadow on each of its keyframes gives q_k (one
+    sparse step a sample, a few times cheaper). A candidate whose first sample predicts no gain is not served
+    another cycle; a trial whose shadow the credit cannot pay ends at that keyframe; after the last one the stream
+    goes back to its choice. It finds a better candidate within tens of frames, and serves a few cycles of a worse
+    one where none is better (docs/results.md: the two, measured).
 """
 
 from __future__ import annotations
@@ -54,7 +61,11 @@ class AdaptiveConfig:
     intervals: tuple[int, ...] = (2, 3, 4, 6, 8)  # keyframe intervals tried (those above the serving ratio)
     max_interval_over_ratio: float = 3.0  # keyframe candidates up to this multiple of the serving ratio
     explore_candidates: int = 2  # keyframe candidates: the smallest intervals above the serving ratio
-    shadows_per_candidate: int = 2  # q samples (probes) before a keyframe candidate counts as explored
+    shadows_per_candidate: int = 2  # q samples (shadows or probes) before a keyframe candidate counts as explored
+    # how a keyframe candidate is explored: "trial" serves it for a few of its cycles and measures q by the shadow
+    # step on each of its keyframes (one sparse step a sample); "probe" runs its sparse chain unserved on a copy of
+    # the state beside the serving policy (a sparse step every frame until a dense result meets the chain)
+    explore: str = "probe"
     switch_margin: float = 0.95  # a keyframe candidate replaces skipping only if predicted below this share
     switch_confidence: float = 0.8  # ... with its q taken at this one-sided upper bound of the samples' mean
     reexplore_every: int = 300  # frames between explorations
@@ -68,6 +79,8 @@ class AdaptiveConfig:
     def __post_init__(self):
         if not 0 <= self.audit_share <= 0.5:
             raise ValueError(f"audit_share must be in [0, 0.5], got {self.audit_share}")
+        if self.explore not in ("trial", "probe"):
+            raise ValueError(f"explore must be 'trial' or 'probe', got {self.explore!r}")
 
 
 MAX_SAMPLES = 256
@@ -117,6 +130,8 @@ class AdaptiveSchedule:
         self.measures = _Measures()  # since the last scene cut: what predictions rest on
         self.lifetime = _Measures()  # never forgotten at a cut (its latest samples): what the estimate rests on
         self.policy: FramePolicy = self.skip
+        self.home: FramePolicy = self.skip  # the policy chosen (a trial serves a candidate instead, for a while)
+        self.trial_cycles = 0  # keyframes of the candidate on trial so far
         self.pending: FramePolicy | None = None  # takes over at the current policy's next keyframe
         self.shadowed: FramePolicy | None = None  # this keyframe ends a cycle of this keyframe policy
         self.phase = 0  # frames since the policy's schedule (re)started
@@ -170,6 +185,7 @@ class AdaptiveSchedule:
         self.measures.q.clear()
         self.measures.q_age.clear()
         self.exploring = list(self.keyframes)
+        self.home = self.skip
         self._start(self.skip)
 
     # ---- each frame ------------------------------------------------------------------------------
@@ -188,6 +204,7 @@ class AdaptiveSchedule:
             self.exploring = list(self.keyframes)
             self.explore_gap = self.config.reexplore_every
             self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
+            self.home = self.skip
             self.probe = None  # its copy of the state is of the old scene (the caller drops it on the next start)
         elif self.frame - self.last_explore >= self.explore_gap and not self.exploring:
             self.exploring = [p for p in self.keyframes if p != self.policy] + (
@@ -200,10 +217,21 @@ class AdaptiveSchedule:
         self.shadowed = None
         keyframe = self._keyframe_now()
         if keyframe and not cut:
-            if self.policy.kind == "keyframe" and self.phase > 0:
-                self.shadowed = self.policy
+            if self.policy.kind == "keyframe" and self.phase > 0 and self.pending is None:
+                self.shadowed = self.policy  # (a policy about to be replaced is not measured again)
+                if self.policy != self.home:  # on trial
+                    self.trial_cycles += 1
+                    if self.trial_cycles > self.config.shadows_per_candidate + 1 and self.exploring:
+                        # its shadows gave no sample (a still scene: nothing to compare the error with): it is
+                        # left unmeasured until the next exploration
+                        self.exploring.pop(0)
+                        self.shadowed, self.policy, self.phase = None, self.home, 0
+                    elif self.shadow_budget() is None:
+                        # a trial whose shadow the credit cannot pay (a forced keyframe took it) measures nothing:
+                        # the stream goes home at this keyframe, and the trial starts again when the credit holds it
+                        self.shadowed, self.policy, self.phase = None, self.home, 0
             if self.pending is not None:  # a switch costs nothing extra: it happens on a keyframe
-                self.policy, self.pending, self.phase = self.pending, None, 0
+                self.policy, self.pending, self.phase, self.trial_cycles = self.pending, None, 0, 0
         action: FrameAction = "dense" if keyframe else "reuse" if self.policy.kind == "skip" else "sparse"
         self._audit_draw = self.rng.random() < self._audit_probability()
         self.choices[self.policy.name] = self.choices.get(self.policy.name, 0) + 1
@@ -282,7 +310,7 @@ class AdaptiveSchedule:
             self._maybe_choose()
         if action == "dense" and self.pending is not None:
             # this frame was dense anyway: it is the new policy's first keyframe (a switch costs nothing)
-            self.policy, self.pending, self.phase = self.pending, None, 1
+            self.policy, self.pending, self.phase, self.trial_cycles = self.pending, None, 1, 0
         return extra, reseeded
 
     def _probe(self, t: int, dense: Any, probes) -> int:
@@ -302,7 +330,8 @@ class AdaptiveSchedule:
                 self.probe = None
             if self.probe is None:
                 probes.stop()
-        if self.probe is None and dense is not None and self.exploring and not self._forced:
+        if (self.config.explore == "probe" and self.probe is None and dense is not None and self.exploring
+                and not self._forced):
             candidate = self.exploring[0]
             frames = candidate.interval + self.skip.interval  # until the first dense result k frames on, at most
             cost = frames * self._sparse_fraction(candidate) * self.dense_macs
@@ -457,6 +486,25 @@ class AdaptiveSchedule:
                 out[policy.name] = statistics.fmean(errors)
         return out
 
+    def _trial(self, candidate: FramePolicy) -> None:
+        """Serve the candidate under exploration (from the current policy's next keyframe) once the measuring credit
+        holds the shadow steps it still needs: its q samples come from the shadow on each of its keyframes. Until
+        then the stream serves the policy chosen (a candidate whose trial ended waits there, not served on)."""
+        needed = self.config.shadows_per_candidate - len(self.measures.q.get(candidate.interval, ()))
+        if self._target() == candidate or self.reuse_curve(1) is None:  # (after a cut: once skipping is measured)
+            return
+        funded = self._credit() >= needed * self._sparse_fraction(candidate) * self.dense_macs
+        self._start(candidate if funded else self.home)
+
+    def _hopeless(self, candidate: FramePolicy) -> bool:
+        """On trial, a candidate whose first samples already predict no gain over frame skipping (on their median)
+        is not served another cycle: its sparse frames are what a trial risks."""
+        if self.config.explore != "trial":
+            return False
+        predictions = self.predictions()
+        return (candidate.name in predictions and self.skip.name in predictions
+                and predictions[candidate.name] >= self.config.switch_margin * predictions[self.skip.name])
+
     def _start(self, policy: FramePolicy) -> None:
         """Switch at the current policy's next keyframe (or stay, cancelling a pending switch)."""
         self.pending = None if policy == self.policy else policy
@@ -467,17 +515,21 @@ class AdaptiveSchedule:
     def _maybe_choose(self) -> None:
         if self.exploring:
             current = self.exploring[0]
-            if len(self.measures.q.get(current.interval, [])) >= self.config.shadows_per_candidate:
+            samples = len(self.measures.q.get(current.interval, []))
+            if samples >= self.config.shadows_per_candidate or (samples and self._hopeless(current)):
                 self.exploring.pop(0)
             if self.exploring:
+                if self.config.explore == "trial":
+                    self._trial(self.exploring[0])
                 return
+            self._start(self.home)  # the last trial ends (the choice below may move on from there)
             self.last_explore = self.frame
             explored = True
         else:
             explored = False
         # a candidate takes over on evidence (its upper bound); the one serving keeps its place on its median
         predictions = {**self.predictions(upper=True),
-                       **{k: v for k, v in self.predictions().items() if k == self._target().name}}
+                       **{k: v for k, v in self.predictions().items() if k == self.home.name}}
         if self.skip.name not in predictions:
             return
         best = min((p for p in self.keyframes if p.name in predictions), key=lambda p: predictions[p.name],
@@ -488,6 +540,7 @@ class AdaptiveSchedule:
         if explored:  # probing spends the measuring share: the less it finds, the less often it is done again
             self.explore_gap = (self.config.reexplore_every if choice != self.skip
                                 else min(8 * self.config.reexplore_every, 2 * self.explore_gap))
+        self.home = choice
         if choice != self._target():
             self._start(choice)
 

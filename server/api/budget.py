@@ -154,13 +154,14 @@ def get_stream_policy(engine: EngineDep, stream_id: StreamId) -> StreamPolicyOut
         "for, or reports it cannot meet (`floor_met`, `floor_error`). `{\"policy\": \"skip\", \"interval\": 4}`, "
         "`{\"policy\": \"keyframe\", \"interval\": 4}` and `{\"policy\": \"eventful\"}` (the default) are fixed. "
         "Clip models take `adaptive` without a ratio (audits; a floor lowers the stream's own RLT tau). "
-        "`report_fidelity` (adaptive): each result message of the stream carries its fidelity estimate."
+        "`report_fidelity` (adaptive): each result message of the stream carries its fidelity estimate. `explore` "
+        "(adaptive): `probe` (default) or `trial`, how keyframe + sparse candidates are measured."
     ),
 )
 def put_stream_policy(engine: EngineDep, stream_id: StreamId, body: StreamPolicyIn) -> StreamPolicyOut:
     spec = StreamPolicySpec(
         policy=body.policy, ratio=body.ratio, interval=body.interval, audit_share=body.audit_share,
         min_top1_agreement=body.min_top1_agreement, max_rel_l2=body.max_rel_l2, min_box_f1=body.min_box_f1,
-        report_fidelity=body.report_fidelity,
+        report_fidelity=body.report_fidelity, explore=body.explore,
     )
     return StreamPolicyOut(**engine.set_stream_policy(stream_id, spec))

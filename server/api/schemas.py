@@ -134,6 +134,11 @@ class StreamPolicyIn(_Strict):
                                      "against the dense detections at IoU 0.5)")
     report_fidelity: bool = Field(False, description="adaptive: each result message of the stream carries its "
                                   "fidelity estimate (`fidelity`, as in the policy view; refreshed every 10 frames)")
+    explore: Literal["probe", "trial"] = Field(
+        "probe", description="adaptive (frame models): how a keyframe + sparse candidate is measured. probe (default): "
+        "its sparse steps run unserved on a copy of the stream's state, paid from the audit share (never serves an "
+        "unmeasured candidate; finds a better one after minutes); trial: it is served for a cycle or two, measured "
+        "on its keyframes (finds one within seconds; serves a few worse frames where none is better)")
 
 
 class StreamPolicyOut(BaseModel):

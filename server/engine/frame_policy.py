@@ -32,6 +32,7 @@ POLICIES = ("eventful", "skip", "keyframe", "adaptive")
 FLOOR_CHECK_FRAMES = 30  # frames between checks of a fidelity floor
 FLOOR_STEP = 0.8  # a floor that holds with room lets the compute ratio grow by 1 / this at most per check
 FLOORS = {"logits": ("min_top1_agreement", "max_rel_l2"), "boxes": ("min_box_f1",)}  # by fidelity measure
+EXPLORE = ("probe", "trial")  # adaptive: unserved probes on a copy of the state, or candidates served on trial
 REPORT_EVERY = 10  # frames between refreshes of the estimate result messages carry (report_fidelity)
 
 
@@ -51,6 +52,7 @@ class StreamPolicySpec:
     max_rel_l2: float | None = None  # adaptive (classifier): fidelity floor on the logits' relative L2 error
     min_box_f1: float | None = None  # adaptive (detector): fidelity floor on box F1 against the dense detections
     report_fidelity: bool = False  # adaptive: each result message carries the stream's fidelity estimate
+    explore: str = "probe"  # adaptive (frame models): how keyframe candidates are measured (model/chooser.py)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -76,6 +78,10 @@ class StreamPolicySpec:
             raise PolicyError(floors[0], "a fidelity floor needs the adaptive policy (its audits measure fidelity)")
         if self.report_fidelity and self.policy != "adaptive":
             raise PolicyError("report_fidelity", "report_fidelity needs the adaptive policy (its audits measure it)")
+        if self.explore not in EXPLORE:
+            raise PolicyError("explore", f"explore must be one of {', '.join(EXPLORE)}, not {self.explore!r}")
+        if self.explore != "probe" and self.policy != "adaptive":
+            raise PolicyError("explore", "explore needs the adaptive policy (it explores keyframe candidates)")
 
     @property
     def floors(self) -> list[str]:
@@ -85,7 +91,7 @@ class StreamPolicySpec:
     def check_fidelity(self, fidelity: Fidelity | None, rlt_tau: float | None = None) -> None:
         """Raises PolicyError where the model cannot serve this setting: adaptive without a fidelity measure (no
         audits) or (frame models) without a ratio, a floor of another measure (a top-1 floor for a detector, a box
-        F1 floor for a classifier), and on a clip model (rlt_tau set) a frame policy or a ratio."""
+        F1 floor for a classifier), and on a clip model (rlt_tau set) a frame policy, a ratio or a trial."""
         if rlt_tau is not None:
             if self.policy in ("skip", "keyframe"):
                 raise PolicyError("policy", f"a clip model takes no {self.policy} policy: RLT decides what each "
@@ -93,6 +99,9 @@ class StreamPolicySpec:
             if self.ratio is not None:
                 raise PolicyError("ratio", "a clip model takes no compute ratio: its compute follows its content "
                                   "(RLT); a fidelity floor keeps more tubelets where it needs them")
+            if self.explore != "probe":
+                raise PolicyError("explore", "a clip model has no keyframe candidates to explore (RLT decides what "
+                                  "each clip computes)")
         if self.policy != "adaptive":
             return
         if self.ratio is None and rlt_tau is None:
@@ -136,7 +145,8 @@ class StreamSchedule:
                                    ClipAuditConfig(audit_share=spec.audit_share), spec.max_rel_l2,
                                    spec.min_top1_agreement)
         elif spec.policy == "adaptive":
-            self.adaptive = AdaptiveSchedule(config, spec.ratio, AdaptiveConfig(audit_share=spec.audit_share),
+            self.adaptive = AdaptiveSchedule(config, spec.ratio,
+                                             AdaptiveConfig(audit_share=spec.audit_share, explore=spec.explore),
                                              fidelity=fidelity)
         elif spec.policy == "skip":
             self.fixed = FramePolicy("skip", interval=float(spec.interval or spec.ratio))

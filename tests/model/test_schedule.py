@@ -68,23 +68,43 @@ def test_a_keyframe_interval_at_or_below_the_ratio_is_refused():
         FramePolicy("sometimes")
     with pytest.raises(ValueError, match="audit_share"):
         AdaptiveConfig(audit_share=0.6)
+    with pytest.raises(ValueError, match="explore"):
+        AdaptiveConfig(explore="sometimes")
 
 
-def _adaptive_run(vit, images, ratio=2.0, seed=0, share=0.2):
-    schedule = AdaptiveSchedule(CONFIG, ratio, AdaptiveConfig(audit_share=share, seed=seed))
+def _adaptive_run(vit, images, ratio=2.0, seed=0, share=0.2, explore="trial"):
+    schedule = AdaptiveSchedule(CONFIG, ratio, AdaptiveConfig(audit_share=share, seed=seed, explore=explore))
     return schedule, run_schedule(vit, images, schedule)
 
 
-def test_the_chooser_is_deterministic_for_a_seed_and_stays_within_its_compute(vit):
+@pytest.mark.parametrize("explore", ["trial", "probe"])
+def test_the_chooser_is_deterministic_for_a_seed_and_stays_within_its_compute(vit, explore):
     images = video(40)
-    a_schedule, a = _adaptive_run(vit, images)
-    b_schedule, b = _adaptive_run(vit, images)
+    a_schedule, a = _adaptive_run(vit, images, explore=explore)
+    b_schedule, b = _adaptive_run(vit, images, explore=explore)
     assert a.actions == b.actions and a.macs == b.macs and torch.equal(a.logits, b.logits)
     assert a_schedule.choice_counts() == b_schedule.choice_counts()
-    assert a_schedule.measures.q  # it probed keyframe candidates (on copies of the state, not served)
+    assert a_schedule.measures.q  # it measured keyframe candidates (served on trial, or probed on a copy)
     # audits and shadows included, the stream spends 1/ratio of dense (a forced keyframe aside), give or take the one
     # dense frame measuring may borrow ahead (frame skipping pays it back with a later keyframe)
     assert sum(a.macs) <= (40 / 2.0 + 1) * dense_macs(CONFIG)
+
+
+def test_a_trial_serves_each_candidate_for_its_cycles_and_measures_it_by_shadows_on_its_keyframes(vit):
+    images = video(60)
+    schedule, served = _adaptive_run(vit, images, share=0.3)
+    assert schedule.probe is None  # no copy of the state ran
+    served_policies = set(schedule.choice_counts())
+    for candidate in schedule.keyframes:  # each candidate served (sparse frames between its keyframes) ...
+        assert candidate.name in served_policies
+        # ... until its q samples came: one per shadow, the sparse chain run on a keyframe before it reseeds
+        assert len(schedule.lifetime.q[candidate.interval]) >= schedule.config.shadows_per_candidate
+    assert "sparse" in served.actions
+    probe_schedule, probed = _adaptive_run(vit, images, share=0.3, explore="probe")
+    assert probe_schedule.lifetime.q and "sparse" not in probed.actions[:10]  # a probe's sparse steps are unserved
+    # on trial every q sample is a shadow: taken on a dense frame, never more frames after the keyframe than the
+    # candidate's interval (a probe's chain also meets dense results at ages in between)
+    assert all(age <= interval for interval, age in schedule.lifetime.q_age)
 
 
 def test_an_audit_compares_the_served_answer_with_the_dense_model_on_that_frame(vit):

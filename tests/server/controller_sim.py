@@ -34,6 +34,7 @@ from bench.controller_bench import Sample, first_dwell, recovery_time
 from model.config import ViTConfig
 from model.fidelity import LogitFidelity, rel_l2
 from model.macs import dense_macs
+from model.schedule import sparse_frame_macs
 from server.engine.budget import BudgetPolicy, GlobalBudget, StreamOverride
 from server.engine.controller import BudgetController, ControllerConfig, Decision, StreamDemand
 from server.engine.frame_policy import StreamPolicySpec
@@ -194,11 +195,13 @@ class SimTrace:
 class Scene:
     """What a simulated classifier answers on each stream's frames: logits [K] that wander (a stationary AR(1) walk: a
     reused answer d frames old is off by sqrt(2 (1 - rho^d)) in relative L2, about step * sqrt(d) for small d, at any
-    time). Deterministic per stream."""
+    time). Deterministic per stream. A sparse step's answer is off from the dense one by `sparse_q` times what
+    reusing its keyframe's answer would be (above 1: token reuse loses to frame skipping, as on the real footage at
+    224 in docs/results.md)."""
 
-    def __init__(self, step: float = 0.1, classes: int = 64, seed: int = 0):
+    def __init__(self, step: float = 0.1, classes: int = 64, seed: int = 0, sparse_q: float = 1.2):
         self.rho = 1.0 - step * step / 2
-        self.classes, self.seed = classes, seed
+        self.classes, self.seed, self.sparse_q = classes, seed, sparse_q
         self._walks: dict[int, tuple[torch.Generator, list[torch.Tensor]]] = {}
 
     def answer(self, stream: int, frame: int) -> torch.Tensor:
@@ -207,6 +210,11 @@ class Scene:
             noise = torch.randn(self.classes, generator=gen)
             walk.append(self.rho * walk[-1] + math.sqrt(1 - self.rho**2) * noise if walk else noise)
         return walk[frame]
+
+    def sparse(self, stream: int, frame: int, keyframe_answer: torch.Tensor) -> torch.Tensor:
+        """A sparse step's answer on this frame, its state seeded by a dense step whose answer was keyframe_answer."""
+        dense = self.answer(stream, frame)
+        return dense + self.sparse_q * (keyframe_answer - dense)
 
 
 Decider = Callable[[float, list[StreamDemand]], Decision]
@@ -281,7 +289,10 @@ def simulate(
                                       0.0)
     dense_frame_s = eventful_step_s(sim, 1, sim.seed_factor * sim.num_patches)
 
-    def measure(t: float, s: int, record: StreamRecord, action: str, answer: torch.Tensor, macs: int) -> float:
+    seeded_answer: dict[int, torch.Tensor] = {}  # stream -> the answer of the dense step its state was seeded by
+
+    def measure(t: float, s: int, record: StreamRecord, action: str, answer: torch.Tensor, macs: int,
+                shadow: tuple[torch.Tensor, int] | None = None) -> float:
         """A policy stream's frame served: its error against the dense answer, then its policy's bookkeeping (an
         audit reseeds the stream: its dense answer becomes the last result). Returns the device time audits took."""
         n = frame_no[s]
@@ -292,9 +303,11 @@ def simulate(
         def audit() -> torch.Tensor:
             audits.append(dense_frame_s)
             record.last_result = ({}, dense)
+            seeded_answer[s] = dense
             return dense
 
-        record.schedule.after(action, answer, audit, None, macs, 0)
+        shadow_answer, shadow_macs = shadow or (None, 0)
+        record.schedule.after(action, answer, audit, shadow_answer, macs, shadow_macs)
         return sum(audits)
     now, busy_until = 0.0, 0.0
     stall_rng = np.random.default_rng(sim.seed + 7919)  # its own stream: stalls leave the other draws as they were
@@ -348,6 +361,7 @@ def simulate(
             cost = phase.speed * (sim.a + sim.dense_per_frame * len(batch))
         else:
             paid = [sim.seed_factor * sim.num_patches if new else r for new, r in zip(seeding, tokens, strict=True)]
+            paid += [f.shadow.tokens for f in step_plan.frames if f.shadow is not None]  # shadow steps run first
             cost = phase.speed * eventful_step_s(sim, len(batch), sum(paid))
         for f in step_plan.frames:  # what the runner does to the states
             if plain:
@@ -371,12 +385,18 @@ def simulate(
             observe_latency(end, latency)
         for f, record in zip(step_plan.frames, planned.records, strict=True):
             s = int(f.stream_id[1:])
-            if record.schedule is not None:  # a policy stream's keyframe: the dense answer (it never probes: no sparse)
-                answer = scene.answer(s, frame_no[s])
-                record.last_result = ({}, answer)
+            if record.schedule is not None:  # a policy stream's keyframe (dense) or sparse frame
+                n = frame_no[s]
                 dense = f.seed or plain or f.budget == FULL
-                audit_s += measure(end, s, record, "dense" if dense else "sparse", answer,
-                                   dense_macs(runner.config) if dense else 0)
+                shadow = None
+                if dense and f.shadow is not None and s in seeded_answer:  # the sparse chain, measured, not served
+                    shadow = (scene.sparse(s, n, seeded_answer[s]), sparse_frame_macs(runner.config, f.shadow.tokens))
+                answer = scene.answer(s, n) if dense or s not in seeded_answer else scene.sparse(s, n, seeded_answer[s])
+                if dense:
+                    seeded_answer[s] = answer
+                record.last_result = ({}, answer)
+                macs = dense_macs(runner.config) if dense else sparse_frame_macs(runner.config, f.budget.tokens)
+                audit_s += measure(end, s, record, "dense" if dense else "sparse", answer, macs, shadow)
         return end + audit_s * phase.speed
 
     while now < duration_s:

@@ -96,6 +96,27 @@ def test_with_report_fidelity_each_result_carries_the_estimate_and_other_streams
     assert all(m["type"] == "result" and "fidelity" not in m for m in plain)
 
 
+def test_a_trial_serves_keyframe_candidates_and_a_probing_stream_beside_it_serves_only_its_choice(make_client):
+    client = make_client(stream_ttl_s=60)
+    body = {"policy": "adaptive", "ratio": 1.5, "audit_share": 0.1}  # the tiny model's candidates: k = 3 and 4
+    assert client.put("/v1/streams/trial/policy", json={**body, "explore": "trial"}).status_code == 200
+    assert client.put("/v1/streams/probe/policy", json=body).status_code == 200
+    video = frames(40, seed=8)
+    trial, probe = [], []
+    with client.websocket_connect("/v1/streams/trial") as a, client.websocket_connect("/v1/streams/probe") as b:
+        for frame in video:
+            a.send_bytes(encode(frame))
+            b.send_bytes(encode(frame))
+            trial.append(a.receive_json())
+            probe.append(b.receive_json())
+    sparse = lambda m: not m["dense"] and not m.get("reused")  # noqa: E731
+    assert any(sparse(m) for m in trial)  # candidates served between their keyframes, measured on them
+    views = {s: client.get(f"/v1/streams/{s}/policy").json() for s in ("trial", "probe")}
+    assert views["trial"]["setting"]["explore"] == "trial" and views["probe"]["setting"]["explore"] == "probe"
+    if views["probe"]["serving"].startswith("skip"):  # a probing stream that chose skipping never served sparse
+        assert not any(sparse(m) for m in probe)
+
+
 @pytest.mark.parametrize(
     "body,field",
     [
@@ -112,6 +133,8 @@ def test_with_report_fidelity_each_result_carries_the_estimate_and_other_streams
         ({"policy": "skip", "interval": "2"}, "interval"),
         ({"policy": "skip", "interval": 2, "report_fidelity": True}, "report_fidelity"),
         ({"policy": "adaptive", "ratio": 2, "report_fidelity": "yes"}, "report_fidelity"),
+        ({"policy": "adaptive", "ratio": 2, "explore": "sometimes"}, "explore"),
+        ({"policy": "skip", "interval": 2, "explore": "trial"}, "explore"),
     ],
 )
 def test_bad_policies_are_422_naming_the_field(client, body, field):
