@@ -12,7 +12,7 @@ import torch
 from bench.fidelity_bench import dense_reference, moving_tokens, run_schedule, skip_at_phase, skip_phases
 from model.chooser import AdaptiveConfig, AdaptiveSchedule
 from model.macs import dense_macs
-from model.schedule import FramePolicy, mac_fraction, policy_for_ratio
+from model.schedule import FramePolicy, mac_fraction, policy_for_ratio, sparse_frame_macs
 from tests.model.test_eventful import CONFIG, video
 
 
@@ -105,6 +105,62 @@ def test_a_trial_serves_each_candidate_for_its_cycles_and_measures_it_by_shadows
     # on trial every q sample is a shadow: taken on a dense frame, never more frames after the keyframe than the
     # candidate's interval (a probe's chain also meets dense results at ages in between)
     assert all(age <= interval for interval, age in schedule.lifetime.q_age)
+
+
+def _drive(schedule: AdaptiveSchedule, frames: int, sparse_q: float, seed: int = 0) -> list[str]:
+    """Serve a synthetic scene frame by frame as the server does (no model): dense answers wander (an AR(1) walk of
+    logits); a sparse answer (served or a shadow) is off from the dense one by sparse_q times the error of reusing its
+    keyframe's answer. Returns the policy serving each frame."""
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(16, generator=gen)
+    image = torch.zeros(3, 32, 32)  # a still input: no scene cut
+    seeded = last = dense  # the answer the stream's state was seeded by; the answer served last
+    serving = []
+    for t in range(frames):
+        dense = 0.995 * dense + 0.1 * torch.randn(16, generator=gen)
+        action, budget = schedule.next_action(image)
+        shadow, shadow_macs = None, 0
+        if action == "dense" and (shadow_budget := schedule.shadow_budget()) is not None:
+            shadow, shadow_macs = dense + sparse_q * (seeded - dense), sparse_frame_macs(CONFIG, shadow_budget.tokens)
+        if action == "dense":
+            served, macs, seeded = dense, dense_macs(CONFIG), dense
+        elif action == "sparse":
+            served, macs = dense + sparse_q * (seeded - dense), sparse_frame_macs(CONFIG, budget.tokens)
+        else:
+            served, macs = last, 0
+
+        def audit(d=dense) -> torch.Tensor:
+            nonlocal seeded, last
+            seeded = last = d  # an audit reseeds the stream: its dense answer is what reuse serves next
+            return d
+
+        last = served
+        schedule.after_frame(t, action, served, audit, shadow, shadow_macs, macs)
+        serving.append(schedule.policy.name)
+    return serving
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trials_of_candidates_that_lose_to_skipping_serve_each_one_cycle_and_end_on_skipping(seed):
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial", seed=seed))
+    serving = _drive(schedule, 400, sparse_q=1.5, seed=seed)
+    skip = schedule.skip.name
+    assert schedule.home == schedule.skip and serving[-100:] == [skip] * 100
+    # each candidate is served one cycle: its first sample (the shadow on its next keyframe) predicts no gain, and
+    # the next candidate (or skipping) takes over on that keyframe
+    trials = [(name, len(list(run))) for name, run in itertools.groupby(serving) if name != skip]
+    intervals = {p.name: p.interval for p in schedule.keyframes}
+    assert {name for name, _ in trials} == set(intervals)
+    assert all(length == intervals[name] for name, length in trials)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_trial_that_measures_a_better_candidate_switches_to_it_within_tens_of_frames(seed):
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial", seed=seed))
+    serving = _drive(schedule, 200, sparse_q=0.3, seed=seed)
+    assert schedule.home.kind == "keyframe" and schedule.home in schedule.keyframes
+    chosen = next(t for t in range(200) if serving[t:] == [schedule.home.name] * (200 - t))
+    assert chosen < 100
 
 
 def test_an_audit_compares_the_served_answer_with_the_dense_model_on_that_frame(vit):
