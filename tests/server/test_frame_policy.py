@@ -73,18 +73,23 @@ def test_adaptive_streams_are_audited_and_report_their_fidelity(make_client):
     assert audits and float(audits[0].split()[-1]) >= 1
 
 
+def _side_by_side(client, first: str, second: str, video) -> tuple[list[dict], list[dict]]:
+    """Each frame sent to both streams at once (the two may share a step); the messages each answered with."""
+    answers: tuple[list[dict], list[dict]] = ([], [])
+    with client.websocket_connect(f"/v1/streams/{first}") as a, client.websocket_connect(f"/v1/streams/{second}") as b:
+        for frame in video:
+            a.send_bytes(encode(frame))
+            b.send_bytes(encode(frame))
+            answers[0].append(a.receive_json())
+            answers[1].append(b.receive_json())
+    return answers
+
+
 def test_with_report_fidelity_each_result_carries_the_estimate_and_other_streams_results_do_not(make_client):
     client = make_client(stream_ttl_s=60)
     body = {"policy": "adaptive", "ratio": 2, "audit_share": 0.5, "report_fidelity": True}
     assert client.put("/v1/streams/cam/policy", json=body).status_code == 200
-    video = frames(41, seed=7)
-    together, plain = [], []
-    with client.websocket_connect("/v1/streams/cam") as a, client.websocket_connect("/v1/streams/plain") as b:
-        for frame in video:
-            a.send_bytes(encode(frame))
-            b.send_bytes(encode(frame))
-            together.append(a.receive_json())
-            plain.append(b.receive_json())
+    together, plain = _side_by_side(client, "cam", "plain", frames(41, seed=7))
     view = client.get("/v1/streams/cam/policy").json()
     assert view["setting"]["report_fidelity"] is True
     reported = [m["fidelity"] for m in together]
@@ -101,14 +106,7 @@ def test_a_trial_serves_keyframe_candidates_and_a_probing_stream_beside_it_serve
     body = {"policy": "adaptive", "ratio": 1.5, "audit_share": 0.1}  # the tiny model's candidates: k = 3 and 4
     assert client.put("/v1/streams/trial/policy", json={**body, "explore": "trial"}).status_code == 200
     assert client.put("/v1/streams/probe/policy", json=body).status_code == 200
-    video = frames(40, seed=8)
-    trial, probe = [], []
-    with client.websocket_connect("/v1/streams/trial") as a, client.websocket_connect("/v1/streams/probe") as b:
-        for frame in video:
-            a.send_bytes(encode(frame))
-            b.send_bytes(encode(frame))
-            trial.append(a.receive_json())
-            probe.append(b.receive_json())
+    trial, probe = _side_by_side(client, "trial", "probe", frames(40, seed=8))
     sparse = lambda m: not m["dense"] and not m.get("reused")  # noqa: E731
     assert any(sparse(m) for m in trial)  # candidates served between their keyframes, measured on them
     views = {s: client.get(f"/v1/streams/{s}/policy").json() for s in ("trial", "probe")}
