@@ -54,6 +54,8 @@ from model.macs import dense_macs
 from model.policy import StreamBudget
 from model.schedule import FrameAction, FramePolicy, policy_for_ratio, sparse_frame_macs
 
+EXPLORE = ("probe", "trial")  # how keyframe candidates are explored (AdaptiveConfig.explore)
+
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
@@ -79,8 +81,8 @@ class AdaptiveConfig:
     def __post_init__(self):
         if not 0 <= self.audit_share <= 0.5:
             raise ValueError(f"audit_share must be in [0, 0.5], got {self.audit_share}")
-        if self.explore not in ("trial", "probe"):
-            raise ValueError(f"explore must be 'trial' or 'probe', got {self.explore!r}")
+        if self.explore not in EXPLORE:
+            raise ValueError(f"explore must be one of {', '.join(EXPLORE)}, got {self.explore!r}")
 
 
 MAX_SAMPLES = 256

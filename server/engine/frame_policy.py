@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from model.chooser import AdaptiveConfig, AdaptiveSchedule
+from model.chooser import EXPLORE, AdaptiveConfig, AdaptiveSchedule
 from model.clip_audit import ClipAuditConfig, ClipAudits
 from model.config import ViTConfig
 from model.fidelity import Fidelity
@@ -32,7 +32,6 @@ POLICIES = ("eventful", "skip", "keyframe", "adaptive")
 FLOOR_CHECK_FRAMES = 30  # frames between checks of a fidelity floor
 FLOOR_STEP = 0.8  # a floor that holds with room lets the compute ratio grow by 1 / this at most per check
 FLOORS = {"logits": ("min_top1_agreement", "max_rel_l2"), "boxes": ("min_box_f1",)}  # by fidelity measure
-EXPLORE = ("probe", "trial")  # adaptive: unserved probes on a copy of the state, or candidates served on trial
 REPORT_EVERY = 10  # frames between refreshes of the estimate result messages carry (report_fidelity)
 
 
