@@ -137,8 +137,8 @@ class StreamPolicyIn(_Strict):
     explore: Literal["probe", "trial"] = Field(
         "probe", description="adaptive (frame models): how a keyframe + sparse candidate is measured. probe (default): "
         "its sparse steps run unserved on a copy of the stream's state, paid from the audit share (never serves an "
-        "unmeasured candidate; finds a better one after minutes); trial: it is served for a cycle or two, measured "
-        "on its keyframes (finds one within seconds; serves a few worse frames where none is better)")
+        "unmeasured candidate; finds a better one after hundreds of frames); trial: it is served for a cycle or two, "
+        "measured on its keyframes (finds one within tens of frames; serves a few worse frames where none is better)")
 
 
 class StreamPolicyOut(BaseModel):
