@@ -30,14 +30,17 @@ def _frames(trace, start: float) -> int:
     return sum(1 for c in trace.completed if c.stream == 0 and c.time >= start)
 
 
+@pytest.mark.parametrize("explore", ["probe", "trial"])  # a trial serves candidates' sparse frames: scored too
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_fidelity_floor_gets_its_stream_more_compute_while_the_controller_keeps_the_target(seed):
-    spec = StreamPolicySpec(policy="adaptive", ratio=4.0, max_rel_l2=FLOOR)
+def test_a_fidelity_floor_gets_its_stream_more_compute_while_the_controller_keeps_the_target(seed, explore):
+    spec = StreamPolicySpec(policy="adaptive", ratio=4.0, max_rel_l2=FLOOR, explore=explore)
     floor, free = _run(spec, seed), _run(replace(spec, max_rel_l2=None), seed)
     assert free.records[0].schedule.adaptive.ratio == 4.0  # without a floor the stream keeps its ratio ...
     assert _served_error(free, 20) > FLOOR  # ... and what it is served misses the floor
     schedule = floor.records[0].schedule
     assert schedule.adaptive.ratio < 3.0 and schedule.floor_error is None  # the floor took compute
     assert _served_error(floor, 20) <= FLOOR  # and holds on what was served
+    tried = [name for name in schedule.adaptive.choice_counts() if name.startswith("keyframe")]
+    assert bool(tried) == (explore == "trial")  # (trials served candidates; on this scene sparse_q says they lose)
     assert _frames(floor, 20) >= 0.98 * _frames(free, 20)  # more compute per frame, not fewer frames
     assert floor.p95(20, 40) <= 1.1 * TARGET and free.p95(20, 40) <= 1.1 * TARGET  # the controller's target holds
