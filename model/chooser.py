@@ -223,14 +223,14 @@ class AdaptiveSchedule:
                 self.shadowed = self.policy  # (a policy about to be replaced is not measured again)
                 if self.policy != self.home:  # on trial
                     self.trial_cycles += 1
-                    if self.trial_cycles > self.config.shadows_per_candidate + 1 and self.exploring:
-                        # its shadows gave no sample (a still scene: nothing to compare the error with): it is
-                        # left unmeasured until the next exploration
+                    # shadows that gave no sample (a still scene: nothing to compare the error with) leave the
+                    # candidate unmeasured until the next exploration
+                    fruitless = self.trial_cycles > self.config.shadows_per_candidate + 1 and bool(self.exploring)
+                    if fruitless:
                         self.exploring.pop(0)
-                        self.shadowed, self.policy, self.phase = None, self.home, 0
-                    elif self.shadow_budget() is None:
-                        # a trial whose shadow the credit cannot pay (a forced keyframe took it) measures nothing:
-                        # the stream goes home at this keyframe, and the trial starts again when the credit holds it
+                    # a shadow the credit cannot pay (a forced keyframe took it) measures nothing: the stream goes
+                    # home at this keyframe, and the trial starts again when the credit holds it
+                    if fruitless or self.shadow_budget() is None:
                         self.shadowed, self.policy, self.phase = None, self.home, 0
             if self.pending is not None:  # a switch costs nothing extra: it happens on a keyframe
                 self.policy, self.pending, self.phase, self.trial_cycles = self.pending, None, 0, 0
