@@ -133,7 +133,6 @@ class AdaptiveSchedule:
         self.lifetime = _Measures()  # never forgotten at a cut (its latest samples): what the estimate rests on
         self.policy: FramePolicy = self.skip
         self.home: FramePolicy = self.skip  # the policy chosen (a trial serves a candidate instead, for a while)
-        self.trial_cycles = 0  # keyframes of the candidate on trial so far
         self.pending: FramePolicy | None = None  # takes over at the current policy's next keyframe
         self.shadowed: FramePolicy | None = None  # this keyframe ends a cycle of this keyframe policy
         self.phase = 0  # frames since the policy's schedule (re)started
@@ -221,11 +220,11 @@ class AdaptiveSchedule:
         if keyframe and not cut:
             if self.policy.kind == "keyframe" and self.phase > 0 and self.pending is None:
                 self.shadowed = self.policy  # (a policy about to be replaced is not measured again)
-                if self.policy != self.home:  # on trial
-                    self.trial_cycles += 1
+                if self.policy != self.home:  # on trial; this keyframe ends its (phase / interval)-th cycle
                     # shadows that gave no sample (a still scene: nothing to compare the error with) leave the
                     # candidate unmeasured until the next exploration
-                    fruitless = self.trial_cycles > self.config.shadows_per_candidate + 1 and bool(self.exploring)
+                    cycles = self.phase / self.policy.interval
+                    fruitless = cycles > self.config.shadows_per_candidate + 1 and bool(self.exploring)
                     if fruitless:
                         self.exploring.pop(0)
                     # a shadow the credit cannot pay (a forced keyframe took it) measures nothing: the stream goes
@@ -233,7 +232,7 @@ class AdaptiveSchedule:
                     if fruitless or self.shadow_budget() is None:
                         self.shadowed, self.policy, self.phase = None, self.home, 0
             if self.pending is not None:  # a switch costs nothing extra: it happens on a keyframe
-                self.policy, self.pending, self.phase, self.trial_cycles = self.pending, None, 0, 0
+                self.policy, self.pending, self.phase = self.pending, None, 0
         action: FrameAction = "dense" if keyframe else "reuse" if self.policy.kind == "skip" else "sparse"
         self._audit_draw = self.rng.random() < self._audit_probability()
         self.choices[self.policy.name] = self.choices.get(self.policy.name, 0) + 1
@@ -312,7 +311,7 @@ class AdaptiveSchedule:
             self._maybe_choose()
         if action == "dense" and self.pending is not None:
             # this frame was dense anyway: it is the new policy's first keyframe (a switch costs nothing)
-            self.policy, self.pending, self.phase, self.trial_cycles = self.pending, None, 1, 0
+            self.policy, self.pending, self.phase = self.pending, None, 1
         return extra, reseeded
 
     def _probe(self, t: int, dense: Any, probes) -> int:
