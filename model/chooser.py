@@ -64,6 +64,9 @@ class AdaptiveConfig:
     max_interval_over_ratio: float = 3.0  # keyframe candidates up to this multiple of the serving ratio
     explore_candidates: int = 2  # keyframe candidates: the smallest intervals above the serving ratio
     shadows_per_candidate: int = 2  # q samples (shadows or probes) before a keyframe candidate counts as explored
+    # of the measuring share, the most the chosen keyframe policy's shadows may take; the rest pays for audits (on its
+    # sparse frames an audit also samples its q). A trial's shadows and probes are not held to it: exploring needs them
+    shadow_share: float = 0.5
     # how a keyframe candidate is explored: "trial" serves it for a few of its cycles and measures q by the shadow
     # step on each of its keyframes (one sparse step a sample); "probe" runs its sparse chain unserved on a copy of
     # the state beside the serving policy (a sparse step every frame until a dense result meets the chain)
@@ -81,6 +84,8 @@ class AdaptiveConfig:
     def __post_init__(self):
         if not 0 <= self.audit_share <= 0.5:
             raise ValueError(f"audit_share must be in [0, 0.5], got {self.audit_share}")
+        if not 0 <= self.shadow_share <= 1:
+            raise ValueError(f"shadow_share must be in [0, 1], got {self.shadow_share}")
         if self.explore not in EXPLORE:
             raise ValueError(f"explore must be one of {', '.join(EXPLORE)}, got {self.explore!r}")
 
@@ -143,7 +148,8 @@ class AdaptiveSchedule:
         # keyframe comes when a dense frame fits, so measuring delays keyframes instead of idling a reserved share
         self.earned = float(self.dense_macs)
         self.charged = 0.0
-        self.measured = 0.0  # MACs of audits and shadows
+        self.measured = 0.0  # MACs of audits, shadows and probes
+        self.shadowing = 0.0  # MACs of shadows (held to `shadow_share` of the share while the chosen policy serves)
         self.dense_history: list[tuple[int, Any]] = []  # (frame, dense answer), recent
         self.audits = 0  # audits run, all of them
         self.audit_errors: deque[float] = deque(maxlen=MAX_AUDITS)  # the latest audits' errors
@@ -264,6 +270,8 @@ class AdaptiveSchedule:
         if self.shadowed is None:
             return None
         cost = self._sparse_fraction(self.shadowed) * self.dense_macs  # paid from the measuring credit
+        if self.shadowed == self.home and self.shadowing + cost > self.config.shadow_share * self._share():
+            return None  # the rest of the share is the audits' (a stream on a keyframe policy is audited too)
         return self.shadowed.budget if self._credit() >= cost else None
 
     def after_frame(self, t: int, action: FrameAction, served: Any, dense_fn,
@@ -276,6 +284,7 @@ class AdaptiveSchedule:
         probes: start() copies the stream's state (just seeded), step(budget) -> (answer, MACs) runs a sparse step
         of this frame on the copy, stop() drops it (None: no probing)."""
         extra = shadow_macs
+        self.shadowing += shadow_macs
         reseeded = False
         dense = None
         age = 0 if action == "dense" else self._age(t)  # of the answer served (sparse: frames since its keyframe)
@@ -292,6 +301,9 @@ class AdaptiveSchedule:
         elif self._audit_draw and self._credit() >= self.dense_macs:
             dense = dense_fn()
             extra += self.dense_macs
+            reuse = self._reuse_error(age, dense) if action == "sparse" else None
+            if reuse is not None and reuse > 1e-6:  # a served sparse answer at its age: a sample of its policy's q
+                self._record_q(self.policy, age, self.fidelity.error(served, dense) / reuse, False)
             self._record_audit(served, dense)
             self._record_dense(t, dense)
             reseeded = True
@@ -349,9 +361,13 @@ class AdaptiveSchedule:
         probing = self.probe is not None or bool(self.exploring)
         return 0.25 if self._credit() >= self.dense_macs and not probing else 0.0  # probes first
 
+    def _share(self) -> float:
+        """The audit share of the stream's compute so far (1/ratio of dense per frame), in MACs."""
+        return (self.frame + 1) * self.config.audit_share * self.dense_macs / self.ratio
+
     def _share_credit(self) -> float:
-        """The audit share of the stream's compute so far (1/ratio of dense per frame), less what measuring took."""
-        return (self.frame + 1) * self.config.audit_share * self.dense_macs / self.ratio - self.measured
+        """The audit share of the stream's compute so far, less what measuring took."""
+        return self._share() - self.measured
 
     def _credit(self) -> float:
         """MACs the stream may still spend measuring: its unspent share, as far as the stream's whole compute holds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections import Counter, deque
 
 import pytest
@@ -161,6 +162,23 @@ def test_a_trial_that_measures_a_better_candidate_switches_to_it_within_tens_of_
     assert schedule.home.kind == "keyframe" and schedule.home in schedule.keyframes
     chosen = next(t for t in range(200) if serving[t:] == [schedule.home.name] * (200 - t))
     assert chosen < 100
+
+
+def test_a_stream_serving_a_keyframe_policy_is_audited_and_its_audits_sample_its_q():
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial"))
+    serving = _drive(schedule, 600, sparse_q=0.3)
+    home = schedule.home
+    assert home.kind == "keyframe" and sum(name == home.name for name in serving[-300:]) >= 250
+    # its shadows take at most their part of the measuring share, so the rest pays for audits of its sparse frames:
+    # enough of them for the estimate to rest on audits alone (not only on the curves' model)
+    share = schedule._share()
+    assert schedule.shadowing <= schedule.config.shadow_share * share + sparse_frame_macs(CONFIG, home.tokens)
+    assert schedule.audits >= schedule.config.audits_for_estimate
+    assert schedule.estimate()["source"] == "audits"
+    # an audit of a sparse frame is a sample of q at that frame's age (a shadow's is at the full interval)
+    assert any(interval == home.interval and age < interval for interval, age in schedule.lifetime.q_age)
+    # the audited errors are those of sparse answers: q times the reuse error, not the dense answer's zero
+    assert statistics.median(schedule.audit_errors) > 0
 
 
 def test_an_audit_compares_the_served_answer_with_the_dense_model_on_that_frame(vit):
