@@ -20,7 +20,8 @@ detector):
     keyframe runs the candidate's sparse step on the frames after (not served); at the first dense result at
     least k frames later its error against the dense answer, over e_reuse at the same age, is q_k, the share of
     the change that candidate's sparse frames miss. While a keyframe policy serves, a shadow (its sparse step
-    on each keyframe, before the state is reseeded) keeps measuring q_k at age k.
+    on each keyframe, before the state is reseeded) keeps measuring q_k at age k, from at most `shadow_share` of
+    the measuring share; the rest pays for audits of its sparse frames, each also a sample of q at its age.
 Prediction: skip at the serving ratio costs the mean of e_reuse over its cycle; keyframe(k) costs q_k times the
 mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction, frame skipping until a
 candidate is measured better; candidates are explored in turn at the start, after a scene cut and every
