@@ -600,7 +600,8 @@ class AdaptiveSchedule:
             p_agree = statistics.fmean(agree) if agree else self._agreement_at(age, self.lifetime)
             counts.append(len(agree) if agree else 1)
             if action == "sparse" and interval is not None and self.lifetime.q.get(interval):
-                qs = self.lifetime.q_age.get((interval, age)) or self.lifetime.q[interval]
+                at = self.lifetime.q_age.get((interval, age), ())  # as predictions read q: that age's, from two
+                qs = at if len(at) >= 2 else self.lifetime.q[interval]
                 q = statistics.median(qs)
                 e, p_agree = q * e, 1.0 - min(1.0, q) * (1.0 - p_agree)
                 rse = math.hypot(rse, 0.5 if len(qs) < 2 else statistics.stdev(qs) / math.sqrt(len(qs)) / max(q, 1e-9))
