@@ -24,8 +24,9 @@ detector):
     the measuring share; the rest pays for audits of its sparse frames, each also a sample of q at its age.
 Prediction: skip at the serving ratio costs the mean of e_reuse over its cycle; keyframe(k) costs q_k times the
 mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction, frame skipping until a
-candidate is measured better; candidates are explored in turn at the start, after a scene cut and every
-`reexplore_every` frames. A scene cut (a large global change of the input) forces a keyframe and forgets what was
+candidate is measured better; candidates are explored in turn at the start, after a scene cut where one was
+chosen, and every `reexplore_every` frames (doubling while none wins). A scene cut (a large global change of the
+input) forces a keyframe and forgets what was
 measured. Two ways to explore (`explore`):
   - probe (the default): as above; probing never changes what is served. A probe's sparse chain costs a sparse step
     a frame, so the 2 % share pays for the first one after 100-200 frames;
@@ -209,8 +210,12 @@ class AdaptiveSchedule:
         if cut:
             self.measures = _Measures()
             self.dense_history.clear()
-            self.exploring = list(self.keyframes)
-            self.explore_gap = self.config.reexplore_every
+            # the new scene is explored at once where a keyframe candidate was chosen (or the exploration was not
+            # over); where every candidate lost, at the next exploration due: a cut changes the scene, not the model,
+            # resolution and camera that made token reuse lose, and each trial or probe costs
+            if self.exploring or self.home.kind == "keyframe":
+                self.exploring = list(self.keyframes)
+                self.explore_gap = self.config.reexplore_every
             self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
             self.home = self.skip
             self.probe = None  # its copy of the state is of the old scene (the caller drops it on the next start)

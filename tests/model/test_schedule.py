@@ -108,17 +108,20 @@ def test_a_trial_serves_each_candidate_for_its_cycles_and_measures_it_by_shadows
     assert all(age <= interval for interval, age in schedule.lifetime.q_age)
 
 
-def _drive(schedule: AdaptiveSchedule, frames: int, sparse_q: float, seed: int = 0) -> list[str]:
+def _drive(schedule: AdaptiveSchedule, frames: int, sparse_q: float, seed: int = 0, cuts=()) -> list[str]:
     """Serve a synthetic scene frame by frame as the server does (no model): dense answers wander (an AR(1) walk of
     logits); a sparse answer (served or a shadow) is off from the dense one by sparse_q times the error of reusing its
-    keyframe's answer. Returns the policy serving each frame."""
+    keyframe's answer. The input is still but for scene cuts at the frames in `cuts` (a new scene, new answers).
+    Returns the policy serving each frame."""
     gen = torch.Generator().manual_seed(seed)
     dense = torch.randn(16, generator=gen)
-    image = torch.zeros(3, 32, 32)  # a still input: no scene cut
+    image = torch.zeros(3, 32, 32)
     seeded = last = dense  # the answer the stream's state was seeded by; the answer served last
     serving = []
     for t in range(frames):
         dense = 0.995 * dense + 0.1 * torch.randn(16, generator=gen)
+        if t in cuts:
+            image, dense = 1.0 - image, torch.randn(16, generator=gen)
         action, budget = schedule.next_action(image)
         shadow, shadow_macs = None, 0
         if action == "dense" and (shadow_budget := schedule.shadow_budget()) is not None:
@@ -162,6 +165,27 @@ def test_a_trial_that_measures_a_better_candidate_switches_to_it_within_tens_of_
     assert schedule.home.kind == "keyframe" and schedule.home in schedule.keyframes
     chosen = next(t for t in range(200) if serving[t:] == [schedule.home.name] * (200 - t))
     assert chosen < 100
+
+
+def test_scene_cuts_do_not_explore_again_candidates_that_lost():
+    """Candidates that lost are explored again when the next exploration is due, not at every cut (each trial serves
+    a cycle of a worse policy; each probe costs its sparse steps). Cuts still force keyframes."""
+    cuts = (60, 120, 180, 240)
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial", seed=1))
+    serving = _drive(schedule, 300, sparse_q=1.5, seed=1, cuts=cuts)
+    trials = [name for name, _ in itertools.groupby(serving) if name != schedule.skip.name]
+    assert sorted(trials) == sorted(p.name for p in schedule.keyframes)  # each one cycle, at the start only
+    assert schedule.home == schedule.skip and not schedule.exploring
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_after_a_scene_cut_a_stream_that_chose_a_keyframe_policy_explores_again_at_once(seed):
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial", seed=seed))
+    serving = _drive(schedule, 300, sparse_q=0.3, seed=seed, cuts=(150,))
+    assert serving[149] in {p.name for p in schedule.keyframes} and serving[150] == schedule.skip.name
+    assert schedule.home.kind == "keyframe"
+    chosen = next(t for t in range(150, 300) if serving[t:] == [schedule.home.name] * (300 - t))
+    assert chosen < 150 + 100
 
 
 def test_a_stream_serving_a_keyframe_policy_is_audited_and_its_audits_sample_its_q():
