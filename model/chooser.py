@@ -26,8 +26,7 @@ Prediction: skip at the serving ratio costs the mean of e_reuse over its cycle; 
 mean of e_reuse over a cycle of k. The stream serves the candidate with the lowest prediction, frame skipping until a
 candidate is measured better; candidates are explored in turn at the start, after a scene cut where one was
 chosen, and every `reexplore_every` frames (doubling while none wins). A scene cut (a large global change of the
-input) forces a keyframe and forgets what was
-measured. Two ways to explore (`explore`):
+input) forces a keyframe and forgets what was measured. Two ways to explore (`explore`):
   - probe (the default): as above; probing never changes what is served. A probe's sparse chain costs a sparse step
     a frame, so the 2 % share pays for the first one after 100-200 frames;
   - trial: the candidate is served from the next keyframe, and its shadow on each of its keyframes gives q_k (one
@@ -632,14 +631,21 @@ class AdaptiveSchedule:
         return dict(self.choices)
 
 
+MIN_MEASURED = 3  # samples before an age's mean stands for that age alone
+
+
 class _PowerLaw:
-    """Fitted to means[age] = (mean, samples): the mean where measured, else a power law in the age fitted to the
-    measured ages (log-log least squares weighted by their samples: an age seen once, e.g. two identical frames,
-    weighs once; exponent 0.2-1.5, 0.7 from a single age); None with nothing measured."""
+    """Fitted to means[age] = (mean, samples): the mean where measured on MIN_MEASURED samples or more, else a power
+    law in the age fitted to those ages (log-log least squares weighted by their samples; exponent 0.2-1.5, 0.7 from a
+    single age), or to every measured age while none has that many; None with nothing measured. An age seen once or
+    twice is noise: a pair of identical frames (a still title, a duplicated frame) gives 0, which taken as the age's
+    mean makes every frame served at that age look exact, and as a point of the fit (log 1e-6) tilts it."""
 
     def __init__(self, means: dict[int, tuple[float, int]]):
-        self.means = means
-        points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in means.items()]
+        trusted = {a: v for a, v in means.items() if v[1] >= MIN_MEASURED}
+        self.means = trusted
+        points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in (trusted or means).items()]
+        self.fitted = bool(points)
         if not points:
             return
         total = sum(n for _, _, n in points)
@@ -652,7 +658,7 @@ class _PowerLaw:
     def __call__(self, age: int) -> float | None:
         if age in self.means:
             return self.means[age][0]
-        if not self.means:
+        if not self.fitted:
             return None
         return math.exp(self.my + self.alpha * (math.log(age) - self.mx))
 

@@ -98,8 +98,10 @@ def test_a_trial_serves_each_candidate_for_its_cycles_and_measures_it_by_shadows
     served_policies = set(schedule.choice_counts())
     for candidate in schedule.keyframes:  # each candidate served (sparse frames between its keyframes) ...
         assert candidate.name in served_policies
-        # ... until its q samples came: one per shadow, the sparse chain run on a keyframe before it reseeds
-        assert len(schedule.lifetime.q[candidate.interval]) >= schedule.config.shadows_per_candidate
+        # ... until its q samples came: one per shadow, the sparse chain run on a keyframe before it reseeds (one
+        # where that first sample already predicted no gain over frame skipping)
+        samples = len(schedule.lifetime.q[candidate.interval])
+        assert samples >= schedule.config.shadows_per_candidate or samples == 1
     assert "sparse" in served.actions
     probe_schedule, probed = _adaptive_run(vit, images, share=0.3, explore="probe")
     assert probe_schedule.lifetime.q and "sparse" not in probed.actions[:10]  # a probe's sparse steps are unserved
@@ -303,6 +305,26 @@ def test_a_keyframe_candidate_is_predicted_from_q_at_the_ages_its_sparse_frames_
     schedule.measures.q_age[(3, 2)] = deque([0.8, 0.8])
     assert schedule.predictions()[candidate.name] == pytest.approx((0.5 * 0.1 + 0.8 * 0.2) / 3)
     assert schedule.predictions(upper=True)[candidate.name] == pytest.approx((0.5 * 0.1 + 0.8 * 0.2) / 3)  # no spread
+
+
+def test_an_age_seen_once_or_twice_does_not_stand_for_itself_in_the_reuse_curve():
+    """A pair of identical frames (a still title) gives a reuse error of 0 at its age; taken as that age's mean, every
+    frame frame skipping serves at that age would count as exact (an estimate a third of the truth on the scene-cut
+    clip at 3x, where skipping's own dense results pair only at multiples of 3). The curve reads such an age from the
+    power law fitted to the ages measured often."""
+    schedule = AdaptiveSchedule(CONFIG, 3.0, AdaptiveConfig())
+    for age, errors in ((3, [0.05] * 40), (6, [0.08] * 40), (2, [0.0])):
+        schedule.lifetime.reuse[age] = deque(errors)
+        schedule.lifetime.reuse_agree[age] = deque([1.0] * len(errors))
+    at_2 = schedule.reuse_curve(2, schedule.lifetime)
+    alpha = math.log(0.08 / 0.05) / math.log(2)  # the law through ages 3 and 6
+    assert at_2 == pytest.approx(0.05 * (2 / 3) ** alpha)
+    schedule.served_log.update({("dense", 0, None): 100, ("reuse", 1, None): 100, ("reuse", 2, None): 100})
+    estimate = schedule.estimate()
+    assert estimate["rel_l2"] == pytest.approx((schedule.reuse_curve(1, schedule.lifetime) + at_2) / 3)
+    schedule.lifetime.reuse[2].extend([0.0, 0.0])  # three samples: the age is measured
+    schedule.lifetime.curves.clear()
+    assert schedule.reuse_curve(2, schedule.lifetime) == 0.0
 
 
 def test_the_estimate_keeps_the_q_of_sparse_frames_served_before_an_exploration_cleared_it():
