@@ -596,13 +596,16 @@ class AdaptiveSchedule:
                 counts.append(math.inf)
                 continue
             e = self.reuse_curve(age, self.lifetime)
-            samples = self.lifetime.reuse.get(age, [])
-            agree = self.lifetime.reuse_agree.get(age)
+            # an age measured on fewer than MIN_MEASURED pairs is read from the curves, as predictions read it
+            samples = self.lifetime.reuse.get(age, ())
+            agree = self.lifetime.reuse_agree.get(age, ())
             if e is None:
                 return self._named(audits, "none", None, (0.0, math.inf), None, (0.0, 1.0))
-            rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)) if len(samples) >= 2 else 0.5
-            p_agree = statistics.fmean(agree) if agree else self._agreement_at(age, self.lifetime)
-            counts.append(len(agree) if agree else 1)
+            measured = len(samples) >= MIN_MEASURED
+            rse = statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9) if measured else 0.5
+            measured = len(agree) >= MIN_MEASURED
+            p_agree = statistics.fmean(agree) if measured else self._agreement_at(age, self.lifetime)
+            counts.append(len(agree) if measured else 1)
             if action == "sparse" and interval is not None and self.lifetime.q.get(interval):
                 at = self.lifetime.q_age.get((interval, age), ())  # as predictions read q: that age's, from two
                 qs = at if len(at) >= 2 else self.lifetime.q[interval]

@@ -322,6 +322,13 @@ def test_an_age_seen_once_or_twice_does_not_stand_for_itself_in_the_reuse_curve(
     schedule.served_log.update({("dense", 0, None): 100, ("reuse", 1, None): 100, ("reuse", 2, None): 100})
     estimate = schedule.estimate()
     assert estimate["rel_l2"] == pytest.approx((schedule.reuse_curve(1, schedule.lifetime) + at_2) / 3)
+    # the agreement too: one pair of identical frames at age 2 does not make the frames served there agree
+    assert estimate["top1"] == pytest.approx(1.0)
+    schedule.lifetime.reuse_agree[6] = deque([0.4] * 40)
+    schedule.lifetime.curves.clear()
+    agreement = schedule.estimate()["top1"]
+    assert agreement < 1.0 and agreement == pytest.approx(
+        (1 + schedule._agreement_at(1, schedule.lifetime) + schedule._agreement_at(2, schedule.lifetime)) / 3)
     schedule.lifetime.reuse[2].extend([0.0, 0.0])  # three samples: the age is measured
     schedule.lifetime.curves.clear()
     assert schedule.reuse_curve(2, schedule.lifetime) == 0.0
