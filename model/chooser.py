@@ -637,17 +637,34 @@ class AdaptiveSchedule:
 MIN_MEASURED = 3  # samples before an age's mean stands for that age alone
 
 
+def _monotone(means: dict[int, tuple[float, int]]) -> dict[int, tuple[float, int]]:
+    """The means made non-decreasing in the age (pooling adjacent violators, weighted by samples): an older answer
+    is not expected to be closer to the dense one than a younger one, and ages measured on a few frames of one part
+    of the clip (audits, trials) would otherwise put a bump or a dip in the curve between ages measured all along."""
+    blocks: list[list] = []  # [weighted sum, samples, ages]
+    for age in sorted(means):
+        mean, n = means[age]
+        blocks.append([mean * n, n, [age]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, ages = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+            blocks[-1][2] += ages
+    return {age: (total / count, means[age][1]) for total, count, ages in blocks for age in ages}
+
+
 class _PowerLaw:
-    """Fitted to means[age] = (mean, samples): the mean where measured on MIN_MEASURED samples or more, else a power
-    law in the age fitted to those ages (log-log least squares weighted by their samples; exponent 0.2-1.5, 0.7 from a
-    single age), or to every measured age while none has that many; None with nothing measured. An age seen once or
-    twice is noise: a pair of identical frames (a still title, a duplicated frame) gives 0, which taken as the age's
-    mean makes every frame served at that age look exact, and as a point of the fit (log 1e-6) tilts it."""
+    """Fitted to means[age] = (mean, samples): the mean where measured on MIN_MEASURED samples or more (made
+    non-decreasing in the age, `_monotone`), else a power law in the age fitted to those ages (log-log least squares
+    weighted by their samples; exponent 0.2-1.5, 0.7 from a single age), or to every measured age while none has that
+    many; None with nothing measured. An age seen once or twice is noise: a pair of identical frames (a still title,
+    a duplicated frame) gives 0, which taken as the age's mean makes every frame served at that age look exact, and as
+    a point of the fit (log 1e-6) tilts it."""
 
     def __init__(self, means: dict[int, tuple[float, int]]):
-        trusted = {a: v for a, v in means.items() if v[1] >= MIN_MEASURED}
+        trusted = _monotone({a: v for a, v in means.items() if v[1] >= MIN_MEASURED})
         self.means = trusted
-        points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in (trusted or means).items()]
+        points = [(math.log(a), math.log(max(m, 1e-6)), n) for a, (m, n) in (trusted or _monotone(means)).items()]
         self.fitted = bool(points)
         if not points:
             return

@@ -334,6 +334,23 @@ def test_an_age_seen_once_or_twice_does_not_stand_for_itself_in_the_reuse_curve(
     assert schedule.reuse_curve(2, schedule.lifetime) == 0.0
 
 
+def test_the_reuse_curve_does_not_fall_with_age():
+    """Ages measured on a few audits of one part of the clip (here ages 1 and 3 on a keyframe(4) stream, which pairs
+    its keyframes at multiples of 4) are pooled with the neighbours they contradict: before, age 1 read 0.112
+    against age 2's 0.100, the keyframe policy's predicted error rose over skipping's, and the stream (the traffic
+    clip at 352x640, 2x, trial) went back to skipping for its last 100 frames."""
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig())
+    for age, errors in ((1, [0.112] * 3), (2, [0.100] * 100), (3, [0.16] * 3), (4, [0.133] * 90)):
+        schedule.measures.reuse[age] = deque(errors)
+    curve = [schedule.reuse_curve(a) for a in (1, 2, 3, 4)]
+    assert curve == sorted(curve)
+    assert curve[0] == curve[1] == pytest.approx((3 * 0.112 + 100 * 0.100) / 103)
+    assert curve[2] == curve[3] == pytest.approx((3 * 0.16 + 90 * 0.133) / 93)
+    schedule.measures.reuse[1] = deque([0.05] * 3)  # consistent ages stand as measured
+    schedule.measures.curves.clear()
+    assert schedule.reuse_curve(1) == pytest.approx(0.05) and schedule.reuse_curve(2) == pytest.approx(0.1)
+
+
 def test_the_estimate_keeps_the_q_of_sparse_frames_served_before_an_exploration_cleared_it():
     """A re-exploration forgets the q samples predictions rest on; the frames a keyframe policy served before still
     count at the q measured for them (before, they counted at the whole reuse error: a pessimistic estimate)."""
