@@ -351,6 +351,25 @@ def test_the_reuse_curve_does_not_fall_with_age():
     assert schedule.reuse_curve(1) == pytest.approx(0.05) and schedule.reuse_curve(2) == pytest.approx(0.1)
 
 
+def test_the_estimate_rests_on_audits_once_enough_of_them_audited_frames_not_served_dense():
+    """Audits of dense frames are free and exact (error 0): a fair part of the sample, but they say nothing of the
+    frames that were not computed, whose error is the whole estimate. Eight of those before the audits alone count."""
+    schedule = AdaptiveSchedule(CONFIG, 1.5, AdaptiveConfig())
+    for age, error in ((1, 0.05),):
+        schedule.lifetime.reuse[age] = deque([error] * 4)
+        schedule.lifetime.reuse_agree[age] = deque([1.0] * 4)
+    schedule.served_log.update({("dense", 0, None): 20, ("reuse", 1, None): 10})
+    dense, served = torch.ones(8), torch.ones(8) * 1.01
+    for _ in range(12):
+        schedule._record_audit(dense, dense, paid=False)
+    for _ in range(7):
+        schedule._record_audit(served, dense, paid=True)
+    assert schedule.estimate()["source"] == "model"  # 19 audits, 7 of them of frames not served dense
+    schedule._record_audit(served, dense, paid=True)
+    estimate = schedule.estimate()
+    assert estimate["source"] == "audits" and estimate["rel_l2"] == pytest.approx(8 * 0.01 / 20)
+
+
 def test_the_estimate_keeps_the_q_of_sparse_frames_served_before_an_exploration_cleared_it():
     """A re-exploration forgets the q samples predictions rest on; the frames a keyframe policy served before still
     count at the q measured for them (before, they counted at the whole reuse error: a pessimistic estimate)."""

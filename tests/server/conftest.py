@@ -130,8 +130,8 @@ def audit_log(monkeypatch) -> list[tuple]:
     log: list[tuple] = []
     record = AdaptiveSchedule._record_audit
 
-    def recording(self, served, dense):
-        record(self, served, dense)
+    def recording(self, served, dense, paid):
+        record(self, served, dense, paid)
         log.append((self.frame, served, self.audit_agree[-1], self.audit_errors[-1]))
 
     monkeypatch.setattr(AdaptiveSchedule, "_record_audit", recording)
