@@ -78,7 +78,7 @@ class AdaptiveConfig:
     cut_threshold: float = 0.3  # mean |change| of the 16x16-pooled normalised input that counts as a scene cut
     max_lag: int = 16  # reuse-curve ages kept
     confidence: float = 0.9
-    audits_for_estimate: int = 8  # audits of computed-less frames (reused, sparse) before the estimate rests on audits
+    audits_for_estimate: int = 8  # audits of frames not served dense before the estimate rests on audits alone
     model_error: float = 0.15  # relative error allowed for the curves' model of the frames served
     seed: int = 0
 
@@ -575,10 +575,9 @@ class AdaptiveSchedule:
         measure's names: `rel_l2` and `top1` for a classifier, `box_error` and `box_f1` for a detector), with
         intervals. With enough audits, from the audits alone (the agreement's interval is Wilson's, exact for top-1,
         conservative for a box F1 in [0, 1]); before that, from the measured curves applied to the frames served (a
-        reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d)). Enough audits: that many of frames not
-        served dense. The audits of dense frames (free, error 0) are a fair part of the sample, but say nothing of the
-        rest: on the scene-cut clip at 352x640 and 1.5x, 18 audits of which 6 paid gave [0, 0.0014] for a true 0.0089,
-        whose error sits in a few frames of fades."""
+        reused result of age d costs e_reuse(d); a sparse frame q_k e_reuse(d)). Enough audits means that many of
+        frames not served dense: the free audits of dense frames (error 0) are a fair part of the sample but say nothing
+        of the frames not computed, whose errors (a few large ones, in fades and pans) are the whole mean."""
         if sum(self.audit_paid) >= self.config.audits_for_estimate:  # of the latest MAX_AUDITS
             estimate = audit_estimate(self.audit_errors, self.audit_agree, self.config.confidence)
             return self._named(self.audits, "audits", *estimate)
@@ -606,11 +605,11 @@ class AdaptiveSchedule:
             agree = self.lifetime.reuse_agree.get(age, ())
             if e is None:
                 return self._named(audits, "none", None, (0.0, math.inf), None, (0.0, 1.0))
-            measured = len(samples) >= MIN_MEASURED
-            rse = statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9) if measured else 0.5
-            measured = len(agree) >= MIN_MEASURED
-            p_agree = statistics.fmean(agree) if measured else self._agreement_at(age, self.lifetime)
-            counts.append(len(agree) if measured else 1)
+            rse = (statistics.stdev(samples) / math.sqrt(len(samples)) / max(e, 1e-9)
+                   if len(samples) >= MIN_MEASURED else 0.5)
+            agreement_measured = len(agree) >= MIN_MEASURED
+            p_agree = statistics.fmean(agree) if agreement_measured else self._agreement_at(age, self.lifetime)
+            counts.append(len(agree) if agreement_measured else 1)
             if action == "sparse" and interval is not None and self.lifetime.q.get(interval):
                 at = self.lifetime.q_age.get((interval, age), ())  # as predictions read q: that age's, from two
                 qs = at if len(at) >= 2 else self.lifetime.q[interval]
