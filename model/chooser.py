@@ -111,6 +111,12 @@ class _Measures:
     # for them at every age of every candidate's cycle, after each dense result
     curves: dict[str, _PowerLaw] = field(default_factory=dict)
 
+    def q_samples(self, interval: float, age: int) -> deque[float] | tuple:
+        """A keyframe candidate's q samples for its sparse answers `age` frames old: that age's, from two of them,
+        else all of the candidate's."""
+        at = self.q_age.get((interval, age), ())
+        return at if len(at) >= 2 else self.q.get(interval, ())
+
     def curve(self, name: str) -> _PowerLaw:
         """`reuse` (errors) or `disagreement` (1 - agreement), by age."""
         if name not in self.curves:
@@ -420,8 +426,7 @@ class AdaptiveSchedule:
         """q of a keyframe candidate's sparse answer `age` frames after its keyframe: from the samples at that age
         (two or more), else from all of the candidate's; the median, or (upper) the one-sided upper bound of the
         mean at `switch_confidence`; None without two samples to bound."""
-        at = self.measures.q_age.get((interval, age), ())
-        samples = at if len(at) >= 2 else self.measures.q.get(interval, ())
+        samples = self.measures.q_samples(interval, age)
         if not samples or (upper and len(samples) < 2):
             return None
         if not upper:
@@ -611,8 +616,7 @@ class AdaptiveSchedule:
             p_agree = statistics.fmean(agree) if agreement_measured else self._agreement_at(age, self.lifetime)
             counts.append(len(agree) if agreement_measured else 1)
             if action == "sparse" and interval is not None and self.lifetime.q.get(interval):
-                at = self.lifetime.q_age.get((interval, age), ())  # as predictions read q: that age's, from two
-                qs = at if len(at) >= 2 else self.lifetime.q[interval]
+                qs = self.lifetime.q_samples(interval, age)  # as predictions read q
                 q = statistics.median(qs)
                 e, p_agree = q * e, 1.0 - min(1.0, q) * (1.0 - p_agree)
                 rse = math.hypot(rse, 0.5 if len(qs) < 2 else statistics.stdev(qs) / math.sqrt(len(qs)) / max(q, 1e-9))
