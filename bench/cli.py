@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy families to run, comma-separated (skip always runs: it is the yardstick)")
     f.add_argument("--audit-share", type=float, default=0.02, help="adaptive: share of compute spent measuring")
     f.add_argument("--seed", type=int, default=0, help="adaptive: the audit draw's seed")
-    f.add_argument("--explore", choices=("probe", "trial"), default="probe",
+    f.add_argument("--explore", choices=("probe", "trial"), default="trial",
                    help="adaptive: serve a keyframe candidate for a few cycles (trial) or run it unserved (probe)")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     f.add_argument("--json", dest="json_path", default=None, help="write the report here")

@@ -155,7 +155,7 @@ def get_stream_policy(engine: EngineDep, stream_id: StreamId) -> StreamPolicyOut
         "`{\"policy\": \"keyframe\", \"interval\": 4}` and `{\"policy\": \"eventful\"}` (the default) are fixed. "
         "Clip models take `adaptive` without a ratio (audits; a floor lowers the stream's own RLT tau). "
         "`report_fidelity` (adaptive): each result message of the stream carries its fidelity estimate. `explore` "
-        "(adaptive): `probe` (default) or `trial`, how keyframe + sparse candidates are measured."
+        "(adaptive): `trial` (default) or `probe`, how keyframe + sparse candidates are measured."
     ),
 )
 def put_stream_policy(engine: EngineDep, stream_id: StreamId, body: StreamPolicyIn) -> StreamPolicyOut:

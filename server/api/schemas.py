@@ -134,11 +134,12 @@ class StreamPolicyIn(_Strict):
                                      "against the dense detections at IoU 0.5)")
     report_fidelity: bool = Field(False, description="adaptive: each result message of the stream carries its "
                                   "fidelity estimate (`fidelity`, as in the policy view; refreshed every 10 frames)")
-    explore: Literal["probe", "trial"] = Field(
-        "probe", description="adaptive (frame models): how a keyframe + sparse candidate is measured. probe (default): "
-        "its sparse steps run unserved on a copy of the stream's state, paid from the audit share (never serves an "
-        "unmeasured candidate; finds a better one after hundreds of frames); trial: it is served for a cycle or two, "
-        "measured on its keyframes (finds one within tens of frames; serves a few worse frames where none is better)")
+    explore: Literal["probe", "trial"] | None = Field(
+        None, description="adaptive (frame models): how a keyframe + sparse candidate is measured. trial (the default, "
+        "null): it is served for a cycle or two, measured on its keyframes (finds one within tens of frames; serves a "
+        "few worse frames where none is better); probe: its sparse steps run unserved on a copy of the stream's "
+        "state, paid from the audit share (never serves an unmeasured candidate; finds a better one after hundreds of "
+        "frames)")
 
 
 class StreamPolicyOut(BaseModel):
@@ -146,6 +147,8 @@ class StreamPolicyOut(BaseModel):
     policy: str
     setting: dict[str, Any]
     serving: str | None = Field(None, description="the policy serving now (adaptive: its current choice)")
+    explore: str | None = Field(None, description="adaptive (frame models): the exploration in effect (`setting` "
+                                "shows null where the operator left the default)")
     effective_ratio: float | None = Field(None, description="adaptive: the compute ratio now (a floor may lower it)")
     tau: float | None = Field(None, description="adaptive on a clip model: the stream's RLT tau now (a floor may "
                               "lower it)")

@@ -51,7 +51,8 @@ class StreamPolicySpec:
     max_rel_l2: float | None = None  # adaptive (classifier): fidelity floor on the logits' relative L2 error
     min_box_f1: float | None = None  # adaptive (detector): fidelity floor on box F1 against the dense detections
     report_fidelity: bool = False  # adaptive: each result message carries the stream's fidelity estimate
-    explore: str = "probe"  # adaptive (frame models): how keyframe candidates are measured (model/chooser.py)
+    # adaptive (frame models): how keyframe candidates are measured (model/chooser.py); None: the chooser's default
+    explore: str | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -77,9 +78,9 @@ class StreamPolicySpec:
             raise PolicyError(floors[0], "a fidelity floor needs the adaptive policy (its audits measure fidelity)")
         if self.report_fidelity and self.policy != "adaptive":
             raise PolicyError("report_fidelity", "report_fidelity needs the adaptive policy (its audits measure it)")
-        if self.explore not in EXPLORE:
+        if self.explore is not None and self.explore not in EXPLORE:
             raise PolicyError("explore", f"explore must be one of {', '.join(EXPLORE)}, not {self.explore!r}")
-        if self.explore != "probe" and self.policy != "adaptive":
+        if self.explore is not None and self.policy != "adaptive":
             raise PolicyError("explore", "explore needs the adaptive policy (it explores keyframe candidates)")
 
     @property
@@ -98,7 +99,7 @@ class StreamPolicySpec:
             if self.ratio is not None:
                 raise PolicyError("ratio", "a clip model takes no compute ratio: its compute follows its content "
                                   "(RLT); a fidelity floor keeps more tubelets where it needs them")
-            if self.explore != "probe":
+            if self.explore is not None:
                 raise PolicyError("explore", "a clip model has no keyframe candidates to explore (RLT decides what "
                                   "each clip computes)")
         if self.policy != "adaptive":
@@ -145,7 +146,8 @@ class StreamSchedule:
                                    spec.min_top1_agreement)
         elif spec.policy == "adaptive":
             self.adaptive = AdaptiveSchedule(config, spec.ratio,
-                                             AdaptiveConfig(audit_share=spec.audit_share, explore=spec.explore),
+                                             AdaptiveConfig(audit_share=spec.audit_share,
+                                                            explore=spec.explore or AdaptiveConfig.explore),
                                              fidelity=fidelity)
         elif spec.policy == "skip":
             self.fixed = FramePolicy("skip", interval=float(spec.interval or spec.ratio))
@@ -244,6 +246,7 @@ class StreamSchedule:
         if self.adaptive is not None:
             est = self.adaptive.estimate()
             out["serving"] = self.adaptive.policy.name
+            out["explore"] = self.adaptive.config.explore  # (the setting's, or the default where it is null)
             out["effective_ratio"] = self.adaptive.ratio
             out["fidelity"] = _fidelity_view(est, self.adaptive.fidelity)
             out["floor_met"] = self.floor_error is None

@@ -211,6 +211,7 @@ def test_a_detector_stream_s_audits_leave_another_stream_s_results_as_they_are(d
         ("clip_model", {"policy": "keyframe", "interval": 4}, "policy"),
         ("clip_model", {"policy": "adaptive", "ratio": 2}, "ratio"),
         ("clip_model", {"policy": "adaptive", "explore": "trial"}, "explore"),
+        ("clip_model", {"policy": "adaptive", "explore": "probe"}, "explore"),
         ("clip_model", {"policy": "adaptive", "min_box_f1": 0.5}, "min_box_f1"),
         ("clip_model", {"policy": "adaptive", "audit_share": 0.6}, "audit_share"),
         ("clip_model", {"policy": "adaptive", "min_top1_agreement": 1.5}, "min_top1_agreement"),

@@ -104,13 +104,14 @@ def test_with_report_fidelity_each_result_carries_the_estimate_and_other_streams
 def test_a_trial_serves_keyframe_candidates_and_a_probing_stream_beside_it_serves_only_its_choice(make_client):
     client = make_client(stream_ttl_s=60)
     body = {"policy": "adaptive", "ratio": 1.5, "audit_share": 0.1}  # the tiny model's candidates: k = 3 and 4
-    assert client.put("/v1/streams/trial/policy", json={**body, "explore": "trial"}).status_code == 200
-    assert client.put("/v1/streams/probe/policy", json=body).status_code == 200
+    assert client.put("/v1/streams/trial/policy", json=body).status_code == 200  # trial: the default
+    assert client.put("/v1/streams/probe/policy", json={**body, "explore": "probe"}).status_code == 200
     trial, probe = _side_by_side(client, "trial", "probe", frames(40, seed=8))
     sparse = lambda m: not m["dense"] and not m.get("reused")  # noqa: E731
     assert any(sparse(m) for m in trial)  # candidates served between their keyframes, measured on them
     views = {s: client.get(f"/v1/streams/{s}/policy").json() for s in ("trial", "probe")}
-    assert views["trial"]["setting"]["explore"] == "trial" and views["probe"]["setting"]["explore"] == "probe"
+    assert views["trial"]["setting"]["explore"] is None and views["probe"]["setting"]["explore"] == "probe"
+    assert views["trial"]["explore"] == "trial" and views["probe"]["explore"] == "probe"  # what is in effect
     if views["probe"]["serving"].startswith("skip"):  # a probing stream that chose skipping never served sparse
         assert not any(sparse(m) for m in probe)
 
@@ -133,6 +134,7 @@ def test_a_trial_serves_keyframe_candidates_and_a_probing_stream_beside_it_serve
         ({"policy": "adaptive", "ratio": 2, "report_fidelity": "yes"}, "report_fidelity"),
         ({"policy": "adaptive", "ratio": 2, "explore": "sometimes"}, "explore"),
         ({"policy": "skip", "interval": 2, "explore": "trial"}, "explore"),
+        ({"policy": "eventful", "explore": "probe"}, "explore"),  # (either value: it needs adaptive)
     ],
 )
 def test_bad_policies_are_422_naming_the_field(client, body, field):
