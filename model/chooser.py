@@ -169,6 +169,7 @@ class AdaptiveSchedule:
         # are frames since the last dense result, whichever served it: a keyframe or an audit)
         self.served_log: Counter[tuple[str, int, float | None]] = Counter()
         self.exploring = list(self.keyframes)
+        self.lost: set[str] = set()  # candidates this exploration found hopeless (not tried again after a cut)
         self.last_explore = 0
         self.explore_gap = self.config.reexplore_every  # doubles while explorations find nothing better (to 8x)
         self._prev_pooled: torch.Tensor | None = None
@@ -202,6 +203,7 @@ class AdaptiveSchedule:
         self.measures.q.clear()
         self.measures.q_age.clear()
         self.exploring = list(self.keyframes)
+        self.lost.clear()
         self.home = self.skip
         self._start(self.skip)
 
@@ -218,11 +220,17 @@ class AdaptiveSchedule:
         if cut:
             self.measures = _Measures()
             self.dense_history.clear()
-            # the new scene is explored at once where a keyframe candidate was chosen (or the exploration was not
-            # over); where every candidate lost, at the next exploration due: a cut changes the scene, not the model,
-            # resolution and camera that made token reuse lose, and each trial or probe costs
-            if self.exploring or self.home.kind == "keyframe":
+            # the new scene is explored at once where a keyframe candidate was chosen; where the exploration was
+            # not over, its candidates are measured afresh but for those it found hopeless; where every candidate
+            # lost, at the next exploration due: a cut changes the scene, not the model, resolution and camera that
+            # made token reuse lose, and each trial or probe costs (a hand-held camera's fast pans count as cuts:
+            # each one had started the trials again)
+            if self.home.kind == "keyframe":
                 self.exploring = list(self.keyframes)
+                self.lost.clear()
+                self.explore_gap = self.config.reexplore_every
+            elif self.exploring:
+                self.exploring = [p for p in self.keyframes if p.name not in self.lost]
                 self.explore_gap = self.config.reexplore_every
             self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
             self.home = self.skip
@@ -232,6 +240,7 @@ class AdaptiveSchedule:
                 [self.policy] if self.policy in self.keyframes else [])
             self.measures.q.clear()
             self.measures.q_age.clear()
+            self.lost.clear()
             self.last_explore = self.frame
 
         self._forced = cut
@@ -547,8 +556,11 @@ class AdaptiveSchedule:
         if self.exploring:
             current = self.exploring[0]
             samples = len(self.measures.q.get(current.interval, []))
-            if samples >= self.config.shadows_per_candidate or (samples and self._hopeless(current)):
+            hopeless = bool(samples) and self._hopeless(current)
+            if samples >= self.config.shadows_per_candidate or hopeless:
                 self.exploring.pop(0)
+                if hopeless:
+                    self.lost.add(current.name)
             if self.exploring:
                 if self.config.explore == "trial":
                     self._trial(self.exploring[0])

@@ -181,6 +181,20 @@ def test_scene_cuts_do_not_explore_again_candidates_that_lost():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cuts_during_an_exploration_do_not_try_again_the_candidates_it_found_hopeless(seed):
+    """A hand-held camera's fast pans count as cuts, many of them while the first exploration runs: each cut had
+    started the trials again, and the hand-held clip at 224 and 2x served its first candidate on seven cycles (1.07x
+    skipping's error against 1.01x for probing). A candidate found hopeless stays out until the next exploration; the
+    others are measured afresh on the new scene."""
+    cuts = tuple(range(10, 200, 12))  # the first between the first candidate's trial and the second's
+    schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial", seed=seed))
+    serving = _drive(schedule, 250, sparse_q=1.5, seed=seed, cuts=cuts)
+    trials = [name for name, _ in itertools.groupby(serving) if name != schedule.skip.name]
+    assert sorted(trials) == sorted(p.name for p in schedule.keyframes)  # each one cycle
+    assert schedule.home == schedule.skip and not schedule.exploring
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_after_a_scene_cut_a_stream_that_chose_a_keyframe_policy_explores_again_at_once(seed):
     schedule = AdaptiveSchedule(CONFIG, 2.0, AdaptiveConfig(audit_share=0.1, explore="trial", seed=seed))
     serving = _drive(schedule, 300, sparse_q=0.3, seed=seed, cuts=(150,))
