@@ -29,11 +29,12 @@ chosen, and every `reexplore_every` frames (doubling while none wins). A scene c
 input) forces a keyframe and forgets what was measured. Two ways to explore (`explore`):
   - probe: as above; probing never changes what is served. A probe's sparse chain costs a sparse step a frame, so
     the 2 % share pays for the first one after 100-200 frames;
-  - trial (the default): the candidate is served from the next keyframe, and its shadow on each of its keyframes gives q_k (one
-    sparse step a sample, a few times cheaper). A candidate whose first sample predicts no gain is not served
-    another cycle; a trial whose shadow the credit cannot pay ends at that keyframe; after the last one the stream
-    goes back to its choice. It finds a better candidate within tens of frames, and serves a few cycles of a worse
-    one where none is better (docs/results.md: the two, measured).
+  - trial (the default): the candidate is served from the next keyframe, and its shadow on each of its keyframes
+    gives q_k (one sparse step a sample, a few times cheaper). A trial starts once the share holds its shadows (45-90
+    frames at 2 %); a candidate whose first sample predicts no gain is not served another cycle, nor again after a
+    cut before the next exploration; a trial whose shadow the credit cannot pay ends at that keyframe; after the
+    last one the stream goes back to its choice. It finds a better candidate within tens of frames of its start,
+    and serves a few cycles of a worse one where none is better (docs/results.md: the two, measured).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class AdaptiveConfig:
     # how a keyframe candidate is explored: "trial" serves it for a few of its cycles and measures q by the shadow
     # step on each of its keyframes (one sparse step a sample); "probe" runs its sparse chain unserved on a copy of
     # the state beside the serving policy (a sparse step every frame until a dense result meets the chain). Trial is
-    # the default: it finds keyframe + sparse where it wins within tens of frames, where probing's share pays for
-    # its first probe after hundreds (docs/results.md, "Exploring on trial": the seeds and clips it was chosen on)
+    # the default: it finds keyframe + sparse where it wins within the first hundred frames, where probing's share
+    # pays for its first probe after 100-200 (docs/results.md, "Trial against probing": the clips and seeds)
     explore: str = "trial"
     switch_margin: float = 0.95  # a keyframe candidate replaces skipping only if predicted below this share
     switch_confidence: float = 0.8  # ... with its q taken at this one-sided upper bound of the samples' mean
