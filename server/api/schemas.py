@@ -135,11 +135,11 @@ class StreamPolicyIn(_Strict):
     report_fidelity: bool = Field(False, description="adaptive: each result message of the stream carries its "
                                   "fidelity estimate (`fidelity`, as in the policy view; refreshed every 10 frames)")
     explore: Literal["probe", "trial"] | None = Field(
-        None, description="adaptive (frame models): how a keyframe + sparse candidate is measured. trial (the default, "
-        "null): it is served for a cycle or two, measured on its keyframes (finds one within tens of frames; serves a "
-        "few worse frames where none is better); probe: its sparse steps run unserved on a copy of the stream's "
-        "state, paid from the audit share (never serves an unmeasured candidate; finds a better one after hundreds of "
-        "frames)")
+        None, description="adaptive (frame models): how a keyframe + sparse candidate is measured. trial (the "
+        "default, null): it is served for a cycle or two, measured on its keyframes (finds one within about a hundred "
+        "frames; serves a few worse frames where none is better); probe: its sparse steps run unserved on a copy of "
+        "the stream's state, paid from the audit share (never serves an unmeasured candidate; finds a better one "
+        "after hundreds of frames)")
 
 
 class StreamPolicyOut(BaseModel):
