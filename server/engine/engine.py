@@ -432,7 +432,9 @@ class Engine:
         spec = self._stream_policies.get(stream_id, StreamPolicySpec())
         if record is not None and record.schedule is not None and record.schedule.spec == spec:
             return {"stream_id": stream_id, **record.schedule.view()}
-        return {"stream_id": stream_id, "policy": spec.policy, "setting": asdict(spec)}
+        # (before the stream's next frame starts its schedule: the setting, and the exploration it will run)
+        return {"stream_id": stream_id, "policy": spec.policy, "setting": asdict(spec),
+                "explore": spec.explore_in_effect(self.runner.rlt_tau)}
 
     # ---- text queries (open-vocabulary models; QueriesUnsupported otherwise, QueryError out of the limits) ----
 

@@ -83,6 +83,12 @@ class StreamPolicySpec:
         if self.explore is not None and self.policy != "adaptive":
             raise PolicyError("explore", "explore needs the adaptive policy (it explores keyframe candidates)")
 
+    def explore_in_effect(self, rlt_tau: float | None) -> str | None:
+        """How an adaptive stream of a frame model explores (its setting, or the chooser's default); None otherwise."""
+        if self.policy != "adaptive" or rlt_tau is not None:
+            return None
+        return self.explore or AdaptiveConfig.explore
+
     @property
     def floors(self) -> list[str]:
         """The fidelity floors set, by field name."""
@@ -147,7 +153,7 @@ class StreamSchedule:
         elif spec.policy == "adaptive":
             self.adaptive = AdaptiveSchedule(config, spec.ratio,
                                              AdaptiveConfig(audit_share=spec.audit_share,
-                                                            explore=spec.explore or AdaptiveConfig.explore),
+                                                            explore=spec.explore_in_effect(rlt_tau)),
                                              fidelity=fidelity)
         elif spec.policy == "skip":
             self.fixed = FramePolicy("skip", interval=float(spec.interval or spec.ratio))

@@ -272,6 +272,7 @@ def test_an_adaptive_clip_stream_s_audits_compare_its_clip_with_the_plain_model_
     errors = [float((s - d).norm() / d.norm()) for _, _, s, d in clip_audit_log]
     fidelity = view["fidelity"]
     assert view["policy"] == "adaptive" and view["serving"] == "rlt(tau=0.1)" and view["floor_met"] is True
+    assert view["explore"] is None  # (no keyframe candidates: RLT decides what a clip computes)
     assert fidelity["audits"] == len(clip_audit_log) and fidelity["source"] == "audits"
     assert fidelity["rel_l2"] == pytest.approx(sum(errors) / len(errors), rel=1e-5)
     low, high = fidelity["rel_l2_interval"]

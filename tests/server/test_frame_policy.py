@@ -104,8 +104,10 @@ def test_with_report_fidelity_each_result_carries_the_estimate_and_other_streams
 def test_a_trial_serves_keyframe_candidates_and_a_probing_stream_beside_it_serves_only_its_choice(make_client):
     client = make_client(stream_ttl_s=60)
     body = {"policy": "adaptive", "ratio": 1.5, "audit_share": 0.1}  # the tiny model's candidates: k = 3 and 4
-    assert client.put("/v1/streams/trial/policy", json=body).status_code == 200  # trial: the default
-    assert client.put("/v1/streams/probe/policy", json={**body, "explore": "probe"}).status_code == 200
+    put = client.put("/v1/streams/trial/policy", json=body)  # trial: the default
+    assert put.status_code == 200 and put.json()["explore"] == "trial"  # (what the stream will run, before it runs)
+    assert client.put("/v1/streams/probe/policy", json={**body, "explore": "probe"}).json()["explore"] == "probe"
+    assert client.put("/v1/streams/fixed/policy", json={"policy": "skip", "interval": 2}).json()["explore"] is None
     trial, probe = _side_by_side(client, "trial", "probe", frames(40, seed=8))
     sparse = lambda m: not m["dense"] and not m.get("reused")  # noqa: E731
     assert any(sparse(m) for m in trial)  # candidates served between their keyframes, measured on them
