@@ -17,6 +17,7 @@ import torch
 from bench.cli import _parse_budget_specs, main
 from bench.kernel_ops import count_launches
 from bench.model_bench import fidelity, frame_schedule, frame_skip_outputs, stream_budget_values, stream_offsets
+from model.chooser import AdaptiveConfig
 
 RESULT_KEYS = {"budget", "eventful_ms", "speedup", "mac_ratio", "efficiency", "rel_l2", "top1_agreement", "state_bytes"}
 
@@ -222,7 +223,9 @@ def test_fidelity_command_runs_only_the_policies_asked_for(clip, tmp_path, capsy
     argv = ["fidelity", "--model", "deit-tiny-patch16-224", "--videos", str(clip), "--frames", "6", "--ratios", "2",
             "--policies", "adaptive", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
-    assert [r["policy"] for r in json.loads(out.read_text())["videos"][0]["results"]] == ["skip", "adaptive"]
+    report = json.loads(out.read_text())
+    assert [r["policy"] for r in report["videos"][0]["results"]] == ["skip", "adaptive"]
+    assert report["explore"] == AdaptiveConfig.explore == "trial"  # the benchmark runs the server's default
     assert main(argv[:-2] + ["--policies", "skip,often"]) == 2
     assert "often" in capsys.readouterr().err
 
