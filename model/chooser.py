@@ -227,10 +227,8 @@ class AdaptiveSchedule:
             # made token reuse lose, and each trial or probe costs (a hand-held camera's fast pans count as cuts:
             # each one had started the trials again)
             if self.home.kind == "keyframe":
-                self.exploring = list(self.keyframes)
                 self.lost.clear()
-                self.explore_gap = self.config.reexplore_every
-            elif self.exploring:
+            if self.home.kind == "keyframe" or self.exploring:
                 self.exploring = [p for p in self.keyframes if p.name not in self.lost]
                 self.explore_gap = self.config.reexplore_every
             self.policy, self.pending, self.phase = self.skip, None, 0  # the cut frame is a keyframe
