@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptive: serve a keyframe candidate for a few cycles (trial) or run it unserved (probe)")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     f.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    b = sub.add_parser("reuse-bound", help="keyframe + sparse with the gate's choice of tokens against an oracle's, "
+                                           "and frame skipping, at equal compute")
+    b.add_argument("--model", required=True, help="checkpoint file (timm), HF directory, HF id or named architecture")
+    b.add_argument("--videos", nargs="+", required=True, help="video files PyAV can decode")
+    b.add_argument("--ratios", type=_parse_budgets, default=[1.5, 2, 3, 4],
+                   help="compute ratios (dense MACs over the policy's), comma-separated, each >= 1")
+    b.add_argument("--intervals", default="2,3,4,6,8", help="keyframe intervals, comma-separated, each >= 2")
+    b.add_argument("--frames", type=int, default=90, help="frames per video, from the start")
+    b.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 352x640")
+    b.add_argument("--labels", default=None, help="class names file for timm checkpoints")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--json", dest="json_path", default=None, help="write the report here")
     s = sub.add_parser("server", help="the live server under N streams of real video: eventful vs dense")
     _live_server_arguments(s)
     s.add_argument("--streams", default="1,4", help="stream counts, comma-separated")
@@ -281,6 +293,37 @@ def run_fidelity(args: argparse.Namespace) -> int:
     return _finish(print_table(report), report, args.json_path)
 
 
+def run_reuse_bound(args: argparse.Namespace) -> int:
+    from bench.reuse_bound import print_table, run_video
+    from model.loaders import load_model
+    from model.preprocess import Preprocessor, read_video_frames
+
+    _check_readable(args.videos)
+    try:
+        intervals = tuple(int(v) for v in args.intervals.split(",") if v.strip())
+    except ValueError:
+        intervals = ()
+    if not intervals or min(intervals) < 2:
+        print(f"error: --intervals must be comma-separated integers >= 2, got {args.intervals!r}", file=sys.stderr)
+        return 2
+    if args.frames < 4 or any(r < 1 for r in args.ratios):
+        print("error: --frames must be at least 4 and --ratios each >= 1", file=sys.stderr)
+        return 2
+    _torch_threads(args.threads)
+    model = load_model(args.model, image_size=args.image_size, labels_path=args.labels).eval()
+    report = {"model": args.model, "image_size": list(model.config.image_size), "tokens": model.config.num_tokens,
+              "ratios": args.ratios, "intervals": list(intervals), "videos": []}
+    for path in args.videos:
+        frames = read_video_frames(path, max_frames=args.frames)
+        if len(frames) < 4:
+            print(f"error: {path} has fewer than 4 decodable frames", file=sys.stderr)
+            return 2
+        images = Preprocessor(model.config.preprocess)(frames)
+        report["videos"].append(run_video(model, images, args.ratios, video=path, intervals=intervals,
+                                          progress=lambda v, r, k: print(f"  {v} x{r:g} k={k}", file=sys.stderr)))
+    return _finish(print_table(report), report, args.json_path)
+
+
 def run_model(args: argparse.Namespace) -> int:
     from bench.model_bench import dense_baseline, print_table, run_model_bench
     from model.eventful import EventfulConfig
@@ -397,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_model(args)
         if args.command == "fidelity":
             return run_fidelity(args)
+        if args.command == "reuse-bound":
+            return run_reuse_bound(args)
         if args.command == "clip":
             return run_clip(args)
         if args.command == "detect":
