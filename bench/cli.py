@@ -297,6 +297,7 @@ def run_reuse_bound(args: argparse.Namespace) -> int:
     from bench.reuse_bound import print_table, run_video
     from model.loaders import load_model
     from model.preprocess import Preprocessor, read_video_frames
+    from model.vit import VisionTransformer
 
     _check_readable(args.videos)
     try:
@@ -311,6 +312,9 @@ def run_reuse_bound(args: argparse.Namespace) -> int:
         return 2
     _torch_threads(args.threads)
     model = load_model(args.model, image_size=args.image_size, labels_path=args.labels).eval()
+    if type(model) is not VisionTransformer or not model.config.num_classes:
+        print(f"error: {args.model} is not a ViT classifier (reuse-bound scores class logits)", file=sys.stderr)
+        return 2
     report = {"model": args.model, "image_size": list(model.config.image_size), "tokens": model.config.num_tokens,
               "ratios": args.ratios, "intervals": list(intervals), "videos": []}
     for path in args.videos:

@@ -19,26 +19,14 @@ policy at the same setting, and frame skipping at the ratio.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from bench.fidelity_bench import Served, dense_reference, moving_tokens, run_schedule, score, skip_at_phase
 from model.macs import dense_macs
 from model.schedule import policy_for_ratio
-from model.vit import VisionTransformer, linear
+from model.vit import VisionTransformer
 
 RULES = ("gate", "oracle")
 KEYFRAME_INTERVALS = (2, 3, 4, 6, 8)
-
-
-def _attention_branch(block, x: torch.Tensor) -> torch.Tensor:
-    # x: [1, N, C] -> the attention branch's output [1, N, C], every row over every current key and value
-    q, k, v = block.attn.split_heads(linear(block.norm1(x), block.attn.qkv))
-    return linear(block.attn.merge_heads(F.scaled_dot_product_attention(q, k, v)), block.attn.proj)
-
-
-def _mlp_branch(block, y: torch.Tensor) -> torch.Tensor:
-    # y: [1, N, C] -> [1, N, C]
-    return block.mlp(block.norm2(y))
 
 
 class _BranchCache:
@@ -66,25 +54,26 @@ def simulate(model: VisionTransformer, images: torch.Tensor, interval: int, toke
     if interval < 1 or tokens < 0:
         raise ValueError(f"interval must be >= 1 and tokens >= 0, got {interval} and {tokens}")
     prefix = model.config.num_prefix_tokens
-    caches: list[tuple[_BranchCache, _BranchCache]] = []
+    attention: list[_BranchCache] = []  # per block, from the last keyframe on
+    mlp: list[_BranchCache] = []
     logits, features = [], []
     for t in range(images.shape[0]):
         x = model.embed(images[t : t + 1])  # [1, N, C]
         keyframe = t % interval == 0
         if keyframe:
-            caches = []
+            attention, mlp = [], []
         for b, block in enumerate(model.blocks):
-            a = _attention_branch(block, x)
+            a = block.attention_branch(x)  # [1, N, C]
             if keyframe:
-                caches.append((_BranchCache(a[0], x[0]), None))
+                attention.append(_BranchCache(a[0], x[0]))
             else:
-                a = caches[b][0].update(a[0], x[0], tokens, rule, prefix)[None]
+                a = attention[b].update(a[0], x[0], tokens, rule, prefix)[None]
             y = x + a
-            m = _mlp_branch(block, y)
+            m = block.mlp_branch(y)
             if keyframe:
-                caches[b] = (caches[b][0], _BranchCache(m[0], y[0]))
+                mlp.append(_BranchCache(m[0], y[0]))
             else:
-                m = caches[b][1].update(m[0], y[0], tokens, rule, prefix)[None]
+                m = mlp[b].update(m[0], y[0], tokens, rule, prefix)[None]
             x = model.after_block(y + m, b)
         logits.append(model.forward_head(x)[0])
         features.append(model.norm(x[:, prefix:])[0])

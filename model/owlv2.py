@@ -59,9 +59,8 @@ class Owlv2Block(Block):
 
     def forward_causal(self, x: torch.Tensor) -> torch.Tensor:
         """The text encoder's block: each token attends to itself and the tokens before it. x: [Q, L, D]."""
-        q, k, v = self.attn.split_heads(linear(self.norm1(x), self.attn.qkv))
-        x = x + linear(self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)), self.attn.proj)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attention_branch(x, causal=True)
+        return x + self.mlp_branch(x)
 
 
 # --------------------------------------------------------------------------- heads

@@ -74,11 +74,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.mlp = Mlp(config)
 
+    def attention_branch(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """What the attention adds to the residual stream. x: [B, N, C] -> [B, N, C]."""
+        q, k, v = self.attn.split_heads(linear(self.norm1(x), self.attn.qkv))
+        return linear(self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal)), self.attn.proj)
+
+    def mlp_branch(self, y: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the residual stream. y: [B, N, C] -> [B, N, C]."""
+        return self.mlp(self.norm2(y))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, N, C]
-        q, k, v = self.attn.split_heads(linear(self.norm1(x), self.attn.qkv))
-        x = x + linear(self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v)), self.attn.proj)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attention_branch(x)
+        return x + self.mlp_branch(x)
 
 
 @torch.no_grad()

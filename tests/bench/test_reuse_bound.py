@@ -82,3 +82,6 @@ def test_reuse_bound_command_end_to_end(tmp_path, capsys):
             assert row["tokens"] == eventful[row["interval"]]["tokens"]
     assert main(argv[:-2] + ["--intervals", "1,3"]) == 2
     assert "--intervals" in capsys.readouterr().err
+    yolos = ["reuse-bound", "--model", "yolos-tiny", "--videos", str(clip), "--frames", "6"]
+    assert main(yolos) == 2
+    assert "not a ViT classifier" in capsys.readouterr().err
