@@ -249,11 +249,22 @@ def run_server(args: argparse.Namespace) -> int:
     return _finish(format_table(report), report, args.json_path)
 
 
+def _clip_images(model, path: str, frames: int) -> torch.Tensor | None:
+    """The first `frames` frames of a video, preprocessed for the model ([T, 3, H, W]); None, the error printed,
+    where fewer than 4 decode."""
+    from model.preprocess import Preprocessor, read_video_frames
+
+    decoded = read_video_frames(path, max_frames=frames)
+    if len(decoded) < 4:
+        print(f"error: {path} has fewer than 4 decodable frames", file=sys.stderr)
+        return None
+    return Preprocessor(model.config.preprocess)(decoded)
+
+
 def run_fidelity(args: argparse.Namespace) -> int:
     from bench.fidelity_bench import POLICY_FAMILIES, coverage, print_table, run_video
     from model.chooser import AdaptiveConfig
     from model.loaders import load_model
-    from model.preprocess import Preprocessor, read_video_frames
 
     _check_readable(args.videos)
     if args.frames < 4:
@@ -281,11 +292,9 @@ def run_fidelity(args: argparse.Namespace) -> int:
               "explore": args.explore,
               "videos": []}
     for path in args.videos:
-        frames = read_video_frames(path, max_frames=args.frames)
-        if len(frames) < 4:
-            print(f"error: {path} has fewer than 4 decodable frames", file=sys.stderr)
+        images = _clip_images(model, path, args.frames)
+        if images is None:
             return 2
-        images = Preprocessor(model.config.preprocess)(frames)
         report["videos"].append(run_video(model, images, args.ratios, video=path, level=args.level,
                                           adaptive=adaptive, families=families, gate_position=args.gate_position,
                                           progress=lambda v, r, p: print(f"  {v} x{r:g} {p}", file=sys.stderr)))
@@ -296,7 +305,6 @@ def run_fidelity(args: argparse.Namespace) -> int:
 def run_reuse_bound(args: argparse.Namespace) -> int:
     from bench.reuse_bound import print_table, run_video
     from model.loaders import load_model
-    from model.preprocess import Preprocessor, read_video_frames
     from model.vit import VisionTransformer
 
     _check_readable(args.videos)
@@ -318,11 +326,9 @@ def run_reuse_bound(args: argparse.Namespace) -> int:
     report = {"model": args.model, "image_size": list(model.config.image_size), "tokens": model.config.num_tokens,
               "ratios": args.ratios, "intervals": list(intervals), "videos": []}
     for path in args.videos:
-        frames = read_video_frames(path, max_frames=args.frames)
-        if len(frames) < 4:
-            print(f"error: {path} has fewer than 4 decodable frames", file=sys.stderr)
+        images = _clip_images(model, path, args.frames)
+        if images is None:
             return 2
-        images = Preprocessor(model.config.preprocess)(frames)
         report["videos"].append(run_video(model, images, args.ratios, video=path, intervals=intervals,
                                           progress=lambda v, r, k: print(f"  {v} x{r:g} k={k}", file=sys.stderr)))
     return _finish(print_table(report), report, args.json_path)
