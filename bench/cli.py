@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--videos", nargs="+", required=True, help="video files PyAV can decode")
     b.add_argument("--ratios", type=_parse_budgets, default=[1.5, 2, 3, 4],
                    help="compute ratios (dense MACs over the policy's), comma-separated, each >= 1")
-    b.add_argument("--intervals", default="2,3,4,6,8", help="keyframe intervals, comma-separated, each >= 2")
+    b.add_argument("--intervals", default=None,
+                   help="keyframe intervals, comma-separated, each >= 2 (default: those `fidelity` runs, 2,3,4,6,8)")
     b.add_argument("--frames", type=int, default=90, help="frames per video, from the start")
     b.add_argument("--image-size", type=_parse_size, default=None, help="model input size, e.g. 352x640")
     b.add_argument("--labels", default=None, help="class names file for timm checkpoints")
@@ -303,13 +304,15 @@ def run_fidelity(args: argparse.Namespace) -> int:
 
 
 def run_reuse_bound(args: argparse.Namespace) -> int:
+    from bench.fidelity_bench import KEYFRAME_INTERVALS
     from bench.reuse_bound import print_table, run_video
     from model.loaders import load_model
     from model.vit import VisionTransformer
 
     _check_readable(args.videos)
     try:
-        intervals = tuple(int(v) for v in args.intervals.split(",") if v.strip())
+        intervals = (KEYFRAME_INTERVALS if args.intervals is None
+                     else tuple(int(v) for v in args.intervals.split(",") if v.strip()))
     except ValueError:
         intervals = ()
     if not intervals or min(intervals) < 2:

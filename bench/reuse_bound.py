@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from bench.fidelity_bench import Served, dense_reference, moving_tokens, run_schedule, score, skip_at_phase
+from bench.fidelity_bench import (
+    KEYFRAME_INTERVALS,
+    Served,
+    dense_reference,
+    moving_tokens,
+    run_schedule,
+    score,
+    skip_at_phase,
+)
 from model.macs import dense_macs
 from model.schedule import policy_for_ratio
 from model.vit import VisionTransformer
 
 RULES = ("gate", "oracle")
-KEYFRAME_INTERVALS = (2, 3, 4, 6, 8)
 
 
 class _BranchCache:
